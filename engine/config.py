@@ -55,7 +55,8 @@ class ModelConfig:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projections
+    o_proj_bias: bool = False
     mlp_bias: bool = False
     rope_scaling: dict | None = None
     bos_token_id: int | None = None

@@ -1,0 +1,79 @@
+"""Torch reference attention backend: the CPU path and the oracle for GPU backends.
+
+Exact for any mix of prefill chunks and decodes: each request's queries attend
+causally (aligned to the end of its KV sequence) to its cached prefix and to
+the new tokens. Requests are grouped by query length class (decodes, q_len == 1,
+vs. chunks) and each group runs as one padded SDPA call over KV gathered from
+the pages, so a step costs two attention calls per layer at most.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention.base import AttentionBackend, BatchLayout, register_backend
+
+
+@dataclass(frozen=True)
+class _Group:
+    rows: torch.Tensor  # [n] request rows of this group (host-built)
+    q_index: torch.Tensor  # [n, max_q] flattened token index per padded query (0 for padding)
+    q_valid: torch.Tensor  # [n, max_q] bool
+    kv_block: torch.Tensor  # [n, max_kv] page id per padded key
+    kv_offset: torch.Tensor  # [n, max_kv] offset within the page
+    mask: torch.Tensor  # [n, 1, max_q, max_kv] bool: True = attend
+
+
+@register_backend("torch")
+class TorchReferenceBackend(AttentionBackend):
+    def plan(self, layout: BatchLayout) -> None:
+        device = self.shape.device
+        self.block_idx = torch.div(layout.slot_mapping, layout.page_size, rounding_mode="floor")
+        self.offsets = layout.slot_mapping % layout.page_size
+        self.num_tokens = int(layout.slot_mapping.shape[0])
+        qo = layout.qo_indptr.tolist()  # host tensors at plan time; not a device sync on CPU
+        kv_ptr = layout.kv_indptr.tolist()
+        pages = layout.kv_indices.tolist()
+        decode = [i for i, q in enumerate(layout.q_lens) if q == 1]
+        chunk = [i for i, q in enumerate(layout.q_lens) if q > 1]
+        self.groups = [self._group(rows, layout, qo, kv_ptr, pages, device) for rows in (decode, chunk) if rows]
+
+    @staticmethod
+    def _group(rows, layout, qo, kv_ptr, pages, device) -> _Group:
+        page = layout.page_size
+        max_q = max(layout.q_lens[i] for i in rows)
+        max_kv = max(layout.kv_lens[i] for i in rows)
+        n = len(rows)
+        q_index = torch.zeros(n, max_q, dtype=torch.long)
+        q_valid = torch.zeros(n, max_q, dtype=torch.bool)
+        kv_block = torch.zeros(n, max_kv, dtype=torch.long)
+        kv_offset = torch.zeros(n, max_kv, dtype=torch.long)
+        mask = torch.zeros(n, max_q, max_kv, dtype=torch.bool)
+        for r, i in enumerate(rows):
+            q_len, kv_len = layout.q_lens[i], layout.kv_lens[i]
+            q_index[r, :q_len] = torch.arange(qo[i], qo[i] + q_len)
+            q_valid[r, :q_len] = True
+            pos = torch.arange(kv_len)
+            req_pages = torch.tensor(pages[kv_ptr[i]:kv_ptr[i + 1]], dtype=torch.long)
+            kv_block[r, :kv_len] = req_pages[pos // page]
+            kv_offset[r, :kv_len] = pos % page
+            q_pos = torch.arange(kv_len - q_len, kv_len)
+            mask[r, :q_len, :kv_len] = pos[None, :] <= q_pos[:, None]
+            mask[r, q_len:, 0] = True  # padded queries attend to one key: no NaN rows
+        return _Group(torch.tensor(rows, device=device), q_index.to(device), q_valid.to(device),
+                      kv_block.to(device), kv_offset.to(device), mask[:, None].to(device))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        self.write_kv(kv_cache, k, v, self.block_idx, self.offsets)
+        out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
+        for g in self.groups:
+            qg = q[g.q_index].transpose(1, 2)  # [n, heads, max_q, d]
+            kg = kv_cache[g.kv_block, 0, g.kv_offset].transpose(1, 2)  # [n, kv_heads, max_kv, d]
+            vg = kv_cache[g.kv_block, 1, g.kv_offset].transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=self.shape.scale,
+                                                enable_gqa=self.shape.num_heads != self.shape.num_kv_heads)
+            og = og.transpose(1, 2)  # [n, max_q, heads, d]
+            out[g.q_index[g.q_valid]] = og[g.q_valid]
+        return out

@@ -1,0 +1,104 @@
+"""Block pool: reference counts, prefix-cache hash table, LRU of free blocks.
+
+Invariant: a block is exactly one of
+  - free (ref_count 0, no hash, in the free queue),
+  - cached-and-evictable (ref_count 0, hash known, in the free queue),
+  - in use (ref_count > 0, not in the free queue).
+The free queue is ordered least-recently-freed first; allocation takes from its
+head and evicts the block's hash if it had one, so cached blocks live as long as
+possible. Pure Python: no torch.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.num_evictions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now (truly free or cached-and-evictable)."""
+        return len(self.free_queue)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def allocate(self, count: int) -> list[int]:
+        if count > self.num_free:
+            raise RuntimeError(f"asked for {count} blocks, {self.num_free} free")
+        ids = []
+        for _ in range(count):
+            block_id, _ = self.free_queue.popitem(last=False)
+            block = self.blocks[block_id]
+            if block.block_hash is not None:
+                del self.cached[block.block_hash]
+                block.block_hash = None
+                self.num_evictions += 1
+            block.ref_count = 1
+            ids.append(block_id)
+        return ids
+
+    def lookup(self, block_hash: int) -> int | None:
+        return self.cached.get(block_hash)
+
+    def touch(self, block_ids: list[int]) -> None:
+        """Take a reference on blocks found in the prefix cache."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_queue[block_id]
+            block.ref_count += 1
+
+    def free(self, block_ids: list[int]) -> None:
+        """Drop one reference each; blocks reaching 0 go to the free queue's tail in
+        the order given (callers pass a sequence's tail first so it is evicted first)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count <= 0:
+                raise RuntimeError(f"block {block_id} freed twice")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+
+    def cache(self, block_id: int, block_hash: int) -> int:
+        """Register a full, computed block under its hash. If another block already
+        holds that hash the existing one stays canonical; returns the canonical id."""
+        existing = self.cached.get(block_hash)
+        if existing is not None:
+            return existing
+        block = self.blocks[block_id]
+        block.block_hash = block_hash
+        self.cached[block_hash] = block_id
+        return block_id
+
+    def reset_prefix_cache(self) -> None:
+        for block_hash, block_id in list(self.cached.items()):
+            if self.blocks[block_id].ref_count == 0:
+                self.blocks[block_id].block_hash = None
+                del self.cached[block_hash]
+
+    def check_invariants(self) -> None:
+        for block in self.blocks:
+            in_queue = block.block_id in self.free_queue
+            assert (block.ref_count == 0) == in_queue, block
+            if block.block_hash is not None:
+                assert self.cached[block.block_hash] == block.block_id, block

@@ -1,0 +1,157 @@
+"""KV cache manager: which physical blocks each request owns, prefix-cache lookups.
+
+A request's block table covers its first `num_computed_tokens + scheduled`
+tokens; block i holds token positions [i*block_size, (i+1)*block_size).
+Automatic prefix caching: every full, computed block is registered under a hash
+chained over (parent block's hash, this block's token ids), so equal prefixes
+map to equal hashes whatever request produced them. Python's tuple hash is
+64-bit; a collision would need two different prefixes with equal chained
+hashes, which we accept as negligible. Pure Python: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.kv.block_pool import BlockPool
+from engine.request import Request
+
+ROOT_HASH = 0x5EED
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Leading blocks shared (same physical ids) by two or more requests."""
+    block_ids: tuple[int, ...]
+    request_ids: tuple[str, ...]
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.req_blocks: dict[str, list[int]] = {}
+        self.num_hashed_blocks: dict[str, int] = {}  # leading blocks already registered
+        self.queried_tokens = 0  # cumulative prefix-cache counters, in tokens
+        self.hit_tokens = 0
+
+    # ---- queries -------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def block_table(self, request_id: str) -> list[int]:
+        return self.req_blocks.get(request_id, [])
+
+    def _extend_hashes(self, req: Request, num_blocks: int) -> None:
+        """Make req.block_hashes cover its first `num_blocks` full blocks."""
+        bs = self.block_size
+        hashes = req.block_hashes
+        parent = hashes[-1] if hashes else ROOT_HASH
+        for i in range(len(hashes), num_blocks):
+            parent = hash((parent, tuple(req.token_ids[i * bs:(i + 1) * bs])))
+            hashes.append(parent)
+
+    def find_cached_prefix(self, req: Request) -> list[int]:
+        """Blocks holding the longest cached prefix of a request that has no KV yet.
+        At least one token is always left to compute (its logits are needed)."""
+        if not self.enable_prefix_caching or req.num_computed_tokens:
+            return []
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        self._extend_hashes(req, max_blocks)
+        hits: list[int] = []
+        for block_hash in req.block_hashes[:max_blocks]:
+            block_id = self.pool.lookup(block_hash)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        self.queried_tokens += req.num_tokens
+        self.hit_tokens += len(hits) * self.block_size
+        return hits
+
+    # ---- allocation ----------------------------------------------------
+    def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+        """Make the request's blocks cover its computed tokens (or `cached_blocks`
+        when it is being admitted with a prefix hit) plus `num_new_tokens`.
+        Returns False and changes nothing when not enough blocks are free."""
+        blocks = self.req_blocks.setdefault(req.request_id, [])
+        num_computed = req.num_computed_tokens or len(cached_blocks) * self.block_size
+        needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks) - len(cached_blocks)
+        # Cached blocks with no user sit in the free queue: touching them uses free slots.
+        evictable = sum(1 for b in cached_blocks if self.pool.blocks[b].ref_count == 0)
+        if max(needed, 0) + evictable > self.pool.num_free:
+            if not blocks:
+                del self.req_blocks[req.request_id]
+            return False
+        if cached_blocks:
+            self.pool.touch(list(cached_blocks))
+            blocks.extend(cached_blocks)
+            self.num_hashed_blocks[req.request_id] = len(blocks)
+        if needed > 0:
+            blocks.extend(self.pool.allocate(needed))
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the request's full, computed blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = req.num_computed_tokens // self.block_size
+        start = self.num_hashed_blocks.get(req.request_id, 0)
+        if num_full <= start:
+            return
+        self._extend_hashes(req, num_full)
+        blocks = self.req_blocks[req.request_id]
+        for i in range(start, num_full):
+            self.pool.cache(blocks[i], req.block_hashes[i])
+        self.num_hashed_blocks[req.request_id] = num_full
+
+    def free(self, req: Request) -> None:
+        """Release every block of the request (tail first, so it is evicted first)."""
+        blocks = self.req_blocks.pop(req.request_id, [])
+        self.num_hashed_blocks.pop(req.request_id, None)
+        self.pool.free(list(reversed(blocks)))
+
+    def truncate(self, req: Request) -> None:
+        """Release blocks beyond what the request's computed tokens need (rollback)."""
+        blocks = self.req_blocks.get(req.request_id, [])
+        keep = cdiv(req.num_computed_tokens, self.block_size)
+        if len(blocks) > keep:
+            self.pool.free(list(reversed(blocks[keep:])))
+            del blocks[keep:]
+        hashed = self.num_hashed_blocks.get(req.request_id, 0)
+        self.num_hashed_blocks[req.request_id] = min(hashed, req.num_computed_tokens // self.block_size)
+        del req.block_hashes[req.num_tokens // self.block_size:]
+
+    # ---- shared prefixes -----------------------------------------------
+    def shared_prefixes(self, request_ids: list[str]) -> list[SharedPrefix]:
+        """Maximal runs of leading blocks shared by >= 2 of the given requests, as a
+        forest: a group may split further down into sub-groups sharing more blocks."""
+        out: list[SharedPrefix] = []
+        self._group(request_ids, 0, (), out)
+        return out
+
+    def _group(self, ids: list[str], depth: int, prefix: tuple, out: list[SharedPrefix]) -> None:
+        by_block: dict[int, list[str]] = {}
+        for rid in ids:
+            blocks = self.req_blocks.get(rid, [])
+            if len(blocks) > depth:
+                by_block.setdefault(blocks[depth], []).append(rid)
+        for block_id, members in by_block.items():
+            if len(members) < 2:
+                continue
+            run = list(prefix) + [block_id]
+            d = depth + 1
+            # Extend while every member shares the next block too.
+            while all(len(self.req_blocks[m]) > d for m in members) and \
+                    len({self.req_blocks[m][d] for m in members}) == 1:
+                run.append(self.req_blocks[members[0]][d])
+                d += 1
+            out.append(SharedPrefix(tuple(run), tuple(members)))
+            self._group(members, d, tuple(run), out)

@@ -1,0 +1,47 @@
+"""Offline API: `LLM(model=..., **engine_args).generate(prompts, sampling_params)`."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from engine.config import DEFAULT_MODEL, EngineArgs
+from engine.core import EngineCore
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.setup import build_parts
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, **engine_args):
+        self.args = EngineArgs(model=model, **engine_args)
+        self.core = EngineCore(build_parts(self.args))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are strings or token-id lists."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise ValueError("sampling_params must be one SamplingParams or one per prompt")
+        ids = []
+        for prompt, p in zip(prompts, params_list):
+            rid = f"offline-{next(self._ids)}"
+            self.core.add_request(rid, prompt, p)
+            ids.append(rid)
+        return self._run(ids)
+
+    def _run(self, ids: list[str]) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        while self.core.has_unfinished():
+            outputs, _ = self.core.step()
+            for out in outputs:
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]

@@ -1,0 +1,120 @@
+"""Model runner: SchedulerOutput -> one flattened, unpadded batch -> forward -> sample.
+
+Per step: build input ids, positions, slot mapping and the CSR page table once;
+`plan()` the attention backend once; run every layer; compute logits only at
+rows that sample; sample on the device. The one host sync of the step is the
+`.tolist()` of sampled ids (and their logprobs) at the end of `execute()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionShape, BatchLayout, create_backend
+from engine.config import CacheConfig, ModelConfig
+from engine.sample import Sampler, SamplingRow, build_sampling_metadata
+from engine.sched.output import ModelRunnerOutput, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    dtype: torch.dtype
+    device: torch.device
+    attention_backend: str = "auto"
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+@dataclass(frozen=True)
+class _Batch:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    layout: BatchLayout
+    sample_index: torch.Tensor  # [num_sampled] row of the flattened batch whose logits are sampled
+    rows: list[SamplingRow]
+    sampled_ids: list[str]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cfg: RunnerConfig):
+        self.model = model
+        self.cfg = cfg
+        m, c = cfg.model, cfg.cache
+        # Per layer [num_blocks, 2, block_size, num_kv_heads, head_dim] (NHD), shared by all backends.
+        self.kv_caches = [torch.zeros(c.num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim,
+                                      dtype=cfg.dtype, device=cfg.device) for _ in range(m.num_layers)]
+        shape = AttentionShape(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim ** -0.5, cfg.dtype, cfg.device)
+        self.attn = create_backend(cfg.attention_backend, shape)
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        batch = self._prepare(sched)
+        self.attn.plan(batch.layout)
+        hidden = self.model(batch.input_ids, batch.positions, self.attn, self.kv_caches)
+        if not batch.rows:
+            return ModelRunnerOutput((), ())
+        logits = self.model.compute_logits(hidden[batch.sample_index])  # [num_sampled, vocab] fp32
+        meta = build_sampling_metadata(batch.rows, logits.shape[-1], logits.device)
+        out = self.sampler(logits, meta)
+        # The step's single host sync: sampled ids (and logprobs) come back here.
+        ids = out.sampled_token_ids.tolist()
+        logprobs = self._logprobs_to_host(out, batch.rows)
+        return ModelRunnerOutput(tuple(batch.sampled_ids), tuple([t] for t in ids), logprobs)
+
+    def _prepare(self, sched: SchedulerOutput) -> _Batch:
+        """Per-request scalars are gathered in Python; per-token arrays are built with
+        tensor ops (no per-token Python loop)."""
+        page = self.cfg.cache.block_size
+        tokens: list[int] = []
+        starts, q_lens, kv_lens, kvp, indices = [], [], [], [0], []
+        sample_index, rows, sampled_ids = [], [], []
+        for s in sched.scheduled:
+            req, start, n = s.request, s.start, s.num_tokens
+            tokens.extend(req.token_ids[start:start + n])
+            num_pages = -(-(start + n) // page)
+            indices.extend(s.block_ids[:num_pages])
+            kvp.append(kvp[-1] + num_pages)
+            starts.append(start)
+            q_lens.append(n)
+            kv_lens.append(start + n)
+            if s.sample:
+                sample_index.append(len(tokens) - 1)
+                rows.append(SamplingRow(req.params, req.prompt_token_ids, req.output_token_ids,
+                                        req.generator, req.eos_token_ids))
+                sampled_ids.append(req.request_id)
+        q_len_t = torch.tensor(q_lens)
+        qo = torch.zeros(len(q_lens) + 1, dtype=torch.long)
+        qo[1:] = q_len_t.cumsum(0)
+        row = torch.repeat_interleave(torch.arange(len(q_lens)), q_len_t)  # [num_tokens] request row
+        positions = torch.arange(len(tokens)) - qo[row] + torch.tensor(starts)[row]
+        kv_indptr, kv_indices = torch.tensor(kvp), torch.tensor(indices, dtype=torch.long)
+        slots = kv_indices[kv_indptr[row] + positions // page] * page + positions % page
+        last = torch.tensor(kv_lens) - (kv_indptr[1:] - kv_indptr[:-1] - 1) * page
+        dev = self.cfg.device
+        i32 = dict(dtype=torch.int32, device=dev)
+        layout = BatchLayout(qo.to(**i32), kv_indptr.to(**i32), kv_indices.to(**i32), last.to(**i32),
+                             slots.to(dev), q_lens, kv_lens, page)
+        return _Batch(torch.tensor(tokens, dtype=torch.long, device=dev), positions.to(dev), layout,
+                      torch.tensor(sample_index, dtype=torch.long, device=dev), rows, sampled_ids)
+
+    @staticmethod
+    def _logprobs_to_host(out, rows: list[SamplingRow]):
+        if out.logprobs is None:
+            return ()
+        lp, ranks = out.logprobs.tolist(), out.sampled_ranks.tolist()
+        top_ids, top_lp = out.topk_token_ids.tolist(), out.topk_logprobs.tolist()
+        result = []
+        for i, row in enumerate(rows):
+            k = row.params.logprobs
+            if k is None:
+                result.append(None)
+                continue
+            result.append([(lp[i], ranks[i], list(zip(top_ids[i][:k], top_lp[i][:k])))])
+        return tuple(result)

@@ -1,0 +1,48 @@
+"""The messages between the scheduler and the model runner (frozen, one writer each)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: tokens [start, start + num_tokens) of
+    `request.token_ids` are computed; a token is sampled when `sample` is set
+    (the step brings num_computed_tokens up to num_tokens). The runner only
+    reads `request` (params, token ids, generator)."""
+    request: Request
+    start: int
+    num_tokens: int
+    block_ids: tuple[int, ...]
+    sample: bool
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    num_batched_tokens: int
+    preempted_ids: tuple[str, ...] = ()
+    num_prefill_tokens: int = 0  # tokens of prompts computed this step (metrics)
+    prefix_cache_queries: int = 0  # tokens looked up at admission this step
+    prefix_cache_hits: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """Per scheduled request that sampled, in `SchedulerOutput.scheduled` order
+    restricted to `sample=True`: the token ids it produced this step (a list so a
+    speculative step can emit several) and, when asked, their logprobs."""
+    request_ids: tuple[str, ...]
+    sampled_token_ids: tuple[list[int], ...]
+    # Per request, per token: (logprob, rank, [(token id, logprob) top-n]); None when not asked.
+    logprobs: tuple[list[tuple[float, int, list[tuple[int, float]]]] | None, ...] = ()

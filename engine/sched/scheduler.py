@@ -1,0 +1,149 @@
+"""Scheduler: pure-CPU policy deciding how many tokens each request computes per step.
+
+One rule: every step each scheduled request advances `num_computed_tokens`
+toward `num_tokens` by some count (a prefill chunk, one decode token, later
+1 + k speculative tokens), under `max_num_batched_tokens` and `max_num_seqs`.
+Running requests go first (in admission order), then waiting ones by
+(priority, arrival). When blocks run out the newest running request is
+preempted by recompute: its blocks are freed, num_computed_tokens reset to 0,
+and it returns to the front of the waiting queue (its output tokens are kept).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from engine.config import SchedulerConfig
+from engine.kv.manager import KVCacheManager
+from engine.request import Request, RequestStatus
+from engine.sched.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0  # cumulative
+
+    # ---- intake ----------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        # Waiting stays ordered by (priority, arrival): FCFS within a priority.
+        idx = next((i for i, w in enumerate(self.waiting) if w.priority > req.priority), len(self.waiting))
+        self.waiting.insert(idx, req)
+
+    def finish_request(self, request_id: str, reason: str, stop_reason: int | str | None = None) -> Request | None:
+        """Finish (stop, length) or abort a request; frees its blocks at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        self.kv.free(req)
+        return req
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---- scheduling --------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        queried, hits = self.kv.queried_tokens, self.kv.hit_tokens
+        for req in list(self.running):
+            if req.status is not RequestStatus.RUNNING or budget == 0:
+                continue
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(req, num_new, preempted):
+                continue
+            scheduled.append(self._entry(req, num_new))
+            budget -= num_new
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        num_batched = self.config.max_num_batched_tokens - budget
+        prefill = sum(min(s.num_tokens, max(0, s.request.num_prompt_tokens - s.start)) for s in scheduled)
+        return SchedulerOutput(tuple(scheduled), num_batched, tuple(preempted), prefill,
+                               self.kv.queried_tokens - queried, self.kv.hit_tokens - hits)
+
+    def _allocate_or_preempt(self, req: Request, num_new: int, preempted: list[str]) -> bool:
+        while not self.kv.allocate(req, num_new):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if self._must_wait_for_leader(req):
+                break
+            cached = self.kv.find_cached_prefix(req)
+            num_computed = len(cached) * self.kv.block_size
+            num_new = min(req.num_tokens - num_computed, budget)
+            if not self.kv.allocate(req, num_new, cached):
+                break
+            self.waiting.popleft()
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = num_computed
+            req.num_computed_tokens = num_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(self._entry(req, num_new))
+            budget -= num_new
+        return budget
+
+    def _must_wait_for_leader(self, req: Request) -> bool:
+        """n > 1 siblings wait until the leader's prompt blocks are cached, then share them."""
+        leader = req.prefix_leader
+        if leader is None or not self.kv.enable_prefix_caching or leader.is_finished:
+            return False
+        if leader.status is RequestStatus.RUNNING and leader.num_computed_tokens < leader.num_prompt_tokens:
+            return True
+        return False
+
+    def _entry(self, req: Request, num_new: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        return ScheduledRequest(req, start, num_new, tuple(self.kv.block_table(req.request_id)),
+                                sample=start + num_new == req.num_tokens)
+
+    # ---- results -------------------------------------------------------------
+    def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, list[int]]]:
+        """Advance computed counts, append sampled tokens, register full blocks.
+        Returns (request, new token ids) for requests that got tokens this step."""
+        sampled = dict(zip(result.request_ids, result.sampled_token_ids))
+        produced: list[tuple[Request, list[int]]] = []
+        for entry in sched.scheduled:
+            req = entry.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += entry.num_tokens
+            self.kv.cache_full_blocks(req)
+            new_ids = sampled.get(req.request_id)
+            if new_ids:
+                req.append_output(new_ids)
+                produced.append((req, new_ids))
+        return produced
+
+    def stats(self) -> tuple[int, int, float]:
+        return len(self.running), len(self.waiting), self.kv.usage()

@@ -1,0 +1,96 @@
+"""Turn EngineArgs into running parts: model, tokenizer, KV cache size, scheduler, runner."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from engine.errors import UnsupportedModelError
+from engine.kv.manager import KVCacheManager
+from engine.models.loader import load_model_config, load_tokenizer, resolve_model
+from engine.models.registry import build_model
+from engine.runner.model_runner import ModelRunner, RunnerConfig, kv_bytes_per_block
+from engine.sched.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineParts:
+    args: EngineArgs
+    model_config: ModelConfig
+    tokenizer: Any
+    scheduler: Scheduler
+    runner: ModelRunner
+    eos_token_ids: tuple[int, ...]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UnsupportedModelError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _num_blocks(args: EngineArgs, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+    if args.num_kv_blocks:
+        return args.num_kv_blocks
+    per_block = kv_bytes_per_block(cfg, args.block_size, dtype)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1 - args.gpu_memory_utilization) * total
+    else:
+        budget = args.kv_cache_memory
+    blocks = int(budget // per_block)
+    if blocks < 1:
+        raise UnsupportedModelError(f"KV cache budget too small for one block ({per_block} bytes); "
+                                    "raise --kv-cache-memory / --gpu-memory-utilization")
+    return blocks
+
+
+def _max_model_len(args: EngineArgs, cfg: ModelConfig, num_blocks: int) -> int:
+    capacity = num_blocks * args.block_size
+    if args.max_model_len is not None:
+        if args.max_model_len > capacity:
+            raise UnsupportedModelError(f"max_model_len {args.max_model_len} needs more KV cache than the "
+                                        f"{capacity} tokens available; raise the KV budget or lower it")
+        return args.max_model_len
+    if cfg.max_position_embeddings > capacity:
+        log.warning("max_model_len capped at %d tokens by the KV cache size", capacity)
+    return min(cfg.max_position_embeddings, capacity)
+
+
+def build_parts(args: EngineArgs, progress: bool = False) -> EngineParts:
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    src = resolve_model(args.model)
+    cfg = load_model_config(src)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    num_blocks = _num_blocks(args, cfg, dtype, device)
+    max_len = _max_model_len(args, cfg, num_blocks)
+    tokenizer = load_tokenizer(src)
+    model = build_model(src, cfg, dtype, device, max_len, progress)
+    cache = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+    kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+    sched_cfg = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len, args.max_waiting_requests)
+    runner = ModelRunner(model, RunnerConfig(cfg, cache, dtype, device, args.attention_backend))
+    eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
+    log.info("model %s: %d layers, %d KV blocks x %d tokens, max_model_len %d, %s on %s",
+             args.model, cfg.num_layers, num_blocks, args.block_size, max_len, dtype, device)
+    return EngineParts(args, cfg, tokenizer, Scheduler(sched_cfg, kv), runner, eos)
+

@@ -1,0 +1,119 @@
+"""Prometheus metrics, fed only by the engine's per-step `StepStats`.
+
+`on_step` runs on the engine thread; prometheus-client metrics are
+thread-safe. Each app owns its registry, so several apps (tests) can coexist.
+At scrape time the KV-usage gauge is refreshed from the engine, and the
+running/waiting gauges are zeroed when the engine holds no request (an idle
+engine takes no steps, so no stats would report the last abort).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "strix:"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_TIME_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0,
+                        20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
+
+
+def length_buckets(max_len: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to max_len."""
+    buckets: list[float] = []
+    scale = 1
+    while True:
+        for m in (1, 2, 5):
+            value = m * scale
+            if value > max_len:
+                return buckets
+            buckets.append(float(value))
+        scale *= 10
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, max_model_len: int,
+                 registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        labels = ["model_name"]
+        reg = self.registry
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(PREFIX + name, doc, labels, registry=reg).labels(model_name)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(PREFIX + name, doc, labels, registry=reg).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: Any) -> Any:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets,
+                             registry=reg).labels(model_name)
+
+        self.model_name = model_name
+        self.running = gauge("num_requests_running", "Requests being computed by the engine.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens computed (prefill).")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.preemptions = counter("num_preemptions", "Requests preempted (recompute).")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in "
+                                      "the prefix cache.")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.aborted = counter("request_aborted", "Requests aborted (client gone, shutdown).")
+        self._success = Counter(PREFIX + "request_success", "Requests finished, by reason.",
+                                ["model_name", "finished_reason"], registry=reg)
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "Time between tokens.", ITL_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish.",
+                             REQUEST_TIME_BUCKETS)
+        self.queue = histogram("request_queue_time_seconds", "Time waiting before first "
+                               "scheduled.", REQUEST_TIME_BUCKETS)
+        lb = length_buckets(max(max_model_len, 1))
+        self.prompt_len = histogram("request_prompt_tokens", "Prompt length per request.", lb)
+        self.generation_len = histogram("request_generation_tokens", "Generated tokens per "
+                                        "request.", lb)
+
+    def on_step(self, stats: Any) -> None:
+        """Engine-thread callback: one `engine.outputs.StepStats` per step."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self._inc(self.prompt_tokens, stats.num_prompt_tokens)
+        self._inc(self.generation_tokens, stats.num_generation_tokens)
+        self._inc(self.preemptions, stats.num_preemptions)
+        self._inc(self.prefix_queries, stats.prefix_cache_queries)
+        self._inc(self.prefix_hits, stats.prefix_cache_hits)
+        self._inc(self.aborted, stats.num_aborted)
+        for value in stats.time_to_first_tokens:
+            self.ttft.observe(value)
+        for value in stats.inter_token_latencies:
+            self.itl.observe(value)
+        for fin in stats.finished:
+            self._success.labels(self.model_name, fin.finish_reason).inc()
+            self.e2e.observe(fin.e2e_latency)
+            self.queue.observe(fin.queue_time)
+            self.prompt_len.observe(fin.num_prompt_tokens)
+            self.generation_len.observe(fin.num_generation_tokens)
+
+    @staticmethod
+    def _inc(counter: Any, amount: int) -> None:
+        if amount:
+            counter.inc(amount)
+
+    def refresh(self, engine: Any) -> None:
+        """Scrape-time update of the state gauges from cheap engine reads."""
+        try:
+            self.kv_usage.set(engine.get_kv_cache_usage())
+            if engine.num_unfinished_requests() == 0:
+                self.running.set(0)
+                self.waiting.set(0)
+        except Exception:  # a dead engine must not break /metrics
+            pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
