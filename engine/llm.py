@@ -8,13 +8,14 @@ from engine.config import DEFAULT_MODEL, EngineArgs
 from engine.core import EngineCore
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.setup import build_parts
+from engine.setup import LoadedModel, build_parts
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, **engine_args):
+    def __init__(self, model: str = DEFAULT_MODEL, loaded: LoadedModel | None = None, **engine_args):
+        """`loaded` (from engine.setup.load_model) reuses weights already in memory."""
         self.args = EngineArgs(model=model, **engine_args)
-        self.core = EngineCore(build_parts(self.args))
+        self.core = EngineCore(build_parts(self.args, loaded=loaded))
         self._ids = itertools.count()
 
     @property

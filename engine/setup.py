@@ -73,24 +73,41 @@ def _max_model_len(args: EngineArgs, cfg: ModelConfig, num_blocks: int) -> int:
     return min(cfg.max_position_embeddings, capacity)
 
 
-def build_parts(args: EngineArgs, progress: bool = False) -> EngineParts:
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    torch.manual_seed(args.seed)
+@dataclass(frozen=True)
+class LoadedModel:
+    """Weights, config and tokenizer: the expensive part, reusable across engines (tests)."""
+    config: ModelConfig
+    tokenizer: Any
+    model: torch.nn.Module
+    dtype: torch.dtype
+    device: torch.device
+    max_positions: int
+
+
+def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     src = resolve_model(args.model)
     cfg = load_model_config(src)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    num_blocks = _num_blocks(args, cfg, dtype, device)
-    max_len = _max_model_len(args, cfg, num_blocks)
-    tokenizer = load_tokenizer(src)
-    model = build_model(src, cfg, dtype, device, max_len, progress)
+    max_positions = max(cfg.max_position_embeddings, args.max_model_len or 0)
+    model = build_model(src, cfg, dtype, device, max_positions, progress)
+    return LoadedModel(cfg, load_tokenizer(src), model, dtype, device, max_positions)
+
+
+def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | None = None) -> EngineParts:
+    """Everything the engine core needs; `loaded` reuses weights already in memory."""
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    torch.manual_seed(args.seed)
+    loaded = loaded or load_model(args, progress)
+    cfg, tokenizer = loaded.config, loaded.tokenizer
+    num_blocks = _num_blocks(args, cfg, loaded.dtype, loaded.device)
+    max_len = min(_max_model_len(args, cfg, num_blocks), loaded.max_positions)
     cache = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
     kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
     sched_cfg = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len, args.max_waiting_requests)
-    runner = ModelRunner(model, RunnerConfig(cfg, cache, dtype, device, args.attention_backend))
+    runner = ModelRunner(loaded.model, RunnerConfig(cfg, cache, loaded.dtype, loaded.device, args.attention_backend))
     eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s: %d layers, %d KV blocks x %d tokens, max_model_len %d, %s on %s",
-             args.model, cfg.num_layers, num_blocks, args.block_size, max_len, dtype, device)
+             args.model, cfg.num_layers, num_blocks, args.block_size, max_len, loaded.dtype, loaded.device)
     return EngineParts(args, cfg, tokenizer, Scheduler(sched_cfg, kv), runner, eos)
-

@@ -1,0 +1,177 @@
+"""POST /v1/completions: prompts -> engine requests; outputs -> response or SSE chunks.
+
+Several prompts run as separate engine requests (concurrently); choice
+`index` = prompt index * n + completion index. `echo` prepends the prompt
+text; with `logprobs` the prompt's tokens are listed with null logprobs.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from server.errors import bad_request
+from server.generation import (EngineStream, build_sampling_params, check_context_length,
+                               check_model, check_token_ids, collect, finite, merge,
+                               new_request_id, open_streams, until_disconnected,
+                               vocab_size_of)
+from server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs,
+                             CompletionRequest, CompletionResponse, UsageInfo)
+from server.streaming import Delta, DeltaTracker, EventStreamResponse, sse
+
+CLIENT_CLOSED = 499
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str | None  # as given; decoded lazily for token-id prompts
+
+    def echo_text(self, tokenizer: Any) -> str:
+        if self.text is None:
+            self.text = tokenizer.decode(self.ids)
+        return self.text
+
+
+@dataclass
+class Ctx:
+    request_id: str
+    created: int
+    model: str
+    n: int
+    logprobs: int | None
+    echo: bool
+    prompts: list[Prompt]
+    tokenizer: Any
+
+
+def _prompts(req: CompletionRequest, tokenizer: Any) -> list[Prompt]:
+    raw = req.prompt
+    if isinstance(raw, str):
+        items: list[Any] = [raw]
+    elif raw and all(isinstance(t, int) for t in raw):
+        items = [list(raw)]
+    else:
+        items = list(raw)
+    if not items:
+        raise bad_request("The prompt must not be empty.", "prompt")
+    vocab = vocab_size_of(tokenizer)
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            prompt = Prompt(list(tokenizer.encode(item)), item)
+        else:
+            prompt = Prompt(list(item), None)
+        check_token_ids(prompt.ids, vocab, "prompt")
+        prompts.append(prompt)
+    return prompts
+
+
+async def create_completion(req: CompletionRequest, raw: Request, engine: Any) -> Response:
+    model = check_model(engine, req.model)
+    if req.suffix:
+        raise bad_request("suffix is not supported.", "suffix")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise bad_request("best_of is not supported (it must equal n).", "best_of")
+    tokenizer = engine.tokenizer
+    prompts = _prompts(req, tokenizer)
+    params = build_sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
+                                   vocab_size=vocab_size_of(tokenizer))
+    for prompt in prompts:
+        check_context_length(len(prompt.ids), params.max_tokens, engine.max_model_len, "prompt")
+    ctx = Ctx(new_request_id("cmpl"), int(time.time()), model, params.n, req.logprobs,
+              bool(req.echo), prompts, tokenizer)
+    streams = await until_disconnected(
+        raw, open_streams(engine, [p.ids for p in prompts], params, ctx.request_id))
+    if streams is None:
+        return Response(status_code=CLIENT_CLOSED)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return EventStreamResponse(_chunks(ctx, streams, include_usage))
+    finals = await until_disconnected(raw, collect(streams))
+    if finals is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return Response(_response(ctx, finals).model_dump_json(), media_type="application/json")
+
+
+def _response(ctx: Ctx, finals: Sequence[Any]) -> CompletionResponse:
+    tracker = DeltaTracker(ctx.n, with_tokens=True)
+    choices = []
+    for i, out in enumerate(finals):
+        by_index = {i * ctx.n + c.index: c for c in out.outputs}
+        for delta in tracker.deltas(i, out):
+            choices.append(_choice(ctx, i, by_index[delta.index], delta))
+    choices.sort(key=lambda c: c.index)
+    return CompletionResponse(id=ctx.request_id, created=ctx.created, model=ctx.model,
+                              choices=choices, usage=UsageInfo(**tracker.usage()))
+
+
+async def _chunks(ctx: Ctx, streams: list[EngineStream],
+                  include_usage: bool) -> AsyncIterator[str]:
+    tracker = DeltaTracker(ctx.n, with_tokens=ctx.logprobs is not None)
+    offsets: dict[int, int] = {}
+    async for i, out in merge(streams):
+        by_index = {i * ctx.n + c.index: c for c in out.outputs}
+        for delta in tracker.deltas(i, out):
+            choice = _choice(ctx, i, by_index[delta.index], delta, offsets)
+            chunk = CompletionChunk(id=ctx.request_id, created=ctx.created, model=ctx.model,
+                                    choices=[choice])
+            yield sse(chunk)
+    if include_usage:
+        yield sse(CompletionChunk(id=ctx.request_id, created=ctx.created, model=ctx.model,
+                                  choices=[], usage=UsageInfo(**tracker.usage())))
+
+
+def _choice(ctx: Ctx, prompt_index: int, comp: Any, delta: Delta,
+            offsets: dict[int, int] | None = None) -> CompletionChoice:
+    """The choice for one delta (a whole completion when not streaming)."""
+    offsets = {} if offsets is None else offsets
+    text = delta.text
+    logprobs = None
+    if ctx.logprobs is not None:
+        logprobs = CompletionLogprobs()
+        offsets.setdefault(delta.index, 0)
+    if delta.first and ctx.echo:
+        prompt = ctx.prompts[prompt_index]
+        prefix = prompt.echo_text(ctx.tokenizer)
+        if logprobs is not None:
+            _prompt_logprobs(logprobs, prompt.ids, ctx.tokenizer)
+            offsets[delta.index] = len(prefix)
+        text = prefix + text
+    if logprobs is not None:
+        offsets[delta.index] = _token_logprobs(
+            logprobs, comp.token_ids[delta.token_start:delta.token_end],
+            (comp.logprobs or [])[delta.token_start:delta.token_end], ctx.logprobs or 0,
+            offsets[delta.index])
+    return CompletionChoice(index=delta.index, text=text, logprobs=logprobs,
+                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+
+
+def _prompt_logprobs(lp: CompletionLogprobs, ids: list[int], tokenizer: Any) -> None:
+    offset = 0
+    for token_id in ids:
+        token = tokenizer.decode([token_id])
+        lp.tokens.append(token)
+        lp.token_logprobs.append(None)
+        lp.top_logprobs.append(None)
+        lp.text_offset.append(offset)
+        offset += len(token)
+
+
+def _token_logprobs(lp: CompletionLogprobs, token_ids: Sequence[int],
+                    entries: Sequence[dict[int, Any]], k: int, offset: int) -> int:
+    """Append OpenAI completion logprobs for generated tokens; returns the next offset."""
+    for token_id, entry in zip(token_ids, entries):
+        sampled = entry.get(token_id)
+        token = sampled.decoded_token if sampled is not None else ""
+        lp.tokens.append(token)
+        lp.token_logprobs.append(finite(sampled.logprob) if sampled is not None else None)
+        ranked = sorted(entry.values(), key=lambda e: e.rank)[:k]
+        lp.top_logprobs.append({e.decoded_token: finite(e.logprob) for e in ranked})
+        lp.text_offset.append(offset)
+        offset += len(token)
+    return offset
