@@ -72,10 +72,12 @@ class EngineCore:
                 "or max_tokens.", "max_tokens" if n < limit else "prompt")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+                    priority: int = 0, arrival_time: float | None = None, prompt_text: str | None = None) -> None:
+        """`prompt` is text or token ids; `prompt_text` names ids already tokenized by the caller."""
         if request_id in self.groups:
             raise ParamError(f"duplicate request id {request_id!r}", "request_id")
         text, prompt_ids = self.tokenize(prompt)
+        text = text if text is not None else prompt_text
         self.check_length(prompt_ids, params)
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(prompt_ids))

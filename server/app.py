@@ -1,0 +1,168 @@
+"""App factory: `build_app(engine, settings)`; routes, auth, CORS, lifespan.
+
+The engine is injected (tests pass a fake); the app only uses its public
+surface: generate/abort, tokenizer, model_name, max_model_len, is_alive,
+add_stats_listener, num_unfinished_requests, get_kv_cache_usage, shutdown.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server import PROJECT_NAME, __version__
+from server.errors import APIError, error_body, install_error_handlers
+from server.generation import check_model, check_token_ids, vocab_size_of
+from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                             ModelCard, ModelList, TokenizeRequest)
+from server.serving_chat import create_chat_completion, render_chat
+from server.serving_completion import create_completion
+
+logger = logging.getLogger("strix.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    model_root: str | None = None  # what --model named, shown in /v1/models
+
+
+class APIKeyMiddleware:
+    """401 for /v1/* without `Authorization: Bearer <key>`; everything else is open."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.key = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/") \
+                or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            await self.app(scope, receive, send)
+            return
+        err = APIError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        await err.response()(scope, receive, send)
+
+
+def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    metrics = ServerMetrics(engine.model_name, engine.max_model_len)
+    engine.add_stats_listener(metrics.on_step)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        app.state.draining = True
+        await engine.shutdown()
+
+    app = FastAPI(title=PROJECT_NAME, version=__version__, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.draining = False
+    app.state.started = int(time.time())
+    install_error_handlers(app)
+    _add_openai_routes(app, engine)
+    _add_service_routes(app, engine, metrics)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["*"], allow_headers=["*"], allow_credentials=False)
+    return app
+
+
+def _model_card(app: FastAPI, engine: Any) -> ModelCard:
+    return ModelCard(id=engine.model_name, created=app.state.started,
+                     root=app.state.settings.model_root or engine.model_name,
+                     max_model_len=engine.max_model_len)
+
+
+def _add_openai_routes(app: FastAPI, engine: Any) -> None:
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        body = ModelList(data=[_model_card(app, engine)])
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        check_model(engine, model_id)
+        return Response(_model_card(app, engine).model_dump_json(),
+                        media_type="application/json")
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        _refuse_if_draining(app)
+        return await create_completion(req, raw, engine)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        _refuse_if_draining(app)
+        return await create_chat_completion(req, raw, engine)
+
+
+def _refuse_if_draining(app: FastAPI) -> None:
+    if app.state.draining:
+        raise APIError(503, "The server is shutting down.", type="server_error",
+                       code="shutting_down", headers={"Retry-After": "1", "Connection": "close"})
+
+
+def _add_service_routes(app: FastAPI, engine: Any, metrics: ServerMetrics) -> None:
+    @app.get("/health")
+    async def health() -> Response:
+        alive = False
+        try:
+            alive = bool(engine.is_alive())
+        except Exception:
+            logger.exception("engine liveness check failed")
+        if alive and not app.state.draining:
+            return JSONResponse({"status": "ok"})
+        reason = "shutting down" if app.state.draining else "engine is not running"
+        return JSONResponse(error_body(f"Unhealthy: {reason}.", "server_error"), status_code=503)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": __version__, "name": PROJECT_NAME})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.refresh(engine)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> Response:
+        check_model(engine, req.model)
+        tokenizer = engine.tokenizer
+        if req.messages is not None:
+            tokens = render_chat(tokenizer, req.messages, req.add_generation_prompt is not False)
+        elif req.prompt is not None:
+            tokens = list(tokenizer.encode(req.prompt,
+                                           add_special_tokens=req.add_special_tokens is not False))
+        else:
+            raise APIError(400, "Give either `prompt` or `messages`.", param="prompt")
+        body = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+        return Response(json.dumps(body), media_type="application/json")
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> Response:
+        check_model(engine, req.model)
+        if req.tokens:
+            check_token_ids(req.tokens, vocab_size_of(engine.tokenizer), "tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(req.tokens)})
