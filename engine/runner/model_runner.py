@@ -54,10 +54,20 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
+    def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor:
+        """Run the step and return fp32 logits at every scheduled token [num_tokens, vocab]
+        (no sampling; tests and prompt logprobs)."""
+        batch = self._prepare(sched)
+        return self.model.compute_logits(self._forward(batch))
+
+    def _forward(self, batch: "_Batch") -> torch.Tensor:
+        self.attn.plan(batch.layout)
+        return self.model(batch.input_ids, batch.positions, self.attn, self.kv_caches)
+
+    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         batch = self._prepare(sched)
-        self.attn.plan(batch.layout)
-        hidden = self.model(batch.input_ids, batch.positions, self.attn, self.kv_caches)
+        hidden = self._forward(batch)
         if not batch.rows:
             return ModelRunnerOutput((), ())
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [num_sampled, vocab] fp32
