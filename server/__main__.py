@@ -36,7 +36,7 @@ from server import PROJECT_NAME, __version__
 
 ENGINE_HELP = {
     "model": "model alias (smollm2-135m), a .gguf file or a Hugging Face directory",
-    "served_model_name": "the model name clients send and see (default: --model)",
+    "served_model_name": "the model name clients send and see (None: the --model value)",
     "dtype": "auto | float32 | bfloat16 | float16",
     "device": "auto | cpu | cuda",
     "max_model_len": "context length (default: the model's own)",

@@ -70,8 +70,9 @@ def conversation(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
 def render_chat(tokenizer: Any, messages: Sequence[ChatMessage],
                 add_generation_prompt: bool = True) -> list[int]:
     """Apply the model's chat template; template errors are the client's 400."""
+    conv = conversation(messages)
     try:
-        text = tokenizer.apply_chat_template(conversation(messages), tokenize=False,
+        text = tokenizer.apply_chat_template(conv, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja errors, missing template, role rules
         raise bad_request(f"Could not apply the model's chat template: {exc}", "messages")

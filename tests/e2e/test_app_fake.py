@@ -153,7 +153,8 @@ def test_overload_gives_503_with_retry_after():
         url = fake.base_url + "/v1/completions"
         long = {"prompt": "x", "max_tokens": 300, "stream": True}
         with httpx.stream("POST", url, json=long) as first:
-            next(first.iter_lines())
+            lines = first.iter_lines()  # keep a reference: a dropped iterator closes the stream
+            next(lines)
             resp = httpx.post(url, json={"prompt": "y", "max_tokens": 2})
             _assert_error(resp, 503, code="engine_overloaded")
             assert resp.headers["retry-after"] == "1"
