@@ -8,8 +8,8 @@ YAML < flags given on the command line. The API key comes from `--api-key`,
 else from the environment (STRIX_API_KEY, read by engine.config).
 
 SIGTERM / Ctrl-C: stop accepting connections, let in-flight requests finish
-for up to `--shutdown-timeout` seconds, abort the rest, shut the engine down
-and exit 0.
+for up to `--shutdown-timeout` seconds, abort the rest (their clients get
+finish_reason "abort"), shut the engine down and exit 0.
 """
 from __future__ import annotations
 
@@ -185,14 +185,17 @@ class StrixServer(uvicorn.Server):
         super().__init__(config)
         self._ready_line = ready_line
         self._on_exit_signal = on_exit_signal
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
         if self.started:
             print(self._ready_line, flush=True)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        self._on_exit_signal()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_exit_signal)  # signal context -> loop
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
@@ -212,7 +215,7 @@ class StrixServer(uvicorn.Server):
 async def serve(engine_args: EngineArgs, opts: ServerOptions) -> int:
     from engine import AsyncEngine  # heavy (torch): only when a server really starts
     from engine.errors import UnsupportedModelError
-    from server.app import ServerSettings, build_app
+    from server.app import ServerSettings, build_app, start_draining
 
     try:
         # Blocking on purpose: nothing is served until the model is loaded.
@@ -224,12 +227,13 @@ async def serve(engine_args: EngineArgs, opts: ServerOptions) -> int:
     settings = ServerSettings(api_key=opts.api_key, cors_origins=opts.cors_origins,
                               model_root=engine_args.model)
     app = build_app(engine, settings)
+    # uvicorn's own graceful timeout is the backstop behind start_draining's abort.
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level,
                             access_log=opts.access_log, lifespan="on",
-                            timeout_graceful_shutdown=max(int(opts.shutdown_timeout), 1))
+                            timeout_graceful_shutdown=int(opts.shutdown_timeout) + 10)
     url = f"http://{opts.host}:{opts.port}"
     ready = f"{PROJECT_NAME} ready: {url}/v1 (model {engine.model_name}, {__version__})"
-    server = StrixServer(config, ready, lambda: setattr(app.state, "draining", True))
+    server = StrixServer(config, ready, lambda: start_draining(app, opts.shutdown_timeout))
     try:
         await server.serve()
     finally:

@@ -6,6 +6,7 @@ add_stats_listener, num_unfinished_requests, get_kv_cache_usage, shutdown.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -22,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import PROJECT_NAME, __version__
 from server.errors import APIError, error_body, install_error_handlers
-from server.generation import check_model, check_token_ids, vocab_size_of
+from server.generation import InFlight, check_model, check_token_ids, vocab_size_of
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                              ModelCard, ModelList, TokenizeRequest)
@@ -77,6 +78,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = False
+    app.state.inflight = InFlight()
     app.state.started = int(time.time())
     install_error_handlers(app)
     _add_openai_routes(app, engine)
@@ -87,6 +89,26 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                            allow_methods=["*"], allow_headers=["*"], allow_credentials=False)
     return app
+
+
+def start_draining(app: FastAPI, abort_after_s: float | None) -> None:
+    """Graceful shutdown, phase one (call on the event loop): /health turns 503,
+    new generation requests get 503, and whatever still runs `abort_after_s`
+    later is aborted, so its clients get a finished response (finish_reason
+    "abort") instead of a cut connection."""
+    if app.state.draining:
+        return
+    app.state.draining = True
+    if abort_after_s is None:
+        return
+    engine, inflight = app.state.engine, app.state.inflight
+
+    def abort_rest() -> None:
+        if inflight.ids:
+            logger.warning("shutdown timeout: aborting %d in-flight request(s)", len(inflight.ids))
+        app.state.abort_task = asyncio.ensure_future(inflight.abort_all(engine))
+
+    asyncio.get_running_loop().call_later(abort_after_s, abort_rest)
 
 
 def _model_card(app: FastAPI, engine: Any) -> ModelCard:
@@ -110,12 +132,12 @@ def _add_openai_routes(app: FastAPI, engine: Any) -> None:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         _refuse_if_draining(app)
-        return await create_completion(req, raw, engine)
+        return await create_completion(req, raw, engine, app.state.inflight)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         _refuse_if_draining(app)
-        return await create_chat_completion(req, raw, engine)
+        return await create_chat_completion(req, raw, engine, app.state.inflight)
 
 
 def _refuse_if_draining(app: FastAPI) -> None:

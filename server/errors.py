@@ -78,18 +78,22 @@ def from_exception(exc: BaseException) -> APIError:
     return APIError(500, "Internal server error.", type=SERVER_ERROR)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "set", "none"}
+
+
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     """('body', 'messages', 0, 'content') -> 'messages[0].content'.
 
-    pydantic puts union member names ('str', 'list[int]') into locations;
-    they are not fields and are dropped.
+    pydantic puts union member names ('str', 'list[int]', 'ContentPart') into
+    locations; they are not fields and are dropped.
     """
     parts = list(loc[1:] if loc and loc[0] in ("body", "query", "path") else loc)
     out = ""
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and part.isidentifier():
+        elif isinstance(part, str) and part.isidentifier() and part not in _UNION_TAGS \
+                and not part[0].isupper():
             out += f".{part}" if out else part
     return out or None
 

@@ -111,28 +111,52 @@ def vocab_size_of(tokenizer: Any) -> int | None:
         return getattr(tokenizer, "vocab_size", None)
 
 
+class InFlight:
+    """Request ids the server has open in the engine (for abort-all at shutdown)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    async def abort_all(self, engine: Any) -> int:
+        ids = list(self.ids)
+        for request_id in ids:
+            with contextlib.suppress(Exception):
+                await engine.abort(request_id)
+        return len(ids)
+
+
 class EngineStream:
     """One engine request whose first output has already arrived (so request
     errors surface before any HTTP response starts)."""
 
-    def __init__(self, engine: Any, request_id: str, gen: AsyncIterator[Any], first: Any):
+    def __init__(self, engine: Any, request_id: str, gen: AsyncIterator[Any], first: Any,
+                 inflight: InFlight):
         self.engine = engine
         self.request_id = request_id
         self._gen = gen
         self._first: Any = first
+        self._inflight = inflight
         self.last = first
-        self.done = bool(first.finished)
+        self.done = False
+        self._set_done(bool(first.finished))
 
     @classmethod
     async def open(cls, engine: Any, prompt: list[int], params: SamplingParams,
-                   request_id: str) -> "EngineStream":
+                   request_id: str, inflight: InFlight) -> "EngineStream":
         gen = engine.generate(prompt, params, request_id)
+        inflight.ids.add(request_id)
         try:
             first = await gen.__anext__()
         except BaseException:
+            inflight.ids.discard(request_id)
             await _close_quietly(engine, gen, request_id)
             raise
-        return cls(engine, request_id, gen, first)
+        return cls(engine, request_id, gen, first, inflight)
+
+    def _set_done(self, done: bool) -> None:
+        self.done = done
+        if done:
+            self._inflight.ids.discard(self.request_id)
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         if self._first is not None:
@@ -142,10 +166,10 @@ class EngineStream:
             try:
                 out = await self._gen.__anext__()
             except StopAsyncIteration:
-                self.done = True
+                self._set_done(True)
                 return
             self.last = out
-            self.done = bool(out.finished)
+            self._set_done(bool(out.finished))
             yield out
 
     async def final(self) -> Any:
@@ -155,7 +179,7 @@ class EngineStream:
 
     async def aclose(self) -> None:
         if not self.done:
-            self.done = True
+            self._set_done(True)
             await _close_quietly(self.engine, self._gen, self.request_id)
 
 
@@ -167,10 +191,10 @@ async def _close_quietly(engine: Any, gen: Any, request_id: str) -> None:
 
 
 async def open_streams(engine: Any, prompts: Sequence[list[int]], params: SamplingParams,
-                       base_id: str) -> list[EngineStream]:
+                       base_id: str, inflight: InFlight) -> list[EngineStream]:
     """Start one engine request per prompt; all or none (errors close the rest)."""
     ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
-    tasks = [asyncio.ensure_future(EngineStream.open(engine, p, params, rid))
+    tasks = [asyncio.ensure_future(EngineStream.open(engine, p, params, rid, inflight))
              for p, rid in zip(prompts, ids)]
     try:
         await asyncio.wait(tasks)

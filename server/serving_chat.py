@@ -16,9 +16,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from server.errors import bad_request
-from server.generation import (EngineStream, build_sampling_params, check_context_length,
-                               check_model, collect, finite, merge, new_request_id,
-                               open_streams, until_disconnected, vocab_size_of)
+from server.generation import (EngineStream, InFlight, build_sampling_params,
+                               check_context_length, check_model, collect, finite, merge,
+                               new_request_id, open_streams, until_disconnected, vocab_size_of)
 from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                              ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatMessageOut,
                              ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob,
@@ -89,8 +89,8 @@ def _check_request(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-async def create_chat_completion(req: ChatCompletionRequest, raw: Request,
-                                 engine: Any) -> Response:
+async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engine: Any,
+                                 inflight: InFlight) -> Response:
     model = check_model(engine, req.model)
     logprobs = _check_request(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
@@ -102,7 +102,7 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request,
     check_context_length(len(prompt), params.max_tokens, engine.max_model_len, "messages")
     ctx = Ctx(new_request_id("chatcmpl"), int(time.time()), model, params.n, logprobs)
     streams = await until_disconnected(raw, open_streams(engine, [prompt], params,
-                                                         ctx.request_id))
+                                                         ctx.request_id, inflight))
     if streams is None:
         return Response(status_code=CLIENT_CLOSED)
     if req.stream:

@@ -15,10 +15,10 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from server.errors import bad_request
-from server.generation import (EngineStream, build_sampling_params, check_context_length,
-                               check_model, check_token_ids, collect, finite, merge,
-                               new_request_id, open_streams, until_disconnected,
-                               vocab_size_of)
+from server.generation import (EngineStream, InFlight, build_sampling_params,
+                               check_context_length, check_model, check_token_ids, collect,
+                               finite, merge, new_request_id, open_streams,
+                               until_disconnected, vocab_size_of)
 from server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs,
                              CompletionRequest, CompletionResponse, UsageInfo)
 from server.streaming import Delta, DeltaTracker, EventStreamResponse, sse
@@ -71,7 +71,8 @@ def _prompts(req: CompletionRequest, tokenizer: Any) -> list[Prompt]:
     return prompts
 
 
-async def create_completion(req: CompletionRequest, raw: Request, engine: Any) -> Response:
+async def create_completion(req: CompletionRequest, raw: Request, engine: Any,
+                            inflight: InFlight) -> Response:
     model = check_model(engine, req.model)
     if req.suffix:
         raise bad_request("suffix is not supported.", "suffix")
@@ -86,7 +87,8 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: Any) -
     ctx = Ctx(new_request_id("cmpl"), int(time.time()), model, params.n, req.logprobs,
               bool(req.echo), prompts, tokenizer)
     streams = await until_disconnected(
-        raw, open_streams(engine, [p.ids for p in prompts], params, ctx.request_id))
+        raw, open_streams(engine, [p.ids for p in prompts], params, ctx.request_id,
+                          inflight))
     if streams is None:
         return Response(status_code=CLIENT_CLOSED)
     if req.stream:

@@ -1,4 +1,4 @@
-"""Servers for the e2e tests.
+"""Fixtures for the e2e tests.
 
 * `fake_server`: the real app (`server.app.build_app`) over a `FakeEngine`,
   served by uvicorn on a background thread: fast, no model.
@@ -8,66 +8,13 @@
 """
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 
-from server.app import ServerSettings, build_app
 from tests.e2e.fake_engine import FakeEngine
-
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = "smollm2-135m"
-START_TIMEOUT_S = float(os.environ.get("STRIX_TEST_START_TIMEOUT", "600"))
-API_KEY = "test-secret-key"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# ------------------------------------------------------------- fake engine
-@dataclass
-class FakeServer:
-    engine: FakeEngine
-    base_url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-
-def start_fake_server(engine: FakeEngine, settings: ServerSettings | None = None) -> FakeServer:
-    app = build_app(engine, settings or ServerSettings())
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("fake server did not start")
-        time.sleep(0.01)
-    return FakeServer(engine, f"http://127.0.0.1:{port}", server, thread)
-
-
-def stop_fake_server(fake: FakeServer) -> None:
-    fake.server.should_exit = True
-    fake.thread.join(timeout=10)
+from tests.e2e.helpers import (API_KEY, FakeServer, ServerProcess, require_engine,
+                               start_fake_server, stop_fake_server)
 
 
 @pytest.fixture
@@ -78,69 +25,6 @@ def fake_server() -> Iterator[FakeServer]:
 
 
 # ------------------------------------------------------------- real server
-@dataclass
-class ServerProcess:
-    args: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "ServerProcess":
-        fd, name = tempfile.mkstemp(prefix="strix-e2e-", suffix=".log")
-        self.log_path = Path(name)
-        cmd = [sys.executable, "-m", "server", "--model", DEFAULT_MODEL, "--host", "127.0.0.1",
-               "--port", str(self.port), *self.args]
-        env = {**os.environ, **self.env}
-        with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
-        self.wait_healthy()
-        return self
-
-    def log_tail(self, chars: int = 4000) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def wait_healthy(self) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n"
-                                   f"{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {START_TIMEOUT_S}s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 60) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=10)
-
-
-def require_engine() -> None:
-    try:
-        from engine import AsyncEngine  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"engine.AsyncEngine is not importable yet: {exc}")
-
-
 def _serve(args: list[str], env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     require_engine()
     server = ServerProcess(args, env or {}).start()
@@ -161,16 +45,3 @@ def restricted_server() -> Iterator[ServerProcess]:
     """API key on (from the environment), one running and one waiting request at most."""
     yield from _serve(["--max-num-seqs", "1", "--max-waiting-requests", "1"],
                       {"STRIX_API_KEY": API_KEY})
-
-
-def parse_sse(lines: Any) -> list[Any]:
-    """SSE `data:` payloads as JSON objects, `[DONE]` as the string."""
-    import json
-
-    events = []
-    for line in lines:
-        if not line.startswith("data: "):
-            continue
-        payload = line[len("data: "):]
-        events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events

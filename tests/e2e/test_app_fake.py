@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import ServerSettings
-from tests.e2e.conftest import parse_sse, start_fake_server, stop_fake_server
+from tests.e2e.helpers import parse_sse, start_fake_server, stop_fake_server
 from tests.e2e.fake_engine import FakeEngine
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}

@@ -8,7 +8,7 @@ import asyncio
 import openai
 import pytest
 
-from tests.e2e.conftest import DEFAULT_MODEL
+from tests.e2e.helpers import DEFAULT_MODEL
 
 PROMPT = "The three primary colors are"
 CHAT = [{"role": "system", "content": "You are a helpful assistant."},
