@@ -1,12 +1,13 @@
-"""Block pool: reference counts, prefix-cache hash table, LRU of free blocks.
+"""Block pool: reference counts, prefix-cache hash table, LRU of evictable blocks.
 
 Invariant: a block is exactly one of
-  - free (ref_count 0, no hash, in the free queue),
-  - cached-and-evictable (ref_count 0, hash known, in the free queue),
-  - in use (ref_count > 0, not in the free queue).
-The free queue is ordered least-recently-freed first; allocation takes from its
-head and evicts the block's hash if it had one, so cached blocks live as long as
-possible. Pure Python: no torch.
+  - free (ref_count 0, no hash, in `free_queue`),
+  - cached-and-evictable (ref_count 0, hash known, in `evictable`, ordered
+    least-recently-freed first),
+  - in use (ref_count > 0, in neither queue).
+Allocation takes truly free blocks first and only then evicts the least
+recently used cached block, so cached prefixes live as long as possible.
+Pure Python: no torch.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class BlockPool:
             raise ValueError("the KV cache needs at least one block")
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.evictable: OrderedDict[int, None] = OrderedDict()
         self.cached: dict[int, int] = {}  # block hash -> block id
         self.num_evictions = 0
 
@@ -37,7 +39,11 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Blocks that can be handed out now (truly free or cached-and-evictable)."""
-        return len(self.free_queue)
+        return len(self.free_queue) + len(self.evictable)
+
+    def free_order(self) -> list[int]:
+        """Block ids in the order `allocate` would hand them out."""
+        return list(self.free_queue) + list(self.evictable)
 
     def usage(self) -> float:
         return 1.0 - self.num_free / self.num_blocks
@@ -47,13 +53,13 @@ class BlockPool:
             raise RuntimeError(f"asked for {count} blocks, {self.num_free} free")
         ids = []
         for _ in range(count):
-            block_id, _ = self.free_queue.popitem(last=False)
-            block = self.blocks[block_id]
-            if block.block_hash is not None:
-                del self.cached[block.block_hash]
-                block.block_hash = None
+            if self.free_queue:
+                block_id, _ = self.free_queue.popitem(last=False)
+            else:
+                block_id, _ = self.evictable.popitem(last=False)
+                self._uncache(self.blocks[block_id])
                 self.num_evictions += 1
-            block.ref_count = 1
+            self.blocks[block_id].ref_count = 1
             ids.append(block_id)
         return ids
 
@@ -65,11 +71,11 @@ class BlockPool:
         for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                del self.free_queue[block_id]
+                del self.evictable[block_id]
             block.ref_count += 1
 
     def free(self, block_ids: list[int]) -> None:
-        """Drop one reference each; blocks reaching 0 go to the free queue's tail in
+        """Drop one reference each; blocks reaching 0 join the tail of their queue in
         the order given (callers pass a sequence's tail first so it is evicted first)."""
         for block_id in block_ids:
             block = self.blocks[block_id]
@@ -77,11 +83,12 @@ class BlockPool:
                 raise RuntimeError(f"block {block_id} freed twice")
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_queue[block_id] = None
+                queue = self.free_queue if block.block_hash is None else self.evictable
+                queue[block_id] = None
 
     def cache(self, block_id: int, block_hash: int) -> int:
-        """Register a full, computed block under its hash. If another block already
-        holds that hash the existing one stays canonical; returns the canonical id."""
+        """Register a full, computed, in-use block under its hash. If another block
+        already holds that hash the existing one stays canonical; returns its id."""
         existing = self.cached.get(block_hash)
         if existing is not None:
             return existing
@@ -90,15 +97,31 @@ class BlockPool:
         self.cached[block_hash] = block_id
         return block_id
 
+    def uncache(self, block_id: int) -> None:
+        """Forget an in-use block's hash (its content is about to change)."""
+        block = self.blocks[block_id]
+        if block.ref_count > 0 and block.block_hash is not None:
+            self._uncache(block)
+
+    def _uncache(self, block: Block) -> None:
+        if self.cached.get(block.block_hash) == block.block_id:
+            del self.cached[block.block_hash]
+        block.block_hash = None
+
     def reset_prefix_cache(self) -> None:
-        for block_hash, block_id in list(self.cached.items()):
-            if self.blocks[block_id].ref_count == 0:
-                self.blocks[block_id].block_hash = None
-                del self.cached[block_hash]
+        """Drop every cached-and-evictable block's hash (they become truly free)."""
+        while self.evictable:
+            block_id, _ = self.evictable.popitem(last=False)
+            self._uncache(self.blocks[block_id])
+            self.free_queue[block_id] = None
 
     def check_invariants(self) -> None:
         for block in self.blocks:
-            in_queue = block.block_id in self.free_queue
-            assert (block.ref_count == 0) == in_queue, block
+            in_free, in_evictable = block.block_id in self.free_queue, block.block_id in self.evictable
+            assert not (in_free and in_evictable), block
+            assert (block.ref_count == 0) == (in_free or in_evictable), block
+            assert in_free == (block.ref_count == 0 and block.block_hash is None), block
             if block.block_hash is not None:
                 assert self.cached[block.block_hash] == block.block_id, block
+        for block_hash, block_id in self.cached.items():
+            assert self.blocks[block_id].block_hash == block_hash, (block_hash, block_id)

@@ -72,15 +72,15 @@ class KVCacheManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.queried_tokens += req.num_tokens
-        self.hit_tokens += len(hits) * self.block_size
         return hits
+
 
     # ---- allocation ----------------------------------------------------
     def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Make the request's blocks cover its computed tokens (or `cached_blocks`
         when it is being admitted with a prefix hit) plus `num_new_tokens`.
         Returns False and changes nothing when not enough blocks are free."""
+        admission = req.request_id not in self.req_blocks and not req.num_computed_tokens
         blocks = self.req_blocks.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens or len(cached_blocks) * self.block_size
         needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(blocks) - len(cached_blocks)
@@ -90,6 +90,9 @@ class KVCacheManager:
             if not blocks:
                 del self.req_blocks[req.request_id]
             return False
+        if admission and self.enable_prefix_caching:  # counted once per successful admission
+            self.queried_tokens += req.num_tokens
+            self.hit_tokens += len(cached_blocks) * self.block_size
         if cached_blocks:
             self.pool.touch(list(cached_blocks))
             blocks.extend(cached_blocks)
@@ -122,6 +125,8 @@ class KVCacheManager:
         """Release blocks beyond what the request's computed tokens need (rollback)."""
         blocks = self.req_blocks.get(req.request_id, [])
         keep = cdiv(req.num_computed_tokens, self.block_size)
+        for block_id in blocks[req.num_computed_tokens // self.block_size:]:
+            self.pool.uncache(block_id)  # no longer fully computed: its hash is stale
         if len(blocks) > keep:
             self.pool.free(list(reversed(blocks[keep:])))
             del blocks[keep:]

@@ -6,7 +6,8 @@ toward `num_tokens` by some count (a prefill chunk, one decode token, later
 Running requests go first (in admission order), then waiting ones by
 (priority, arrival). When blocks run out the newest running request is
 preempted by recompute: its blocks are freed, num_computed_tokens reset to 0,
-and it returns to the front of the waiting queue (its output tokens are kept).
+and it returns to the waiting queue in (priority, arrival) order, near the
+front (its output tokens are kept).
 """
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ class Scheduler:
     # ---- intake ----------------------------------------------------------
     def add_request(self, req: Request) -> None:
         self.requests[req.request_id] = req
-        # Waiting stays ordered by (priority, arrival): FCFS within a priority.
-        idx = next((i for i, w in enumerate(self.waiting) if w.priority > req.priority), len(self.waiting))
+        self._enqueue(req)
+
+    def _enqueue(self, req: Request) -> None:
+        """Waiting stays ordered by (priority, arrival): FCFS within a priority; a
+        preempted request keeps its arrival time, so it returns near the front."""
+        key = (req.priority, req.arrival_time)
+        idx = next((i for i, w in enumerate(self.waiting) if (w.priority, w.arrival_time) > key),
+                   len(self.waiting))
         self.waiting.insert(idx, req)
 
     def finish_request(self, request_id: str, reason: str, stop_reason: int | str | None = None) -> Request | None:
@@ -90,7 +97,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._enqueue(req)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

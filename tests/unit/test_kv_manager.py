@@ -283,10 +283,6 @@ def test_truncate_releases_blocks_past_computed_tokens():
     kv.pool.check_invariants()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KVCacheManager.truncate keeps a rolled-back, now partial block registered under its old "
-    "hash: lookups of the old prefix hit a block that is about to be overwritten, and re-caching "
-    "it leaves a stale entry in BlockPool.cached"))
 def test_truncate_unregisters_rolled_back_cached_block():
     kv = KVCacheManager(num_blocks=8, block_size=BS)
     r = make_req("r", [1, 2, 3])

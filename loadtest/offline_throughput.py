@@ -1,0 +1,84 @@
+"""Offline throughput: our LLM vs HF transformers `generate`, same weights, same run.
+
+16 prompts x 128 new tokens (greedy, EOS ignored) at batch 16, and a few prompts
+one at a time (batch 1). Prints tokens/s of each and the ratio; --json writes
+the raw figures.
+
+    python loadtest/offline_throughput.py [--new-tokens 128] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+PROMPTS = [
+    "The history of the Roman Empire", "Explain how a transistor works.", "Write a short poem about autumn.",
+    "def quicksort(arr):", "The three laws of thermodynamics are", "Give me a recipe for pancakes.",
+    "What causes the seasons on Earth?", "Once upon a time in a small village,", "Summarize the plot of Hamlet.",
+    "How do vaccines train the immune system?", "List some uses of Python decorators.",
+    "The best way to learn a language is", "Describe the water cycle.", "Why is the ocean salty?",
+    "A good night's sleep matters because", "Compare TCP and UDP.",
+]
+
+
+def bench_ours(llm, prompts, new_tokens, batch):
+    from engine import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    start = time.perf_counter()
+    n = 0
+    for i in range(0, len(prompts), batch):
+        outs = llm.generate(prompts[i:i + batch], params)
+        n += sum(len(o.outputs[0].token_ids) for o in outs)
+    return n / (time.perf_counter() - start), n
+
+
+def bench_hf(model, tok, prompts, new_tokens, batch):
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.generate(**tok(prompts[:1], return_tensors="pt"), max_new_tokens=4, do_sample=False, pad_token_id=pad)
+    start = time.perf_counter()
+    n = 0
+    for i in range(0, len(prompts), batch):
+        enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=pad)
+        n += (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+    return n / (time.perf_counter() - start), n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch1-prompts", type=int, default=2, help="prompts run one at a time for batch 1")
+    ap.add_argument("--json", help="write raw results here")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    from engine import LLM
+    from engine.models.loader import resolve_model
+    llm = LLM()
+    path = resolve_model("smollm2-135m").path
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    tok = llm.tokenizer
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in PROMPTS]
+    results = {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "new_tokens": args.new_tokens, "command": "loadtest/offline_throughput.py"}
+    for batch, prompts in ((16, chats), (1, chats[:args.batch1_prompts])):
+        ours, n1 = bench_ours(llm, prompts, args.new_tokens, batch)
+        ref, n2 = bench_hf(hf, tok, prompts, args.new_tokens, batch)
+        results[f"batch{batch}"] = {"ours_tok_s": ours, "hf_tok_s": ref, "ratio": ours / ref, "tokens": [n1, n2]}
+        print(f"batch {batch:2d}: ours {ours:8.1f} tok/s   HF generate {ref:8.1f} tok/s   ratio {ours / ref:5.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
