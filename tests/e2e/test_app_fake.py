@@ -118,6 +118,7 @@ def test_stop_string(fake_server):
     ("/v1/completions", {"prompt": "x", "top_k": -7}, 400, "top_k", None),
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", None),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias", None),
+    ("/v1/completions", {"prompt": "x", "seed": 2 ** 70}, 400, "seed", None),
     ("/v1/completions", {"prompt": [], "max_tokens": 3}, 400, "prompt", None),
     ("/v1/completions", {"prompt": [99999]}, 400, "prompt", None),
     ("/v1/completions", {"prompt": "x", "max_tokens": 1000}, 400, "prompt",
