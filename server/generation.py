@@ -259,10 +259,14 @@ async def merge(streams: Sequence[EngineStream]) -> AsyncIterator[tuple[int, Any
 
 
 async def collect(streams: Sequence[EngineStream]) -> list[Any]:
-    """Final output of every stream (closing all on error or cancellation)."""
+    """Final output of every stream (cancelling and closing all on error or cancellation)."""
+    tasks = [asyncio.ensure_future(s.final()) for s in streams]
     try:
-        return list(await asyncio.gather(*(s.final() for s in streams)))
+        return list(await asyncio.gather(*tasks))
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await close_all(streams)
 
 

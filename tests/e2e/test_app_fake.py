@@ -239,3 +239,15 @@ def test_service_routes(fake_server):
     assert chat_tok["count"] > 3
     fake_server.engine.alive = False
     _assert_error(httpx.get(url + "/health"), 503)
+
+
+def test_several_prompts_all_or_none():
+    """One prompt of two refused by the engine: a 503, and the other is aborted."""
+    fake = start_fake_server(FakeEngine(capacity=1, step_delay=0.01))
+    try:
+        resp = httpx.post(fake.base_url + "/v1/completions",
+                          json={"prompt": ["a", "b"], "max_tokens": 50})
+        _assert_error(resp, 503, code="engine_overloaded")
+        assert _wait(lambda: not fake.engine.active and len(fake.engine.aborted) == 1)
+    finally:
+        stop_fake_server(fake)
