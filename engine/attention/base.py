@@ -57,11 +57,21 @@ class AttentionBackend(ABC):
         write k/v into kv_cache at the planned slots, attend, return [num_tokens, num_heads, head_dim]."""
 
     @staticmethod
-    def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 block_idx: torch.Tensor, offsets: torch.Tensor) -> None:
-        """Store k/v [num_tokens, num_kv_heads, head_dim] at (block, offset) per token."""
-        kv_cache[block_idx, 0, offsets] = k
-        kv_cache[block_idx, 1, offsets] = v
+    def flat_rows(kv_cache: torch.Tensor) -> torch.Tensor:
+        """The cache as rows [num_blocks * 2 * page, kv_heads, head_dim] (a view): the K of
+        (block b, offset o) is row (2b)*page + o and its V is that row + page."""
+        nb, two, page, hkv, d = kv_cache.shape
+        return kv_cache.view(nb * two * page, hkv, d)
+
+    @staticmethod
+    def k_rows(block_idx: torch.Tensor, offsets: torch.Tensor, page: int) -> torch.Tensor:
+        return block_idx * (2 * page) + offsets
+
+    def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_rows: torch.Tensor) -> None:
+        """Store k/v [num_tokens, num_kv_heads, head_dim] at their K rows (V rows = +page)."""
+        flat = self.flat_rows(kv_cache)
+        flat.index_copy_(0, k_rows, k)
+        flat.index_copy_(0, k_rows + kv_cache.shape[2], v)
 
 
 _REGISTRY: dict[str, Callable[[AttentionShape], AttentionBackend]] = {}

@@ -21,8 +21,7 @@ class _Group:
     rows: torch.Tensor  # [n] request rows of this group (host-built)
     q_index: torch.Tensor  # [n, max_q] flattened token index per padded query (0 for padding)
     q_valid: torch.Tensor  # [n, max_q] bool
-    kv_block: torch.Tensor  # [n, max_kv] page id per padded key
-    kv_offset: torch.Tensor  # [n, max_kv] offset within the page
+    k_rows: torch.Tensor  # [n * max_kv] flat cache row of each padded key (V row = + page)
     mask: torch.Tensor  # [n, 1, max_q, max_kv] bool: True = attend
 
 
@@ -30,8 +29,9 @@ class _Group:
 class TorchReferenceBackend(AttentionBackend):
     def plan(self, layout: BatchLayout) -> None:
         device = self.shape.device
-        self.block_idx = torch.div(layout.slot_mapping, layout.page_size, rounding_mode="floor")
-        self.offsets = layout.slot_mapping % layout.page_size
+        page = layout.page_size
+        block_idx = torch.div(layout.slot_mapping, page, rounding_mode="floor")
+        self.write_rows = self.k_rows(block_idx, layout.slot_mapping % page, page)
         self.num_tokens = int(layout.slot_mapping.shape[0])
         qo = layout.qo_indptr.tolist()  # host tensors at plan time; not a device sync on CPU
         kv_ptr = layout.kv_indptr.tolist()
@@ -62,16 +62,20 @@ class TorchReferenceBackend(AttentionBackend):
             q_pos = torch.arange(kv_len - q_len, kv_len)
             mask[r, :q_len, :kv_len] = pos[None, :] <= q_pos[:, None]
             mask[r, q_len:, 0] = True  # padded queries attend to one key: no NaN rows
+        k_rows = AttentionBackend.k_rows(kv_block, kv_offset, page).view(-1)
         return _Group(torch.tensor(rows, device=device), q_index.to(device), q_valid.to(device),
-                      kv_block.to(device), kv_offset.to(device), mask[:, None].to(device))
+                      k_rows.to(device), mask[:, None].to(device))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        self.write_kv(kv_cache, k, v, self.block_idx, self.offsets)
+        self.write_kv(kv_cache, k, v, self.write_rows)
+        flat, page = self.flat_rows(kv_cache), kv_cache.shape[2]
         out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
         for g in self.groups:
+            n = g.q_index.shape[0]
             qg = q[g.q_index].transpose(1, 2)  # [n, heads, max_q, d]
-            kg = kv_cache[g.kv_block, 0, g.kv_offset].transpose(1, 2)  # [n, kv_heads, max_kv, d]
-            vg = kv_cache[g.kv_block, 1, g.kv_offset].transpose(1, 2)
+            kv_shape = (n, -1, flat.shape[1], flat.shape[2])
+            kg = flat.index_select(0, g.k_rows).view(kv_shape).transpose(1, 2)  # [n, kv_heads, max_kv, d]
+            vg = flat.index_select(0, g.k_rows + page).view(kv_shape).transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=self.shape.scale,
                                                 enable_gqa=self.shape.num_heads != self.shape.num_kv_heads)
             og = og.transpose(1, 2)  # [n, max_q, heads, d]
