@@ -31,6 +31,7 @@ class EngineArgs:
     attention_backend: str = "auto"
     max_waiting_requests: int | None = None
     num_threads: int | None = None  # torch intra-op threads on CPU
+    cpu_packed_linear: bool = True  # fp32 CPU: oneDNN pre-packed weights (faster; same math)
 
     @classmethod
     def field_names(cls) -> list[str]:

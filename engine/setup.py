@@ -10,6 +10,7 @@ import torch
 from engine.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from engine.errors import UnsupportedModelError
 from engine.kv.manager import KVCacheManager
+from engine.models.cpu_linear import pack_linears, packing_available
 from engine.models.loader import load_model_config, load_tokenizer, resolve_model
 from engine.models.registry import build_model
 from engine.runner.model_runner import ModelRunner, RunnerConfig, kv_bytes_per_block
@@ -91,6 +92,10 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     dtype = resolve_dtype(args.dtype, device)
     max_positions = max(cfg.max_position_embeddings, args.max_model_len or 0)
     model = build_model(src, cfg, dtype, device, max_positions, progress)
+    if args.cpu_packed_linear and device.type == "cpu" and dtype == torch.float32 and packing_available():
+        model.tie_lm_head()
+        n = pack_linears(model, batch_hint=min(args.max_num_seqs, 64))
+        log.info("packed %d linear layers for oneDNN", n)
     return LoadedModel(cfg, load_tokenizer(src), model, dtype, device, max_positions)
 
 

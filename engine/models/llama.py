@@ -116,8 +116,17 @@ class LlamaModel(nn.Module):
             x = layer(x, positions, self.rotary, attn, cache)
         return x
 
+    def tie_lm_head(self) -> None:
+        """Give tied embeddings an explicit (shared-weight) LM head module, so the head can
+        be swapped for a faster implementation like any other linear layer."""
+        if self.lm_head is None:
+            self.lm_head = nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False,
+                                     device=self.embed_tokens.weight.device, dtype=self.embed_tokens.weight.dtype)
+            self.lm_head.weight = self.embed_tokens.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_sampled, hidden] (pre-norm) -> fp32 logits [num_sampled, vocab]."""
         h = self.norm(hidden)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight).float()
+        if self.lm_head is None:
+            return F.linear(h, self.embed_tokens.weight).float()
+        return self.lm_head(h).float()
