@@ -68,6 +68,8 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
              f"logprobs must be in [0, {MAX_LOGPROBS}]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (self.seed is None or -(2 ** 63) <= self.seed < 2 ** 63 - self.n, "seed",
+             "seed must fit in a signed 64-bit integer"),
         ]
         for ok, param, message in checks:
             if not ok:

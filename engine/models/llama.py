@@ -62,13 +62,16 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x [num_tokens, heads, head_dim]; rotate-half convention."""
-        cos = self.cos[positions].to(x.dtype)[:, None, :]
-        sin = self.sin[positions].to(x.dtype)[:, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [num_tokens, 1, head_dim] for the step (computed once, used by every layer)."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [num_tokens, heads, head_dim]; rotate-half convention (HF)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 class DecoderLayer(nn.Module):
@@ -84,13 +87,13 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.splits = (q, kv, kv)
 
-    def forward(self, x, positions, rotary, attn: AttentionBackend, kv_cache) -> torch.Tensor:
+    def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend, kv_cache) -> torch.Tensor:
         cfg = self.cfg
         h = self.input_layernorm(x)
         q, k, v = self.qkv_proj(h).split(self.splits, dim=-1)
         n = x.shape[0]
-        q = rotary(positions, q.view(n, cfg.num_heads, cfg.head_dim))
-        k = rotary(positions, k.view(n, cfg.num_kv_heads, cfg.head_dim))
+        q = apply_rotary(q.view(n, cfg.num_heads, cfg.head_dim), *rope)
+        k = apply_rotary(k.view(n, cfg.num_kv_heads, cfg.head_dim), *rope)
         v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
         o = attn.forward(q, k, v, kv_cache)  # [num_tokens, heads, head_dim]
         x = x + self.o_proj(o.reshape(n, -1))
@@ -112,8 +115,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, attn: AttentionBackend, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, x.dtype)
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, attn, cache)
+            x = layer(x, rope, attn, cache)
         return x
 
     def tie_lm_head(self) -> None:
