@@ -8,17 +8,11 @@
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-_REPO = str(Path(__file__).resolve().parents[2])
-if _REPO not in sys.path:  # plain `pytest` (not `python -m pytest`): make `tests.e2e` importable
-    sys.path.insert(0, _REPO)
-
-from tests.e2e.fake_engine import FakeEngine  # noqa: E402
+from tests.e2e.fake_engine import FakeEngine
 from tests.e2e.helpers import (API_KEY, FakeServer, ServerProcess, require_engine,
                                start_fake_server, stop_fake_server)
 
