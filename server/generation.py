@@ -12,14 +12,18 @@ import asyncio
 import contextlib
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import Response
 
 from engine.sampling_params import ParamError, SamplingParams
 from server.errors import bad_request, from_exception, model_not_found
 from server.protocol import SamplingRequest
+from server.streaming import EventStreamResponse
+
+CLIENT_CLOSED = 499  # nginx's code for a client that went away; nobody reads it
 
 T = TypeVar("T")
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
@@ -290,3 +294,21 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message.get("type") == "http.disconnect":
             return
+
+
+async def respond(raw: Request, opening: Awaitable[list[EngineStream]], stream: bool, stream_options: Any,
+                  chunks: Callable[[list[EngineStream], bool], AsyncIterator[str]],
+                  build: Callable[[list[Any]], Any]) -> Response:
+    """Shared tail of both endpoints: open the engine streams, then either stream SSE
+    chunks or collect the final outputs into one JSON body; a client that leaves
+    while we wait gets its requests aborted (until_disconnected)."""
+    streams = await until_disconnected(raw, opening)
+    if streams is None:
+        return Response(status_code=CLIENT_CLOSED)
+    if stream:
+        include_usage = bool(stream_options and stream_options.include_usage)
+        return EventStreamResponse(chunks(streams, include_usage))
+    finals = await until_disconnected(raw, collect(streams))
+    if finals is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return Response(build(finals).model_dump_json(), media_type="application/json")

@@ -17,15 +17,14 @@ from fastapi.responses import Response
 
 from server.errors import bad_request
 from server.generation import (EngineStream, InFlight, build_sampling_params,
-                               check_context_length, check_model, collect, finite, merge,
-                               new_request_id, open_streams, until_disconnected, vocab_size_of)
+                               check_context_length, check_model, finite, merge,
+                               new_request_id, open_streams, respond, vocab_size_of)
 from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                              ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatMessageOut,
                              ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob,
                              UsageInfo)
-from server.streaming import Delta, DeltaTracker, EventStreamResponse, sse
+from server.streaming import Delta, DeltaTracker, sse
 
-CLIENT_CLOSED = 499
 CONSTRAINED_DECODING_MSG = ("response_format {kind!r} is not available yet: constrained "
                             "decoding is not implemented in this server. Use {{\"type\": "
                             "\"text\"}} or omit response_format.")
@@ -101,17 +100,10 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
     prompt = render_chat(tokenizer, req.messages, req.add_generation_prompt is not False)
     check_context_length(len(prompt), params.max_tokens, engine.max_model_len, "messages")
     ctx = Ctx(new_request_id("chatcmpl"), int(time.time()), model, params.n, logprobs)
-    streams = await until_disconnected(raw, open_streams(engine, [prompt], params,
-                                                         ctx.request_id, inflight))
-    if streams is None:
-        return Response(status_code=CLIENT_CLOSED)
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStreamResponse(_chunks(ctx, streams, include_usage))
-    finals = await until_disconnected(raw, collect(streams))
-    if finals is None:
-        return Response(status_code=CLIENT_CLOSED)
-    return Response(_response(ctx, finals[0]).model_dump_json(), media_type="application/json")
+    return await respond(raw, open_streams(engine, [prompt], params, ctx.request_id, inflight),
+                         bool(req.stream), req.stream_options,
+                         lambda streams, usage: _chunks(ctx, streams, usage),
+                         lambda finals: _response(ctx, finals[0]))
 
 
 def _response(ctx: Ctx, final: Any) -> ChatCompletionResponse:

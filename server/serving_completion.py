@@ -16,15 +16,11 @@ from fastapi.responses import Response
 
 from server.errors import bad_request
 from server.generation import (EngineStream, InFlight, build_sampling_params,
-                               check_context_length, check_model, check_token_ids, collect,
-                               finite, merge, new_request_id, open_streams,
-                               until_disconnected, vocab_size_of)
+                               check_context_length, check_model, check_token_ids, finite, merge, new_request_id, open_streams,
+                               respond, vocab_size_of)
 from server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs,
                              CompletionRequest, CompletionResponse, UsageInfo)
-from server.streaming import Delta, DeltaTracker, EventStreamResponse, sse
-
-CLIENT_CLOSED = 499
-
+from server.streaming import Delta, DeltaTracker, sse
 
 @dataclass
 class Prompt:
@@ -36,7 +32,6 @@ class Prompt:
             self.text = tokenizer.decode(self.ids)
         return self.text
 
-
 @dataclass
 class Ctx:
     request_id: str
@@ -47,7 +42,6 @@ class Ctx:
     echo: bool
     prompts: list[Prompt]
     tokenizer: Any
-
 
 def _prompts(req: CompletionRequest, tokenizer: Any) -> list[Prompt]:
     raw = req.prompt
@@ -70,7 +64,6 @@ def _prompts(req: CompletionRequest, tokenizer: Any) -> list[Prompt]:
         prompts.append(prompt)
     return prompts
 
-
 async def create_completion(req: CompletionRequest, raw: Request, engine: Any,
                             inflight: InFlight) -> Response:
     model = check_model(engine, req.model)
@@ -86,19 +79,10 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: Any,
         check_context_length(len(prompt.ids), params.max_tokens, engine.max_model_len, "prompt")
     ctx = Ctx(new_request_id("cmpl"), int(time.time()), model, params.n, req.logprobs,
               bool(req.echo), prompts, tokenizer)
-    streams = await until_disconnected(
-        raw, open_streams(engine, [p.ids for p in prompts], params, ctx.request_id,
-                          inflight))
-    if streams is None:
-        return Response(status_code=CLIENT_CLOSED)
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return EventStreamResponse(_chunks(ctx, streams, include_usage))
-    finals = await until_disconnected(raw, collect(streams))
-    if finals is None:
-        return Response(status_code=CLIENT_CLOSED)
-    return Response(_response(ctx, finals).model_dump_json(), media_type="application/json")
-
+    return await respond(raw, open_streams(engine, [p.ids for p in prompts], params, ctx.request_id, inflight),
+                         bool(req.stream), req.stream_options,
+                         lambda streams, usage: _chunks(ctx, streams, usage),
+                         lambda finals: _response(ctx, finals))
 
 def _response(ctx: Ctx, finals: Sequence[Any]) -> CompletionResponse:
     tracker = DeltaTracker(ctx.n, with_tokens=True)
@@ -110,7 +94,6 @@ def _response(ctx: Ctx, finals: Sequence[Any]) -> CompletionResponse:
     choices.sort(key=lambda c: c.index)
     return CompletionResponse(id=ctx.request_id, created=ctx.created, model=ctx.model,
                               choices=choices, usage=UsageInfo(**tracker.usage()))
-
 
 async def _chunks(ctx: Ctx, streams: list[EngineStream],
                   include_usage: bool) -> AsyncIterator[str]:
@@ -126,7 +109,6 @@ async def _chunks(ctx: Ctx, streams: list[EngineStream],
     if include_usage:
         yield sse(CompletionChunk(id=ctx.request_id, created=ctx.created, model=ctx.model,
                                   choices=[], usage=UsageInfo(**tracker.usage())))
-
 
 def _choice(ctx: Ctx, prompt_index: int, comp: Any, delta: Delta,
             offsets: dict[int, int] | None = None) -> CompletionChoice:
@@ -152,7 +134,6 @@ def _choice(ctx: Ctx, prompt_index: int, comp: Any, delta: Delta,
     return CompletionChoice(index=delta.index, text=text, logprobs=logprobs,
                             finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
 
-
 def _prompt_logprobs(lp: CompletionLogprobs, ids: list[int], tokenizer: Any) -> None:
     offset = 0
     for token_id in ids:
@@ -162,7 +143,6 @@ def _prompt_logprobs(lp: CompletionLogprobs, ids: list[int], tokenizer: Any) -> 
         lp.top_logprobs.append(None)
         lp.text_offset.append(offset)
         offset += len(token)
-
 
 def _token_logprobs(lp: CompletionLogprobs, token_ids: Sequence[int],
                     entries: Sequence[dict[int, Any]], k: int, offset: int) -> int:

@@ -335,6 +335,7 @@ def test_abort_running_request_frees_blocks_at_once():
     b = h.add("b", prompt(63, 30), max_tokens=8)
     h.step()
     h.step()
+    assert b.status is RequestStatus.RUNNING
     used_by_a = len(h.kv.block_table("a"))
     assert used_by_a >= 3
     free_before = h.kv.num_free_blocks
