@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -83,13 +83,10 @@ class SchedulerConfig:
 class EnvSettings:
     """Everything the process environment may change, read once."""
     api_key: str | None = None
-    log_level: str = "INFO"
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "EnvSettings":
         env = os.environ if environ is None else environ
         return cls(
             api_key=env.get("STRIX_API_KEY") or None,
-            log_level=env.get("LOG_LEVEL", "INFO"),
         )

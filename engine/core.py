@@ -7,6 +7,7 @@ Not thread-safe: AsyncEngine drives it from a single thread.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ class _Group:
     seqs: list[Request]
     detoks: list[IncrementalDetokenizer]
     arrival_time: float
+    cum_logprobs: list[float]
     aborted: bool = False
     finished_seqs: set[int] = field(default_factory=set)
 
@@ -82,7 +84,7 @@ class EngineCore:
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(prompt_ids))
         arrival = arrival_time or time.monotonic()
-        group = _Group(request_id, text, [], [], arrival)
+        group = _Group(request_id, text, [], [], arrival, [0.0] * params.n)
         leader = None
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -143,11 +145,12 @@ class EngineCore:
     def _process_tokens(self, group: _Group, idx: int, req: Request, new_ids: list[int], lps,
                         finished: list[FinishedRequestStats]) -> None:
         detok = group.detoks[idx]
-        lp_dicts = None
-        if lps is not None:
-            lp_dicts = make_logprob_dicts(self.tokenizer, new_ids, [x[0] for x in lps], [x[1] for x in lps],
-                                          [[t for t, _ in x[2]] for x in lps], [[l for _, l in x[2]] for x in lps])
+        lp_dicts = None if lps is None else make_logprob_dicts(self.tokenizer, new_ids, *lps)
+        kept_before = len(detok.token_ids)
         decision = detok.append(new_ids, lp_dicts)
+        if detok.logprobs is not None:  # running sum over kept tokens only
+            group.cum_logprobs[idx] += sum(d[t].logprob for d, t in zip(detok.logprobs[kept_before:],
+                                                                         detok.token_ids[kept_before:]))
         reason, stop_reason = None, None
         if decision is not None:
             kept = req.num_output_tokens - len(new_ids) + decision.num_tokens_kept
@@ -167,13 +170,15 @@ class EngineCore:
         for i, (req, detok) in enumerate(zip(group.seqs, group.detoks)):
             reason = req.finish_reason if req.is_finished else None
             lps = detok.logprobs
-            cum = sum(d[t].logprob for d, t in zip(lps, detok.token_ids)) if lps is not None else None
+            cum = None if lps is None else group.cum_logprobs[i]
+            # Copies: the consumer may read them on another thread while this one goes on.
             completions.append(CompletionOutput(i, detok.streamable_text(reason is not None), list(detok.token_ids),
                                                 cum, None if lps is None else list(lps), reason, req.stop_reason))
         first = group.seqs[0]
         metrics = RequestMetrics(group.arrival_time, first.first_scheduled_time, first.first_token_time,
                                  first.last_token_time, time.monotonic() if group.finished else None)
-        return RequestOutput(group.request_id, group.prompt, list(first.prompt_token_ids), completions,
+        # The prompt ids are never mutated after admission: shared, not copied per step.
+        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, completions,
                              group.finished, metrics, first.num_cached_tokens)
 
     def _forget(self, group: _Group) -> None:
@@ -190,5 +195,4 @@ class EngineCore:
 
 
 def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    import dataclasses
     return dataclasses.replace(params, max_tokens=max_tokens)

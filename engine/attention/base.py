@@ -89,7 +89,7 @@ def create_backend(name: str, shape: AttentionShape) -> AttentionBackend:
     if name == "auto":
         name = "torch"
     if name not in _REGISTRY:
-        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_REGISTRY)}")
+        raise ValueError(f"unknown attention backend {name!r}; known: {available_backends()}")
     return _REGISTRY[name](shape)
 
 

@@ -18,7 +18,6 @@ from engine.attention.base import AttentionBackend, BatchLayout, register_backen
 
 @dataclass(frozen=True)
 class _Group:
-    rows: torch.Tensor  # [n] request rows of this group (host-built)
     q_index: torch.Tensor  # [n, max_q] flattened token index per padded query (0 for padding)
     q_valid: torch.Tensor  # [n, max_q] bool
     k_rows: torch.Tensor  # [n * max_kv] flat cache row of each padded key (V row = + page)
@@ -32,7 +31,6 @@ class TorchReferenceBackend(AttentionBackend):
         page = layout.page_size
         block_idx = torch.div(layout.slot_mapping, page, rounding_mode="floor")
         self.write_rows = self.k_rows(block_idx, layout.slot_mapping % page, page)
-        self.num_tokens = int(layout.slot_mapping.shape[0])
         qo = layout.qo_indptr.tolist()  # host tensors at plan time; not a device sync on CPU
         kv_ptr = layout.kv_indptr.tolist()
         pages = layout.kv_indices.tolist()
@@ -63,7 +61,7 @@ class TorchReferenceBackend(AttentionBackend):
             mask[r, :q_len, :kv_len] = pos[None, :] <= q_pos[:, None]
             mask[r, q_len:, 0] = True  # padded queries attend to one key: no NaN rows
         k_rows = AttentionBackend.k_rows(kv_block, kv_offset, page).view(-1)
-        return _Group(torch.tensor(rows, device=device), q_index.to(device), q_valid.to(device),
+        return _Group(q_index.to(device), q_valid.to(device),
                       k_rows.to(device), mask[:, None].to(device))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:

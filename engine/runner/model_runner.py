@@ -126,5 +126,5 @@ class ModelRunner:
             if k is None:
                 result.append(None)
                 continue
-            result.append([(lp[i], ranks[i], list(zip(top_ids[i][:k], top_lp[i][:k])))])
+            result.append(([lp[i]], [ranks[i]], [top_ids[i][:k]], [top_lp[i][:k]]))
         return tuple(result)

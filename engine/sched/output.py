@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from engine.request import Request
 
+TokenLogprobs = tuple[list[float], list[int], list[list[int]], list[list[float]]]
+
 
 @dataclass(frozen=True)
 class ScheduledRequest:
@@ -44,5 +46,6 @@ class ModelRunnerOutput:
     speculative step can emit several) and, when asked, their logprobs."""
     request_ids: tuple[str, ...]
     sampled_token_ids: tuple[list[int], ...]
-    # Per request, per token: (logprob, rank, [(token id, logprob) top-n]); None when not asked.
-    logprobs: tuple[list[tuple[float, int, list[tuple[int, float]]]] | None, ...] = ()
+    # Per request, None when not asked, else parallel per-token lists in the form
+    # `make_logprob_dicts` takes: (sampled logprobs, sampled ranks, top-n ids, top-n logprobs).
+    logprobs: tuple[TokenLogprobs | None, ...] = ()

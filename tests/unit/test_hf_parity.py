@@ -48,6 +48,8 @@ def test_greedy_matches_hf_with_continuous_batching(make_llm, hf_smol):
         ref_tokens, ref_logprobs = hf_greedy(hf_smol, ids)
         assert ours.token_ids == ref_tokens, f"prompt {i}: {ours.token_ids} != {ref_tokens}"
         assert len(ours.logprobs) == len(ref_tokens)
+        expected_cum = sum(d[t].logprob for d, t in zip(ours.logprobs, ours.token_ids))
+        assert abs(ours.cumulative_logprob - expected_cum) < 1e-6
         for pos, (lp_dict, ref) in enumerate(zip(ours.logprobs, ref_logprobs)):
             ref_top = torch.topk(ref, 5)
             assert set(ref_top.indices.tolist()) <= set(lp_dict), f"prompt {i} pos {pos}: top-5 ids differ"
