@@ -29,9 +29,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     attention_backend: str = "auto"
-    max_waiting_requests: int | None = None
+    max_waiting_requests: int | None = 1000  # None: unbounded
     num_threads: int | None = None  # torch intra-op threads on CPU
     cpu_packed_linear: bool = True  # fp32 CPU: oneDNN pre-packed weights (faster; same math)
+    step_watchdog_s: float = 30.0  # log a step running longer than this, with its batch (0: off)
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -1,42 +1,35 @@
-"""EngineCore.step(): schedule -> execute -> update -> detokenize/stop -> outputs + stats.
+"""EngineCore.step(): schedule -> execute (guarded) -> update -> detokenize/stop -> outputs + stats.
 
 Owns the scheduler, the model runner and one detokenizer per sequence. A user
 request with n > 1 becomes n sequences (`<id>#<i>`) whose prompt blocks are
-shared through the prefix cache; its `RequestOutput` carries all n completions.
+shared through the prefix cache; its outputs carry all n completions.
+`validate` is the one place ids and lengths are checked against the model;
+`add_request` always runs it, so no caller (offline `LLM` or `AsyncEngine`)
+can hand the step a token id it cannot embed or a length it cannot hold.
+A fault while building the batch, sampling or detokenizing for one request
+finishes that request (all its n sequences) with finish_reason "error"; the
+engine and the other requests go on (`StepGuard`).
 Not thread-safe: AsyncEngine drives it from a single thread.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from engine.errors import ContextLengthError, ParamError
-from engine.output import IncrementalDetokenizer, make_logprob_dicts
-from engine.outputs import (CompletionOutput, FinishedRequestStats, RequestMetrics, RequestOutput,
-                            StepStats)
+from engine.output import make_logprob_dicts
+from engine.outputs import FinishedRequestStats, RequestOutput, StepStats
 from engine.request import Request
-from engine.sampling_params import SamplingParams
+from engine.request_group import RequestGroup
+from engine.sampling_params import SamplingParams, check_text
+from engine.sched.output import ModelRunnerOutput, SchedulerOutput
 from engine.setup import EngineParts
+from engine.step_guard import StepGuard
 
-
-@dataclass
-class _Group:
-    """One user request: its n sequences and their detokenizers."""
-    request_id: str
-    prompt: str | None
-    seqs: list[Request]
-    detoks: list[IncrementalDetokenizer]
-    arrival_time: float
-    cum_logprobs: list[float]
-    aborted: bool = False
-    finished_seqs: set[int] = field(default_factory=set)
-
-    @property
-    def finished(self) -> bool:
-        return self.aborted or len(self.finished_seqs) == len(self.seqs)
+log = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -46,25 +39,37 @@ class EngineCore:
         self.scheduler = parts.scheduler
         self.runner = parts.runner
         self.max_model_len = parts.scheduler.config.max_model_len
+        self.vocab_size = parts.model_config.vocab_size
         self.eos_token_ids = parts.eos_token_ids
-        self.groups: dict[str, _Group] = {}
-        self.seq_to_group: dict[str, tuple[_Group, int]] = {}
+        self.groups: dict[str, RequestGroup] = {}
+        self.seq_to_group: dict[str, tuple[RequestGroup, int]] = {}
+        self.guard = StepGuard(self.runner.execute)
+        # (start time, [(seq id, tokens)]) of the step being computed, for the watchdog.
+        self.current_step: tuple[float, tuple[tuple[str, int], ...]] | None = None
         self._num_aborted = 0
         self._pending_outputs: list[RequestOutput] = []
+        self._finished_stats: list[FinishedRequestStats] = []
+        self._ttfts: list[float] = []
+        self._itls: list[float] = []
 
     # ---- intake ------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            check_text(prompt, "prompt")
             return prompt, self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        vocab = self.parts.model_config.vocab_size
-        if any(not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
-            raise ParamError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
-        return None, ids
+        return None, list(prompt)
 
-    def check_length(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Ids against the vocabulary, lengths against the context; ParamError names the field."""
+        vocab = self.vocab_size
         if not prompt_ids:
             raise ParamError("the prompt must contain at least one token", "prompt")
+        if not all(type(t) is int and 0 <= t < vocab for t in prompt_ids):
+            raise ParamError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        if not all(0 <= t < vocab for t in params.stop_token_ids):
+            raise ParamError(f"stop_token_ids must be token ids in [0, {vocab})", "stop_token_ids")
+        if not all(0 <= t < vocab for t in (params.logit_bias or {})):
+            raise ParamError(f"logit_bias keys must be token ids in [0, {vocab})", "logit_bias")
         n, limit = len(prompt_ids), self.max_model_len
         want = n + (params.max_tokens or 1)
         if n >= limit or want > limit:
@@ -76,15 +81,15 @@ class EngineCore:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     priority: int = 0, arrival_time: float | None = None, prompt_text: str | None = None) -> None:
         """`prompt` is text or token ids; `prompt_text` names ids already tokenized by the caller."""
-        if request_id in self.groups:
+        if not isinstance(request_id, str) or request_id in self.groups:
             raise ParamError(f"duplicate request id {request_id!r}", "request_id")
         text, prompt_ids = self.tokenize(prompt)
         text = text if text is not None else prompt_text
-        self.check_length(prompt_ids, params)
+        self.validate(prompt_ids, params)
         if params.max_tokens is None:
-            params = _with_max_tokens(params, self.max_model_len - len(prompt_ids))
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_ids))
         arrival = arrival_time or time.monotonic()
-        group = _Group(request_id, text, [], [], arrival, [0.0] * params.n)
+        group = RequestGroup(request_id, text, params, arrival)
         leader = None
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
@@ -94,8 +99,7 @@ class EngineCore:
             req = Request(seq_id, prompt_ids, params, self.eos_token_ids, arrival_time=arrival,
                           priority=priority, prefix_leader=leader, generator=gen)
             leader = leader or req
-            group.seqs.append(req)
-            group.detoks.append(IncrementalDetokenizer(self.tokenizer, prompt_ids, params, self.eos_token_ids))
+            group.add_seq(req, self.tokenizer, self.eos_token_ids)
             self.seq_to_group[seq_id] = (group, i)
         self.groups[request_id] = group
         for req in group.seqs:
@@ -105,12 +109,7 @@ class EngineCore:
         group = self.groups.get(request_id)
         if group is None:
             return False
-        group.aborted = True
-        for req in group.seqs:
-            if self.scheduler.finish_request(req.request_id, "abort") is not None:
-                self._num_aborted += 1
-        self._pending_outputs.append(self._make_output(group))
-        self._forget(group)
+        self._finish_group(group, "abort")
         return True
 
     def has_unfinished(self) -> bool:
@@ -120,79 +119,119 @@ class EngineCore:
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         outputs, self._pending_outputs = self._pending_outputs, []
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched) if not sched.is_empty else None
-        produced = self.scheduler.update(sched, result) if result is not None else []
+        produced: list[tuple[Request, list[int]]] = []
+        lp_by_id: dict = {}
+        if not sched.is_empty:
+            sched, result = self._execute(sched)
+            if result is not None:
+                produced = self.scheduler.update(sched, result)
+                lp_by_id = dict(zip(result.request_ids, result.logprobs)) if result.logprobs else {}
+        outputs.extend(self._process(produced, lp_by_id))
+        return outputs, self._stats(sched, sum(len(t) for _, t in produced))
+
+    def _execute(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, ModelRunnerOutput | None]:
+        """The model step under the guard; culprit requests are failed, the rest computed."""
+        self.current_step = (time.monotonic(), tuple((s.request_id, s.num_tokens) for s in sched.scheduled))
+        try:
+            sched, result, culprits = self.guard.execute(sched, self._siblings)
+        finally:
+            self.current_step = None
+        for seq_id, exc in culprits.items():
+            self._fail(seq_id, exc)
+        return sched, result
+
+    def _process(self, produced: list[tuple[Request, list[int]]], lp_by_id: dict) -> list[RequestOutput]:
+        """Detokenize and stop-check each request's new tokens; one request's failure is its own."""
         now = time.monotonic()
-        ttfts, itls, finished = [], [], []
-        lp_by_id = dict(zip(result.request_ids, result.logprobs)) if result and result.logprobs else {}
-        dirty: dict[str, _Group] = {}
+        dirty: dict[str, RequestGroup] = {}
         for req, new_ids in produced:
-            group, idx = self.seq_to_group[req.request_id]
-            if req.first_token_time is None:
-                req.first_token_time = now
-                ttfts.append(now - req.arrival_time)
-            else:
-                itls.extend([(now - req.last_token_time) / len(new_ids)] * len(new_ids))
-            req.last_token_time = now
-            self._process_tokens(group, idx, req, new_ids, lp_by_id.get(req.request_id), finished)
+            group, idx = self.seq_to_group.get(req.request_id, (None, 0))
+            if group is None:
+                continue  # failed earlier in this step
+            self._timing(req, len(new_ids), now)
+            try:
+                lps = lp_by_id.get(req.request_id)
+                lp_dicts = None if lps is None else make_logprob_dicts(self.tokenizer, new_ids, *lps)
+                reason, stop_reason = group.append(idx, req, new_ids, lp_dicts, self.max_model_len)
+            except Exception as exc:
+                self._fail(req.request_id, exc)
+                dirty.pop(group.request_id, None)
+                continue
+            if reason is not None:
+                self.scheduler.finish_request(req.request_id, reason, stop_reason)
+                group.finished_seqs.add(idx)
+                self._record_finished(req)
             dirty[group.request_id] = group
+        outputs, self._pending_outputs = self._pending_outputs, []
         for group in dirty.values():
-            outputs.append(self._make_output(group))
+            out = group.make_output()
+            if out is not None:
+                outputs.append(out)
             if group.finished:
                 self._forget(group)
-        return outputs, self._stats(sched, sum(len(t) for _, t in produced), ttfts, itls, finished)
+        return outputs
 
-    def _process_tokens(self, group: _Group, idx: int, req: Request, new_ids: list[int], lps,
-                        finished: list[FinishedRequestStats]) -> None:
-        detok = group.detoks[idx]
-        lp_dicts = None if lps is None else make_logprob_dicts(self.tokenizer, new_ids, *lps)
-        kept_before = len(detok.token_ids)
-        decision = detok.append(new_ids, lp_dicts)
-        if detok.logprobs is not None:  # running sum over kept tokens only
-            group.cum_logprobs[idx] += sum(d[t].logprob for d, t in zip(detok.logprobs[kept_before:],
-                                                                         detok.token_ids[kept_before:]))
-        reason, stop_reason = None, None
-        if decision is not None:
-            kept = req.num_output_tokens - len(new_ids) + decision.num_tokens_kept
-            req.truncate_output(kept)
-            reason, stop_reason = decision.finish_reason, decision.stop_reason
-        elif req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish_request(req.request_id, reason, stop_reason)
+    def _timing(self, req: Request, num_new: int, now: float) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self._ttfts.append(now - req.arrival_time)
+        else:
+            self._itls.extend([(now - req.last_token_time) / num_new] * num_new)
+        req.last_token_time = now
+
+    # ---- finishing -------------------------------------------------------------
+    def _siblings(self, seq_ids: set[str]) -> set[str]:
+        """Every sequence id of the groups the given sequences belong to."""
+        out = set(seq_ids)
+        for seq_id in seq_ids:
+            entry = self.seq_to_group.get(seq_id)
+            if entry is not None:
+                out.update(r.request_id for r in entry[0].seqs)
+        return out
+
+    def _fail(self, seq_id: str, exc: BaseException) -> None:
+        """Finish the request owning `seq_id` (all n sequences) with finish_reason "error"."""
+        entry = self.seq_to_group.get(seq_id)
+        if entry is None:
+            return
+        group = entry[0]
+        log.error("request %s failed; finishing it with an error", group.request_id, exc_info=exc)
+        group.error = f"{type(exc).__name__} while processing the request"
+        self._finish_group(group, "error")
+
+    def _finish_group(self, group: RequestGroup, reason: str) -> None:
+        """Abort or fail every unfinished sequence, queue the group's last output, forget it."""
+        for idx, req in enumerate(group.seqs):
+            if idx in group.finished_seqs:
+                continue
+            if self.scheduler.finish_request(req.request_id, reason) is not None:
+                if reason == "abort":
+                    self._num_aborted += 1
+                else:
+                    self._record_finished(req)
             group.finished_seqs.add(idx)
-            finished.append(FinishedRequestStats(reason, req.num_prompt_tokens, req.num_output_tokens,
-                                                 time.monotonic() - req.arrival_time,
-                                                 (req.first_scheduled_time or req.arrival_time) - req.arrival_time))
+        group.aborted = True
+        out = group.make_output()
+        if out is not None:
+            self._pending_outputs.append(out)
+        self._forget(group)
 
-    def _make_output(self, group: _Group) -> RequestOutput:
-        completions = []
-        for i, (req, detok) in enumerate(zip(group.seqs, group.detoks)):
-            reason = req.finish_reason if req.is_finished else None
-            lps = detok.logprobs
-            cum = None if lps is None else group.cum_logprobs[i]
-            # Copies: the consumer may read them on another thread while this one goes on.
-            completions.append(CompletionOutput(i, detok.streamable_text(reason is not None), list(detok.token_ids),
-                                                cum, None if lps is None else list(lps), reason, req.stop_reason))
-        first = group.seqs[0]
-        metrics = RequestMetrics(group.arrival_time, first.first_scheduled_time, first.first_token_time,
-                                 first.last_token_time, time.monotonic() if group.finished else None)
-        # The prompt ids are never mutated after admission: shared, not copied per step.
-        return RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, completions,
-                             group.finished, metrics, first.num_cached_tokens)
+    def _record_finished(self, req: Request) -> None:
+        self._finished_stats.append(FinishedRequestStats(
+            req.finish_reason, req.num_prompt_tokens, req.num_output_tokens,
+            time.monotonic() - req.arrival_time,
+            (req.first_scheduled_time or req.arrival_time) - req.arrival_time))
 
-    def _forget(self, group: _Group) -> None:
+    def _forget(self, group: RequestGroup) -> None:
         self.groups.pop(group.request_id, None)
         for req in group.seqs:
             self.seq_to_group.pop(req.request_id, None)
 
-    def _stats(self, sched, num_generated: int, ttfts, itls, finished) -> StepStats:
+    def _stats(self, sched, num_generated: int) -> StepStats:
         running, waiting, usage = self.scheduler.stats()
         aborted, self._num_aborted = self._num_aborted, 0
+        finished, self._finished_stats = self._finished_stats, []
+        ttfts, itls, self._ttfts, self._itls = self._ttfts, self._itls, [], []
         return StepStats(running, waiting, usage, sched.num_prefill_tokens, num_generated,
                          len(sched.preempted_ids), sched.prefix_cache_queries, sched.prefix_cache_hits,
                          ttfts, itls, finished, aborted)
-
-
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    return dataclasses.replace(params, max_tokens=max_tokens)

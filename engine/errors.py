@@ -5,11 +5,29 @@ from engine.sampling_params import ParamError
 
 
 class EngineError(Exception):
-    """The engine failed or is shut down."""
+    """The engine is not running (shut down or dead): retry elsewhere or later."""
 
 
 class EngineOverloadedError(EngineError):
     """The waiting queue is full (`max_waiting_requests`); retry later."""
+
+
+class EngineDeadError(EngineError):
+    """The engine thread died while this request was in flight (a bug; the process exits)."""
+
+
+class RequestFailedError(Exception):
+    """This request failed inside the engine (the engine and other requests go on)."""
+
+
+class RequestFault(Exception):
+    """Raised inside a step by a stage that knows which request it was working on;
+    the core fails that request alone and retries the step without it."""
+
+    def __init__(self, request_id: str, cause: BaseException):
+        super().__init__(f"request {request_id}: {type(cause).__name__}: {cause}")
+        self.request_id = request_id
+        self.cause = cause
 
 
 class ContextLengthError(ParamError):
@@ -22,5 +40,5 @@ class UnsupportedModelError(ValueError):
     """The model's architecture or configuration is not supported."""
 
 
-__all__ = ["ParamError", "EngineError", "EngineOverloadedError", "ContextLengthError",
-           "UnsupportedModelError"]
+__all__ = ["ParamError", "EngineError", "EngineOverloadedError", "EngineDeadError",
+           "RequestFailedError", "RequestFault", "ContextLengthError", "UnsupportedModelError"]

@@ -1,13 +1,14 @@
 """Offline API: `LLM(model=..., **engine_args).generate(prompts, sampling_params)`."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Sequence
 
 from engine.config import DEFAULT_MODEL, EngineArgs
 from engine.core import EngineCore
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import OutputKind, SamplingParams
 from engine.setup import LoadedModel, build_parts
 
 
@@ -31,14 +32,24 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError("sampling_params must be one SamplingParams or one per prompt")
-        ids = []
-        for prompt, p in zip(prompts, params_list):
-            rid = f"offline-{next(self._ids)}"
-            self.core.add_request(rid, prompt, p)
-            ids.append(rid)
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params_list):
+                rid = f"offline-{next(self._ids)}"
+                if p.output_kind is not OutputKind.FINAL:
+                    p = dataclasses.replace(p, output_kind=OutputKind.FINAL)
+                self.core.add_request(rid, prompt, p)
+                ids.append(rid)
+        except BaseException:  # all or none: a bad prompt leaves nothing queued
+            for rid in ids:
+                self.core.abort(rid)
+            self.core.step()  # drains the abort outputs
+            raise
         return self._run(ids)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
+        """Step until every request finished; a request that failed in the engine comes
+        back with `error` set and finish_reason "error" (the others are unaffected)."""
         final: dict[str, RequestOutput] = {}
         while self.core.has_unfinished():
             outputs, _ = self.core.step()

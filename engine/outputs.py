@@ -1,11 +1,19 @@
 """What the engine hands back to callers (offline `LLM` and `AsyncEngine`).
 
-Outputs are cumulative: each `RequestOutput` for a request carries the whole
-text / token ids / logprobs generated so far (callers diff for streaming).
+`RequestOutput.kind` says what an output carries (`SamplingParams.output_kind`):
+  * DELTA: the text, token ids and logprobs produced since the previous output
+    of the same request (streams); `merge` folds a later delta into an earlier
+    one, so a slow consumer holds one pending output per request, not a queue;
+  * FINAL: one output per request, when it finishes, with everything.
+Either way the engine never copies a request's whole history per step.
+A request that failed has `error` set and its unfinished completions end
+with finish_reason "error".
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from engine.sampling_params import OutputKind
 
 
 @dataclass(frozen=True)
@@ -20,15 +28,24 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float | None
-    # One dict per generated token: token id -> Logprob (sampled token + top-n).
+    cumulative_logprob: float | None  # over every kept token so far (not only this delta)
+    # One dict per token in `token_ids`: token id -> Logprob (sampled token + top-n).
     logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def merge(self, later: "CompletionOutput") -> None:
+        """Append a later delta of the same completion."""
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        self.cumulative_logprob = later.cumulative_logprob
+        self.finish_reason, self.stop_reason = later.finish_reason, later.stop_reason
 
 
 @dataclass
@@ -49,6 +66,19 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    kind: OutputKind = OutputKind.FINAL
+    error: str | None = None  # set when the request failed inside the engine
+
+    def merge(self, later: "RequestOutput") -> None:
+        """Fold a later DELTA output of the same request into this one."""
+        by_index = {c.index: c for c in self.outputs}
+        for comp in later.outputs:
+            if comp.index in by_index:
+                by_index[comp.index].merge(comp)
+            else:
+                self.outputs.append(comp)
+        self.finished, self.metrics, self.error = later.finished, later.metrics, later.error
+        self.num_cached_tokens = later.num_cached_tokens
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
-    # Chained hashes of this request's full blocks, filled lazily by the KV manager.
-    block_hashes: list[int] = field(default_factory=list)
+    # Chained prefix-cache keys of this request's full blocks, filled lazily by the KV manager.
+    block_hashes: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids: list[int] = list(self.prompt_token_ids)

@@ -9,7 +9,9 @@ else from the environment (STRIX_API_KEY, read by engine.config).
 
 SIGTERM / Ctrl-C: stop accepting connections, let in-flight requests finish
 for up to `--shutdown-timeout` seconds, abort the rest (their clients get
-finish_reason "abort"), shut the engine down and exit 0.
+finish_reason "abort"), shut the engine down and exit 0. If the engine thread
+dies (a bug), in-flight requests get their errors, the server stops and the
+process exits with status 70 so a supervisor restarts it.
 """
 from __future__ import annotations
 
@@ -46,7 +48,11 @@ ENGINE_HELP = {
     "kv_cache_memory": "KV-cache bytes on CPU (accepts 512MiB, 2GiB)",
     "max_waiting_requests": "waiting-queue bound; beyond it requests get 503",
     "seed": "engine seed",
+    "step_watchdog_s": "log a step running longer than this many seconds, with its batch (0: off)",
 }
+
+
+ENGINE_DIED_STATUS = 70  # EX_SOFTWARE: an internal error; a supervisor should restart us
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,7 @@ class ServerOptions:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     access_log: bool = False
+    max_request_bytes: int = 10 << 20
 
 
 SERVER_HELP = {
@@ -69,6 +76,7 @@ SERVER_HELP = {
     "shutdown_timeout": "seconds in-flight requests may run after SIGTERM before being aborted",
     "log_level": "debug | info | warning | error",
     "access_log": "log every HTTP request",
+    "max_request_bytes": "largest request body accepted (accepts 10MiB); larger gets 413",
 }
 
 
@@ -92,7 +100,7 @@ def _base_type(hint: Any) -> Any:
 def _converter(name: str, hint: Any) -> Callable[[str], Any]:
     base = _base_type(hint)
     if base is int:
-        return parse_size if name.endswith("memory") else int
+        return parse_size if name.endswith(("memory", "bytes")) else int
     if base is float:
         return float
     if base is str:
@@ -225,7 +233,7 @@ async def serve(engine_args: EngineArgs, opts: ServerOptions) -> int:
               file=sys.stderr)
         return 1
     settings = ServerSettings(api_key=opts.api_key, cors_origins=opts.cors_origins,
-                              model_root=engine_args.model)
+                              model_root=engine_args.model, max_request_bytes=opts.max_request_bytes)
     app = build_app(engine, settings)
     # uvicorn's own graceful timeout is the backstop behind start_draining's abort.
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level,
@@ -234,11 +242,23 @@ async def serve(engine_args: EngineArgs, opts: ServerOptions) -> int:
     url = f"http://{opts.host}:{opts.port}"
     ready = f"{PROJECT_NAME} ready: {url}/v1 (model {engine.model_name}, {__version__})"
     server = StrixServer(config, ready, lambda: start_draining(app, opts.shutdown_timeout))
+    loop = asyncio.get_running_loop()
+    engine_died = threading.Event()
+
+    def on_engine_death(exc: BaseException) -> None:
+        # Engine thread: its streams already got their errors; stop serving and exit
+        # non-zero so Docker / Kubernetes restart the process (the traceback is logged once).
+        engine_died.set()
+        loop.call_soon_threadsafe(setattr, server, "should_exit", True)
+    engine.add_death_listener(on_engine_death)
     try:
         await server.serve()
     finally:
         if engine.is_alive():
             await engine.shutdown()
+    if engine_died.is_set():
+        print(f"{PROJECT_NAME}: error: the engine failed; exiting with status 70", file=sys.stderr)
+        return ENGINE_DIED_STATUS
     return 0 if server.started else 1
 
 

@@ -1,7 +1,8 @@
 """App factory: `build_app(engine, settings)`; routes, auth, CORS, lifespan.
 
 The engine is injected (tests pass a fake); the app only uses its public
-surface: generate/abort, tokenizer, model_name, max_model_len, is_alive,
+surface: generate/abort, run_tokenizer (the tokenizer is never touched on the
+event loop), model_name, max_model_len, vocab_size, is_alive,
 add_stats_listener, num_unfinished_requests, get_kv_cache_usage, shutdown.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import PROJECT_NAME, __version__
-from server.errors import APIError, error_body, install_error_handlers
+from server.errors import APIError, error_body, install_error_handlers, payload_too_large
 from server.generation import InFlight, check_model, check_token_ids, vocab_size_of
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -38,6 +39,45 @@ class ServerSettings:
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
     model_root: str | None = None  # what --model named, shown in /v1/models
+    max_request_bytes: int = 10 << 20
+
+
+class BodyLimitMiddleware:
+    """413 (OpenAI shape) for a request body over `limit` bytes, declared or streamed.
+
+    The body is read here (as the app would read it anyway) and replayed to the
+    app; later `receive` calls go to the server, so disconnects still arrive."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").strip()
+        if declared.isdigit() and int(declared) > self.limit:
+            await payload_too_large(self.limit).response()(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client gone while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await payload_too_large(self.limit).response()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> Any:
+            return replay.pop() if replay else await receive()
+        await self.app(scope, replayed, send)
 
 
 class APIKeyMiddleware:
@@ -83,6 +123,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     _add_openai_routes(app, engine)
     _add_service_routes(app, engine, metrics)
+    # Last added runs first: CORS, then the API key (no body is read for a stranger), then the limit.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     if settings.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:
@@ -171,20 +213,24 @@ def _add_service_routes(app: FastAPI, engine: Any, metrics: ServerMetrics) -> No
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> Response:
         check_model(engine, req.model)
-        tokenizer = engine.tokenizer
-        if req.messages is not None:
-            tokens = render_chat(tokenizer, req.messages, req.add_generation_prompt is not False)
-        elif req.prompt is not None:
-            tokens = list(tokenizer.encode(req.prompt,
-                                           add_special_tokens=req.add_special_tokens is not False))
-        else:
+        if req.messages is None and req.prompt is None:
             raise APIError(400, "Give either `prompt` or `messages`.", param="prompt")
+
+        def run(tokenizer: Any) -> list[int]:
+            if req.messages is not None:
+                return render_chat(tokenizer, req.messages, req.add_generation_prompt is not False)
+            return list(tokenizer.encode(req.prompt,
+                                         add_special_tokens=req.add_special_tokens is not False))
+        tokens = await engine.run_tokenizer(run)
         body = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
         return Response(json.dumps(body), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> Response:
         check_model(engine, req.model)
-        if req.tokens:
-            check_token_ids(req.tokens, vocab_size_of(engine.tokenizer), "tokens")
-        return JSONResponse({"prompt": engine.tokenizer.decode(req.tokens)})
+
+        def run(tokenizer: Any) -> str:
+            if req.tokens:
+                check_token_ids(req.tokens, vocab_size_of(tokenizer), "tokens")
+            return tokenizer.decode(req.tokens)
+        return JSONResponse({"prompt": await engine.run_tokenizer(run)})

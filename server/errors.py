@@ -14,7 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.errors import ContextLengthError, EngineError, EngineOverloadedError, ParamError
+from engine.errors import (ContextLengthError, EngineDeadError, EngineError, EngineOverloadedError,
+                           ParamError, RequestFailedError)
 
 logger = logging.getLogger("strix.server")
 
@@ -49,6 +50,11 @@ def error_body(message: str, type: str = INVALID_REQUEST, param: str | None = No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def payload_too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than {limit} bytes.",
+                    code="request_too_large")
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -71,6 +77,12 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(503, "The server is overloaded: too many requests are waiting. "
                         "Retry later.", type=SERVER_ERROR, code="engine_overloaded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, f"The request failed inside the engine ({exc}); other requests "
+                        "were not affected. Retry it.", type=SERVER_ERROR, code="request_failed")
+    if isinstance(exc, EngineDeadError):
+        return APIError(500, "The engine failed while serving this request; the server is "
+                        "restarting. Retry later.", type=SERVER_ERROR, code="engine_dead")
     if isinstance(exc, EngineError):
         return APIError(503, "The engine is not available.", type=SERVER_ERROR,
                         code="engine_unavailable")

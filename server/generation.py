@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import Response
 
-from engine.sampling_params import ParamError, SamplingParams
+from engine.errors import RequestFailedError
+from engine.sampling_params import OutputKind, ParamError, SamplingParams
 from server.errors import bad_request, from_exception, model_not_found
 from server.protocol import SamplingRequest
 from server.streaming import EventStreamResponse
@@ -61,8 +62,11 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int | None) -> dict[in
 
 def build_sampling_params(req: SamplingRequest, *, max_tokens: int | None,
                           logprobs: int | None, vocab_size: int | None) -> SamplingParams:
-    """OpenAI request fields -> SamplingParams; bad values become 400s with `param`."""
+    """OpenAI request fields -> SamplingParams; bad values become 400s with `param`.
+    Streams get DELTA outputs from the engine, everything else one FINAL output."""
     kwargs: dict[str, Any] = {
+        "output_kind": OutputKind.DELTA if req.stream else OutputKind.FINAL,
+        "cache_salt": req.cache_salt,
         "n": req.n or 1,
         "max_tokens": max_tokens,
         "logprobs": logprobs,
@@ -90,7 +94,7 @@ def build_sampling_params(req: SamplingRequest, *, max_tokens: int | None,
 def check_token_ids(ids: Sequence[int], vocab_size: int | None, param: str) -> None:
     if not ids:
         raise bad_request("The prompt must not be empty.", param)
-    if vocab_size is not None and any(t < 0 or t >= vocab_size for t in ids):
+    if vocab_size is not None and not all(0 <= t < vocab_size for t in ids):
         raise bad_request(f"Token ids must be in [0, {vocab_size}).", param)
 
 
@@ -109,6 +113,7 @@ def check_context_length(num_prompt: int, max_tokens: int | None, max_model_len:
 
 
 def vocab_size_of(tokenizer: Any) -> int | None:
+    """Call on the engine's tokenizer thread only (`engine.run_tokenizer`)."""
     try:
         return len(tokenizer)
     except TypeError:
@@ -163,9 +168,12 @@ class EngineStream:
             self._inflight.ids.discard(self.request_id)
 
     async def __aiter__(self) -> AsyncIterator[Any]:
+        """The request's outputs; after one that carries an engine-side `error` (its
+        completions end with finish_reason "error") raises RequestFailedError."""
         if self._first is not None:
             first, self._first = self._first, None
             yield first
+            _raise_if_failed(first)
         while not self.done:
             try:
                 out = await self._gen.__anext__()
@@ -175,16 +183,25 @@ class EngineStream:
             self.last = out
             self._set_done(bool(out.finished))
             yield out
+            _raise_if_failed(out)
 
     async def final(self) -> Any:
+        """The FINAL output (non-streaming requests get exactly one)."""
         async for _ in self:
             pass
         return self.last
+
 
     async def aclose(self) -> None:
         if not self.done:
             self._set_done(True)
             await _close_quietly(self.engine, self._gen, self.request_id)
+
+
+def _raise_if_failed(out: Any) -> None:
+    error = getattr(out, "error", None)
+    if error:
+        raise RequestFailedError(error)
 
 
 async def _close_quietly(engine: Any, gen: Any, request_id: str) -> None:
@@ -200,15 +217,17 @@ async def open_streams(engine: Any, prompts: Sequence[list[int]], params: Sampli
     ids = [base_id] if len(prompts) == 1 else [f"{base_id}-{i}" for i in range(len(prompts))]
     tasks = [asyncio.ensure_future(EngineStream.open(engine, p, params, rid, inflight))
              for p, rid in zip(prompts, ids)]
-    try:
-        await asyncio.wait(tasks)
+    try:  # a FINAL stream's first output is its last: do not wait for it if a sibling failed
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     except BaseException:
         for task in tasks:
             task.cancel()
         await _close_tasks(tasks)
         raise
-    errors = [t.exception() for t in tasks if t.exception() is not None]
+    errors = [t.exception() for t in done if t.exception() is not None]
     if errors:
+        for task in pending:
+            task.cancel()
         await _close_tasks(tasks)
         raise from_exception(errors[0])
     return [t.result() for t in tasks]
@@ -235,12 +254,15 @@ async def merge(streams: Sequence[EngineStream]) -> AsyncIterator[tuple[int, Any
         finally:
             await streams[0].aclose()
         return
-    queue: asyncio.Queue[tuple[int, Any] | None] = asyncio.Queue()
+    # (index, output) items; None when a stream ended; an exception ends everything at once.
+    queue: asyncio.Queue[tuple[int, Any] | BaseException | None] = asyncio.Queue()
 
     async def pump(i: int, stream: EngineStream) -> None:
         try:
             async for out in stream:
                 await queue.put((i, out))
+        except Exception as exc:
+            await queue.put(exc)
         finally:
             await queue.put(None)
 
@@ -252,9 +274,9 @@ async def merge(streams: Sequence[EngineStream]) -> AsyncIterator[tuple[int, Any
             if item is None:
                 remaining -= 1
                 continue
+            if isinstance(item, BaseException):
+                raise item
             yield item
-        for task in tasks:
-            task.result()  # re-raise an engine failure
     finally:
         for task in tasks:
             task.cancel()

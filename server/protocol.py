@@ -2,15 +2,29 @@
 
 Requests ignore unknown fields (SDKs add new ones all the time) but validate
 the types they know strictly: `"max_tokens": "10"` is a 400, not a coercion.
+Strings are `Text` (no lone surrogates, no NUL). Ranges that need no model are
+checked again by `SamplingParams`; ids and lengths by the engine.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from engine.sampling_params import check_text
 
 MAX_LOGPROBS = 20
+MAX_PROMPTS = 1024  # prompts in one completions request
+
+
+def _valid_text(value: str) -> str:
+    check_text(value, "text")  # ParamError is a ValueError: pydantic reports it with the field
+    return value
+
+
+# Every string a client sends: valid Unicode (no lone surrogates) without NUL.
+Text = Annotated[str, AfterValidator(_valid_text)]
 
 
 def _now() -> int:
@@ -36,18 +50,18 @@ class StreamOptions(OpenAIRequest):
 
 class SamplingRequest(OpenAIRequest):
     """Fields shared by /v1/completions and /v1/chat/completions."""
-    model: str | None = None
+    model: Text | None = None
     n: int | None = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
     # Extensions, as in vLLM.
     top_k: int | None = None
     min_p: float | None = None
@@ -57,27 +71,29 @@ class SamplingRequest(OpenAIRequest):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
+    cache_salt: Text | None = None  # requests with different salts share no prefix cache
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | Annotated[list[Text], Field(max_length=MAX_PROMPTS)] | list[int] | \
+        Annotated[list[list[int]], Field(max_length=MAX_PROMPTS)]
     max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
 
 class ContentPart(OpenAIRequest):
-    type: str
-    text: str | None = None
+    type: Text
+    text: Text | None = None
 
 
 class ChatMessage(OpenAIRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_call_id: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
+    tool_call_id: Text | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 
@@ -97,15 +113,15 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class TokenizeRequest(OpenAIRequest):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = True
     add_generation_prompt: bool | None = True
 
 
 class DetokenizeRequest(OpenAIRequest):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from server.errors import bad_request
 from server.generation import (EngineStream, InFlight, build_sampling_params,
                                check_context_length, check_model, finite, merge,
-                               new_request_id, open_streams, respond, vocab_size_of)
+                               new_request_id, open_streams, respond)
 from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                              ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatMessageOut,
                              ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob,
@@ -94,10 +94,10 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
     logprobs = _check_request(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    tokenizer = engine.tokenizer
     params = build_sampling_params(req, max_tokens=max_tokens, logprobs=logprobs,
-                                   vocab_size=vocab_size_of(tokenizer))
-    prompt = render_chat(tokenizer, req.messages, req.add_generation_prompt is not False)
+                                   vocab_size=engine.vocab_size)
+    prompt = await engine.run_tokenizer(
+        lambda tok: render_chat(tok, req.messages, req.add_generation_prompt is not False))
     check_context_length(len(prompt), params.max_tokens, engine.max_model_len, "messages")
     ctx = Ctx(new_request_id("chatcmpl"), int(time.time()), model, params.n, logprobs)
     return await respond(raw, open_streams(engine, [prompt], params, ctx.request_id, inflight),
@@ -110,7 +110,7 @@ def _response(ctx: Ctx, final: Any) -> ChatCompletionResponse:
     tracker = DeltaTracker(ctx.n, with_tokens=True)
     tracker.deltas(0, final)
     choices = []
-    for comp in sorted(final.outputs, key=lambda c: c.index):
+    for comp in sorted(final.outputs, key=lambda c: c.index):  # FINAL: everything at once
         logprobs = None
         if ctx.top_logprobs is not None:
             logprobs = ChatLogprobs(content=_token_logprobs(
@@ -134,21 +134,19 @@ async def _chunks(ctx: Ctx, streams: list[EngineStream],
         yield _chunk(ctx, [ChatStreamChoice(index=index, delta=role)])
     tracker = DeltaTracker(ctx.n, with_tokens=ctx.top_logprobs is not None)
     async for _, out in merge(streams):
-        by_index = {c.index: c for c in out.outputs}
         for delta in tracker.deltas(0, out):
-            choice = _stream_choice(ctx, by_index[delta.index], delta)
+            choice = _stream_choice(ctx, delta)
             if choice is not None:
                 yield _chunk(ctx, [choice])
     if include_usage:
         yield _chunk(ctx, [], UsageInfo(**tracker.usage()))
 
 
-def _stream_choice(ctx: Ctx, comp: Any, delta: Delta) -> ChatStreamChoice | None:
+def _stream_choice(ctx: Ctx, delta: Delta) -> ChatStreamChoice | None:
     logprobs = None
     if ctx.top_logprobs is not None:
-        logprobs = ChatLogprobs(content=_token_logprobs(
-            comp.token_ids[delta.token_start:delta.token_end],
-            (comp.logprobs or [])[delta.token_start:delta.token_end], ctx.top_logprobs))
+        logprobs = ChatLogprobs(content=_token_logprobs(delta.token_ids, delta.logprobs,
+                                                        ctx.top_logprobs))
     if not delta.text and not delta.finish_reason and not (logprobs and logprobs.content):
         return None
     content = DeltaMessage(content=delta.text) if delta.text else DeltaMessage()

@@ -16,8 +16,8 @@ from fastapi.responses import Response
 
 from server.errors import bad_request
 from server.generation import (EngineStream, InFlight, build_sampling_params,
-                               check_context_length, check_model, check_token_ids, finite, merge, new_request_id, open_streams,
-                               respond, vocab_size_of)
+                               check_context_length, check_model, check_token_ids, finite, merge,
+                               new_request_id, open_streams, respond, vocab_size_of)
 from server.protocol import (CompletionChoice, CompletionChunk, CompletionLogprobs,
                              CompletionRequest, CompletionResponse, UsageInfo)
 from server.streaming import Delta, DeltaTracker, sse
@@ -25,12 +25,9 @@ from server.streaming import Delta, DeltaTracker, sse
 @dataclass
 class Prompt:
     ids: list[int]
-    text: str | None  # as given; decoded lazily for token-id prompts
+    text: str | None  # as given, or decoded for echo
+    token_texts: list[str] | None = None  # per prompt token, for echo with logprobs
 
-    def echo_text(self, tokenizer: Any) -> str:
-        if self.text is None:
-            self.text = tokenizer.decode(self.ids)
-        return self.text
 
 @dataclass
 class Ctx:
@@ -41,9 +38,10 @@ class Ctx:
     logprobs: int | None
     echo: bool
     prompts: list[Prompt]
-    tokenizer: Any
+
 
 def _prompts(req: CompletionRequest, tokenizer: Any) -> list[Prompt]:
+    """Tokenizer thread: text -> ids, ids checked; the echo texts decoded here too."""
     raw = req.prompt
     if isinstance(raw, str):
         items: list[Any] = [raw]
@@ -61,8 +59,14 @@ def _prompts(req: CompletionRequest, tokenizer: Any) -> list[Prompt]:
         else:
             prompt = Prompt(list(item), None)
         check_token_ids(prompt.ids, vocab, "prompt")
+        if req.echo:
+            if prompt.text is None:
+                prompt.text = tokenizer.decode(prompt.ids)
+            if req.logprobs is not None:
+                prompt.token_texts = [tokenizer.decode([t]) for t in prompt.ids]
         prompts.append(prompt)
     return prompts
+
 
 async def create_completion(req: CompletionRequest, raw: Request, engine: Any,
                             inflight: InFlight) -> Response:
@@ -71,38 +75,37 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: Any,
         raise bad_request("suffix is not supported.", "suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of is not supported (it must equal n).", "best_of")
-    tokenizer = engine.tokenizer
-    prompts = _prompts(req, tokenizer)
     params = build_sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                                   vocab_size=vocab_size_of(tokenizer))
+                                   vocab_size=engine.vocab_size)
+    prompts = await engine.run_tokenizer(lambda tok: _prompts(req, tok))
     for prompt in prompts:
         check_context_length(len(prompt.ids), params.max_tokens, engine.max_model_len, "prompt")
     ctx = Ctx(new_request_id("cmpl"), int(time.time()), model, params.n, req.logprobs,
-              bool(req.echo), prompts, tokenizer)
+              bool(req.echo), prompts)
     return await respond(raw, open_streams(engine, [p.ids for p in prompts], params, ctx.request_id, inflight),
                          bool(req.stream), req.stream_options,
                          lambda streams, usage: _chunks(ctx, streams, usage),
                          lambda finals: _response(ctx, finals))
 
+
 def _response(ctx: Ctx, finals: Sequence[Any]) -> CompletionResponse:
     tracker = DeltaTracker(ctx.n, with_tokens=True)
     choices = []
     for i, out in enumerate(finals):
-        by_index = {i * ctx.n + c.index: c for c in out.outputs}
         for delta in tracker.deltas(i, out):
-            choices.append(_choice(ctx, i, by_index[delta.index], delta))
+            choices.append(_choice(ctx, i, delta))
     choices.sort(key=lambda c: c.index)
     return CompletionResponse(id=ctx.request_id, created=ctx.created, model=ctx.model,
                               choices=choices, usage=UsageInfo(**tracker.usage()))
+
 
 async def _chunks(ctx: Ctx, streams: list[EngineStream],
                   include_usage: bool) -> AsyncIterator[str]:
     tracker = DeltaTracker(ctx.n, with_tokens=ctx.logprobs is not None)
     offsets: dict[int, int] = {}
     async for i, out in merge(streams):
-        by_index = {i * ctx.n + c.index: c for c in out.outputs}
         for delta in tracker.deltas(i, out):
-            choice = _choice(ctx, i, by_index[delta.index], delta, offsets)
+            choice = _choice(ctx, i, delta, offsets)
             chunk = CompletionChunk(id=ctx.request_id, created=ctx.created, model=ctx.model,
                                     choices=[choice])
             yield sse(chunk)
@@ -110,7 +113,8 @@ async def _chunks(ctx: Ctx, streams: list[EngineStream],
         yield sse(CompletionChunk(id=ctx.request_id, created=ctx.created, model=ctx.model,
                                   choices=[], usage=UsageInfo(**tracker.usage())))
 
-def _choice(ctx: Ctx, prompt_index: int, comp: Any, delta: Delta,
+
+def _choice(ctx: Ctx, prompt_index: int, delta: Delta,
             offsets: dict[int, int] | None = None) -> CompletionChoice:
     """The choice for one delta (a whole completion when not streaming)."""
     offsets = {} if offsets is None else offsets
@@ -121,28 +125,27 @@ def _choice(ctx: Ctx, prompt_index: int, comp: Any, delta: Delta,
         offsets.setdefault(delta.index, 0)
     if delta.first and ctx.echo:
         prompt = ctx.prompts[prompt_index]
-        prefix = prompt.echo_text(ctx.tokenizer)
+        prefix = prompt.text or ""
         if logprobs is not None:
-            _prompt_logprobs(logprobs, prompt.ids, ctx.tokenizer)
+            _prompt_logprobs(logprobs, prompt.token_texts or [])
             offsets[delta.index] = len(prefix)
         text = prefix + text
     if logprobs is not None:
-        offsets[delta.index] = _token_logprobs(
-            logprobs, comp.token_ids[delta.token_start:delta.token_end],
-            (comp.logprobs or [])[delta.token_start:delta.token_end], ctx.logprobs or 0,
-            offsets[delta.index])
+        offsets[delta.index] = _token_logprobs(logprobs, delta.token_ids, delta.logprobs,
+                                               ctx.logprobs or 0, offsets[delta.index])
     return CompletionChoice(index=delta.index, text=text, logprobs=logprobs,
                             finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
 
-def _prompt_logprobs(lp: CompletionLogprobs, ids: list[int], tokenizer: Any) -> None:
+
+def _prompt_logprobs(lp: CompletionLogprobs, token_texts: list[str]) -> None:
     offset = 0
-    for token_id in ids:
-        token = tokenizer.decode([token_id])
+    for token in token_texts:
         lp.tokens.append(token)
         lp.token_logprobs.append(None)
         lp.top_logprobs.append(None)
         lp.text_offset.append(offset)
         offset += len(token)
+
 
 def _token_logprobs(lp: CompletionLogprobs, token_ids: Sequence[int],
                     entries: Sequence[dict[int, Any]], k: int, offset: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -57,24 +58,21 @@ class EventStreamResponse(StreamingResponse):
                     await aclose()
 
 
+@dataclass(frozen=True)
 class Delta:
     """What one choice gained since the last chunk sent for it."""
-    __slots__ = ("index", "text", "token_start", "token_end", "finish_reason", "stop_reason",
-                 "first")
-
-    def __init__(self, index: int, text: str, token_start: int, token_end: int,
-                 finish_reason: str | None, stop_reason: Any, first: bool):
-        self.index = index
-        self.text = text
-        self.token_start = token_start
-        self.token_end = token_end
-        self.finish_reason = finish_reason
-        self.stop_reason = stop_reason
-        self.first = first
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[dict[int, Any]]  # one entry per token id; empty without logprobs
+    finish_reason: str | None
+    stop_reason: Any
+    first: bool
 
 
 class DeltaTracker:
-    """Turns cumulative engine outputs into per-choice deltas, and counts usage.
+    """Turns engine outputs (DELTA outputs of a stream, or the one FINAL output of a
+    non-streaming request: both carry what is new) into per-choice deltas, and counts usage.
 
     Choice index = prompt index * n + completion index (OpenAI's order for
     several prompts). A choice yields nothing after its finish chunk.
@@ -83,8 +81,8 @@ class DeltaTracker:
     def __init__(self, n: int, with_tokens: bool):
         self.n = n
         self.with_tokens = with_tokens
-        self._text_len: dict[int, int] = {}
-        self._tokens: dict[int, int] = {}
+        self._tokens: dict[int, int] = {}  # tokens generated per choice (usage)
+        self._seen: set[int] = set()  # choices that got their first chunk
         self._finished: set[int] = set()
         self._prompt_tokens: dict[int, int] = {}
 
@@ -95,20 +93,16 @@ class DeltaTracker:
             index = prompt_index * self.n + comp.index
             if index in self._finished:
                 continue
-            first = index not in self._text_len
-            sent_text = self._text_len.get(index, 0)
-            sent_tokens = self._tokens.get(index, 0)
-            text = comp.text[sent_text:]
-            num_tokens = len(comp.token_ids)
-            new_tokens = self.with_tokens and num_tokens > sent_tokens
-            if not (text or comp.finish_reason or new_tokens or first):
+            first = index not in self._seen
+            self._tokens[index] = self._tokens.get(index, 0) + len(comp.token_ids)
+            new_tokens = self.with_tokens and bool(comp.token_ids)
+            if not (comp.text or comp.finish_reason or new_tokens or first):
                 continue
-            self._text_len[index] = len(comp.text)
-            self._tokens[index] = num_tokens
+            self._seen.add(index)
             if comp.finish_reason:
                 self._finished.add(index)
-            found.append(Delta(index, text, sent_tokens, num_tokens, comp.finish_reason,
-                               comp.stop_reason, first))
+            found.append(Delta(index, comp.text, comp.token_ids, comp.logprobs or [],
+                               comp.finish_reason, comp.stop_reason, first))
         return found
 
     def usage(self) -> dict[str, int]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: bytes | None = None  # prefix-cache key (any hashable in tests)
 
 
 class BlockPool:
@@ -29,7 +29,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.evictable: OrderedDict[int, None] = OrderedDict()
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict = {}  # block key -> block id
         self.num_evictions = 0
 
     @property
@@ -63,7 +63,7 @@ class BlockPool:
             ids.append(block_id)
         return ids
 
-    def lookup(self, block_hash: int) -> int | None:
+    def lookup(self, block_hash: bytes) -> int | None:
         return self.cached.get(block_hash)
 
     def touch(self, block_ids: list[int]) -> None:
@@ -86,7 +86,7 @@ class BlockPool:
                 queue = self.free_queue if block.block_hash is None else self.evictable
                 queue[block_id] = None
 
-    def cache(self, block_id: int, block_hash: int) -> int:
+    def cache(self, block_id: int, block_hash: bytes) -> int:
         """Register a full, computed, in-use block under its hash. If another block
         already holds that hash the existing one stays canonical; returns its id."""
         existing = self.cached.get(block_hash)

@@ -2,20 +2,19 @@
 
 A request's block table covers its first `num_computed_tokens + scheduled`
 tokens; block i holds token positions [i*block_size, (i+1)*block_size).
-Automatic prefix caching: every full, computed block is registered under a hash
-chained over (parent block's hash, this block's token ids), so equal prefixes
-map to equal hashes whatever request produced them. Python's tuple hash is
-64-bit; a collision would need two different prefixes with equal chained
-hashes, which we accept as negligible. Pure Python: no torch.
+Automatic prefix caching: every full, computed block is registered under a key
+chained over (parent block's key, this block's token ids) (`block_hash.py`: a
+256-bit BLAKE2b digest, salted per `cache_salt` at the root), so equal prefixes
+map to equal keys whatever request produced them, and different prefixes never
+do. Pure Python: no torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.kv.block_hash import UNSALTED_ROOT, block_key, root_key
 from engine.kv.block_pool import BlockPool
 from engine.request import Request
-
-ROOT_HASH = 0x5EED
 
 
 def cdiv(a: int, b: int) -> int:
@@ -54,9 +53,13 @@ class KVCacheManager:
         """Make req.block_hashes cover its first `num_blocks` full blocks."""
         bs = self.block_size
         hashes = req.block_hashes
-        parent = hashes[-1] if hashes else ROOT_HASH
+        if len(hashes) >= num_blocks:
+            return
+        salt = req.params.cache_salt
+        parent = hashes[-1] if hashes else (UNSALTED_ROOT if salt is None else root_key(salt))
+        tokens = req.token_ids
         for i in range(len(hashes), num_blocks):
-            parent = hash((parent, tuple(req.token_ids[i * bs:(i + 1) * bs])))
+            parent = block_key(parent, tokens[i * bs:(i + 1) * bs])
             hashes.append(parent)
 
     def find_cached_prefix(self, req: Request) -> list[int]:

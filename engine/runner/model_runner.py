@@ -13,6 +13,7 @@ import torch
 
 from engine.attention import AttentionShape, BatchLayout, create_backend
 from engine.config import CacheConfig, ModelConfig
+from engine.errors import RequestFault
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
 
@@ -87,8 +88,12 @@ class ModelRunner:
         sample_index, rows, sampled_ids = [], [], []
         for s in sched.scheduled:
             req, start, n = s.request, s.start, s.num_tokens
-            tokens.extend(req.token_ids[start:start + n])
             num_pages = -(-(start + n) // page)
+            if len(s.block_ids) < num_pages or start + n > req.num_tokens:
+                raise RequestFault(req.request_id, ValueError(
+                    f"scheduled tokens [{start}, {start + n}) exceed its {req.num_tokens} tokens "
+                    f"or {len(s.block_ids)} blocks"))
+            tokens.extend(req.token_ids[start:start + n])
             indices.extend(s.block_ids[:num_pages])
             kvp.append(kvp[-1] + num_pages)
             starts.append(start)
@@ -97,7 +102,7 @@ class ModelRunner:
             if s.sample:
                 sample_index.append(len(tokens) - 1)
                 rows.append(SamplingRow(req.params, req.prompt_token_ids, req.output_token_ids,
-                                        req.generator, req.eos_token_ids))
+                                        req.generator, req.eos_token_ids, req.request_id))
                 sampled_ids.append(req.request_id)
         q_len_t = torch.tensor(q_lens)
         qo = torch.zeros(len(q_lens) + 1, dtype=torch.long)

@@ -11,7 +11,10 @@ Conventions (B = rows sampled this step, V = vocab size = logits.shape[-1]):
     all-False `prompt_token_mask` (their ids are skipped to save work; the
     penalty math is a no-op for them anyway);
   * token ids outside [0, V) (in prompts, outputs, logit_bias, stop/EOS ids)
-    are ignored rather than raising, so one odd request cannot kill a step;
+    are ignored rather than raising (EngineCore.validate refuses them at
+    intake; this is the second line of defence);
+  * a row whose parameters cannot be batched raises `RequestFault` naming its
+    request, so the step guard fails that request alone;
   * greedy rows get `generators[i] = None`: greedy sampling never consumes
     randomness, so a greedy row's generator is never advanced.
 """
@@ -24,6 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from engine.errors import RequestFault
 from engine.sampling_params import SamplingParams
 
 GREEDY_EPS = 1e-5  # temperature below this means greedy (== SamplingParams.greedy)
@@ -38,6 +42,7 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None
     eos_token_ids: Sequence[int] = ()
+    request_id: str = ""  # names the culprit when this row's metadata cannot be built
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,10 @@ def build_sampling_metadata(
     device = torch.device(device)
     c = _Columns()
     for row in rows:
-        c.add(row, vocab_size)
+        try:
+            c.add(row, vocab_size)
+        except Exception as exc:
+            raise RequestFault(row.request_id, exc) from exc
 
     def vec(key: str, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.tensor(c.vals[key], dtype=dtype, device=device)  # [B]

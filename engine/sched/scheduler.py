@@ -12,19 +12,19 @@ front (its output tokens are kept).
 from __future__ import annotations
 
 import time
-from collections import deque
 
 from engine.config import SchedulerConfig
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sched.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from engine.sched.waiting import WaitingQueue
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
         self.config = config
         self.kv = kv
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # cumulative
@@ -35,12 +35,9 @@ class Scheduler:
         self._enqueue(req)
 
     def _enqueue(self, req: Request) -> None:
-        """Waiting stays ordered by (priority, arrival): FCFS within a priority; a
+        """Waiting is ordered by (priority, arrival): FCFS within a priority; a
         preempted request keeps its arrival time, so it returns near the front."""
-        key = (req.priority, req.arrival_time)
-        idx = next((i for i, w in enumerate(self.waiting) if (w.priority, w.arrival_time) > key),
-                   len(self.waiting))
-        self.waiting.insert(idx, req)
+        self.waiting.push(req)
 
     def finish_request(self, request_id: str, reason: str, stop_reason: int | str | None = None) -> Request | None:
         """Finish (stop, length) or abort a request; frees its blocks at once."""
@@ -100,16 +97,20 @@ class Scheduler:
         self._enqueue(req)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        """Admit in (priority, arrival) order until budget, seats or blocks run out. An
+        n > 1 sibling whose leader's prompt is not cached yet is skipped, not a barrier."""
+        skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+            req = self.waiting.pop()
             if self._must_wait_for_leader(req):
-                break
+                skipped.append(req)
+                continue
             cached = self.kv.find_cached_prefix(req)
             num_computed = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_computed, budget)
             if not self.kv.allocate(req, num_new, cached):
+                skipped.append(req)
                 break
-            self.waiting.popleft()
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
                 req.num_cached_tokens = num_computed
@@ -118,6 +119,8 @@ class Scheduler:
             self.running.append(req)
             scheduled.append(self._entry(req, num_new))
             budget -= num_new
+        for req in skipped:
+            self.waiting.push(req)
         return budget
 
     def _must_wait_for_leader(self, req: Request) -> bool:

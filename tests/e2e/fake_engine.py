@@ -1,6 +1,6 @@
 """A deterministic stand-in for `engine.AsyncEngine`, for app-level tests.
 
-Same public surface as the real engine (generate/abort/tokenizer/model_name/
+Same public surface as the real engine (generate/abort/run_tokenizer/model_name/vocab_size/
 max_model_len/is_alive/add_stats_listener/num_unfinished_requests/
 get_kv_cache_usage/shutdown) and the same error behaviour. The tokenizer is
 byte-level (id = byte value) plus three special tokens; each step emits one
@@ -18,7 +18,7 @@ from typing import Any
 from engine.errors import ContextLengthError, EngineOverloadedError
 from engine.outputs import (CompletionOutput, FinishedRequestStats, Logprob, RequestOutput,
                             StepStats)
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import OutputKind, SamplingParams
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen jugs. "
 SPECIAL = {256: "<|im_start|>", 257: "<|im_end|>", 258: "<|endoftext|>"}
@@ -59,6 +59,7 @@ class FakeEngine:
     def __init__(self, model_name: str = "fake-model", max_model_len: int = 512,
                  step_delay: float = 0.002, capacity: int | None = None):
         self.tokenizer = FakeTokenizer()
+        self.vocab_size = len(self.tokenizer)
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.step_delay = step_delay
@@ -105,6 +106,7 @@ class FakeEngine:
         outs = [CompletionOutput(j, "", [], 0.0 if params.logprobs is not None else None,
                                  [] if params.logprobs is not None else None)
                 for j in range(params.n)]
+        sent_upto = [[0, 0] for _ in outs]  # (chars, tokens) already handed out per completion
         finished = False
         try:
             rng = random.Random(params.seed if params.seed is not None else
@@ -123,12 +125,20 @@ class FakeEngine:
                 finished = all(o.finished for o in outs)
                 self._emit_step(len(ids) if step == 1 else 0, len(outs), finished,
                                 arrival, len(ids), sum(len(o.token_ids) for o in outs))
-                yield RequestOutput(request_id, None, ids, outs, finished)
+                if params.output_kind is OutputKind.DELTA:
+                    yield RequestOutput(request_id, None, ids, [_delta(o, sent) for o, sent in
+                                                                zip(outs, sent_upto)],
+                                        finished, kind=OutputKind.DELTA)
+                elif finished:
+                    yield RequestOutput(request_id, None, ids, outs, finished)
         finally:
             self.active.discard(request_id)
             self._abort_flags.discard(request_id)
             if not finished:
                 self.aborted.append(request_id)
+
+    async def run_tokenizer(self, fn: Callable[[Any], Any]) -> Any:
+        return fn(self.tokenizer)
 
     # ------------------------------------------------------------- internals
     def _advance(self, out: CompletionOutput, start: int, step: int,
@@ -172,3 +182,13 @@ class FakeEngine:
                           finished=fin)
         for fn in self._listeners:
             fn(stats)
+
+
+def _delta(out: CompletionOutput, sent: list[int]) -> CompletionOutput:
+    """What `out` gained since `sent` = [chars, tokens] (updated)."""
+    chars, tokens = sent
+    sent[0], sent[1] = len(out.text), len(out.token_ids)
+    return CompletionOutput(out.index, out.text[chars:], out.token_ids[tokens:],
+                            out.cumulative_logprob,
+                            None if out.logprobs is None else out.logprobs[tokens:],
+                            out.finish_reason, out.stop_reason)

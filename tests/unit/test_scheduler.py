@@ -297,7 +297,7 @@ def test_preempted_request_resumes_with_its_outputs():
     out = h.history[-1]
     assert out.preempted_ids == ("b",)
     assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0
-    assert b.num_output_tokens >= 1 and h.sched.waiting[0] is b
+    assert b.num_output_tokens >= 1 and h.sched.waiting.peek() is b
     assert [e.request_id for e in out.scheduled] == ["a"]
     kept = list(b.output_token_ids)
     h.run()

@@ -1,0 +1,99 @@
+"""StepGuard: one request's fault fails that request, never the step or the engine.
+
+`execute(sched)` runs the model step. If it raises, the guard finds the
+culprit requests: from the exception when a stage knows whose work failed
+(`RequestFault`, raised by batch building and sampling-metadata code), else
+by bisecting the batch (re-running halves until single failing requests
+remain). The culprits (and, through `expand`, their n > 1 siblings) are
+dropped and the step is re-run without them, after restoring every seeded
+generator to its state before the step, so the survivors sample exactly as
+they would have. Re-running is safe: a step only writes the KV slots of its
+own scheduled tokens, and the final run rewrites all of them.
+
+A fault that no single request reproduces (every request fails alone, or no
+subset fails) is not a request's fault: it propagates and the engine dies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+from engine.errors import RequestFault
+from engine.sched.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 4
+
+
+class StepGuard:
+    def __init__(self, execute: Callable[[SchedulerOutput], ModelRunnerOutput]):
+        self._execute = execute
+
+    def execute(self, sched: SchedulerOutput, expand: Callable[[set[str]], set[str]]
+                ) -> tuple[SchedulerOutput, ModelRunnerOutput | None, dict[str, BaseException]]:
+        """Returns (the step actually run, its result or None if nothing is left,
+        culprit request id -> its exception). `expand` maps culprit ids to every
+        id that must leave the step with them (siblings of an n > 1 request)."""
+        states = _snapshot(sched)
+        culprits: dict[str, BaseException] = {}
+        for _ in range(MAX_RETRIES):
+            try:
+                return sched, self._execute(sched), culprits
+            except Exception as exc:
+                found = self._find_culprits(sched, exc, states)
+                if not found:
+                    raise
+                for rid, err in found.items():
+                    log.error("request %s failed in the model step; it is finished with an error "
+                              "and the step retried without it", rid, exc_info=err)
+                culprits.update(found)
+                gone = expand(set(culprits))
+                sched = dataclasses.replace(
+                    sched, scheduled=tuple(s for s in sched.scheduled if s.request_id not in gone))
+                _restore(states)
+                if sched.is_empty:
+                    return sched, None, culprits
+        raise RuntimeError(f"the step kept failing after {MAX_RETRIES} retries")
+
+    def _find_culprits(self, sched: SchedulerOutput, exc: Exception,
+                       states: list) -> dict[str, BaseException]:
+        ids = {s.request_id for s in sched.scheduled}
+        if isinstance(exc, RequestFault) and exc.request_id in ids:
+            return {exc.request_id: exc.cause}
+        entries = list(sched.scheduled)
+        if len(entries) == 1:
+            return {entries[0].request_id: exc}
+        mid = len(entries) // 2
+        found = {**self._bisect(sched, entries[:mid], states),
+                 **self._bisect(sched, entries[mid:], states)}
+        if len(found) == len(entries):  # every request fails alone: the step itself is broken
+            return {}
+        return found
+
+    def _bisect(self, sched: SchedulerOutput, entries: list[ScheduledRequest],
+                states: list) -> dict[str, BaseException]:
+        _restore(states)
+        try:
+            self._execute(dataclasses.replace(sched, scheduled=tuple(entries)))
+            return {}
+        except Exception as exc:
+            if isinstance(exc, RequestFault):
+                return {exc.request_id: exc.cause}
+            if len(entries) == 1:
+                return {entries[0].request_id: exc}
+            mid = len(entries) // 2
+            return {**self._bisect(sched, entries[:mid], states),
+                    **self._bisect(sched, entries[mid:], states)}
+
+
+def _snapshot(sched: SchedulerOutput) -> list:
+    """(generator, state) of every seeded request in the step."""
+    return [(s.request.generator, s.request.generator.get_state())
+            for s in sched.scheduled if s.request.generator is not None]
+
+
+def _restore(states: list) -> None:
+    for gen, state in states:
+        gen.set_state(state)
