@@ -401,6 +401,48 @@ def test_siblings_wait_for_leader_then_hit_its_blocks():
         assert r.output_token_ids == expected_output(r)
 
 
+def test_waiting_sibling_is_skipped_not_a_barrier():
+    """Head-of-line: an unrelated request queued behind a sibling that must wait for its
+    leader's prompt is admitted with the leftover budget in the same step."""
+    h = Harness(num_blocks=32, block_size=16, max_num_batched_tokens=24)
+    p = prompt(75, 40)
+    lead = h.add("g#0", p, max_tokens=3)
+    sib = h.add("g#1", p, max_tokens=3, prefix_leader=lead)
+    other = h.add("u", prompt(76, 6), max_tokens=3)
+    h.step()  # the leader takes the whole budget
+    out = h.step()  # leader: 16 tokens; 8 left: the sibling waits, "u" (6 tokens) goes
+    assert [(e.request_id, e.num_tokens) for e in out.scheduled] == [("g#0", 16), ("u", 6)]
+    assert sib.status is RequestStatus.WAITING and list(h.sched.waiting) == [sib]
+    h.run()
+    for r in (lead, sib, other):
+        assert r.output_token_ids == expected_output(r)
+    assert sib.num_cached_tokens == 32  # and it still shared the leader's blocks
+
+
+def test_waiting_queue_order_removal_and_reinsertion():
+    from engine.sched.waiting import WaitingQueue
+    rng = random.Random(5)
+    q = WaitingQueue()
+    reqs = [Request(f"r{i}", [1], SamplingParams(), priority=rng.choice([0, 1, 2]),
+                    arrival_time=rng.choice([1.0, 2.0, 3.0])) for i in range(200)]
+    for r in reqs:
+        q.push(r)
+    removed = set(rng.sample(reqs, 50))
+    for r in removed:
+        assert q.remove(r)
+        assert not q.remove(r)
+    with pytest.raises(ValueError):
+        q.push(reqs[0] if reqs[0] not in removed else next(r for r in reqs if r not in removed))
+    live = [r for r in reqs if r not in removed]
+    # (priority, arrival), then insertion order for equal keys
+    expected = sorted(live, key=lambda r: (r.priority, r.arrival_time, reqs.index(r)))
+    assert len(q) == len(live) and list(q) == expected and q.peek() is expected[0]
+    popped = [q.pop() for _ in range(len(q))]
+    assert popped == expected and not q and q.peek() is None
+    q.push(reqs[0])
+    assert reqs[0] in q and list(q) == [reqs[0]]
+
+
 def test_siblings_do_not_wait_for_finished_leader():
     h = Harness(num_blocks=32, block_size=16, max_num_seqs=1)
     p = prompt(71, 40)
