@@ -1,8 +1,9 @@
 """Helpers for the e2e tests; the fixtures live in conftest.py.
 
 `start_fake_server` serves the real app over a FakeEngine on a uvicorn thread;
-`ServerProcess` runs `python -m server` on the default model in a subprocess
-(127.0.0.1, a free port), waits for `/health`, and stops it with SIGTERM.
+`ServerProcess` runs `python -m server` on the default model (or `model=`, e.g.
+a directory from tests/e2e/tiny_model.py) in a subprocess (127.0.0.1, a free
+port), waits for `/health`, and stops it with SIGTERM.
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ class ServerProcess:
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    model: str = DEFAULT_MODEL
+    module: str = "server"  # what `python -m` runs (tests.e2e.faulty_server injects faults)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -80,7 +83,7 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         fd, name = tempfile.mkstemp(prefix="strix-e2e-", suffix=".log")
         self.log_path = Path(name)
-        cmd = [sys.executable, "-m", "server", "--model", DEFAULT_MODEL, "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", self.module, "--model", self.model, "--host", "127.0.0.1",
                "--port", str(self.port), *self.args]
         env = {**os.environ, **self.env}
         with os.fdopen(fd, "wb") as log:
