@@ -42,6 +42,6 @@ def real_server() -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="session")
 def restricted_server() -> Iterator[ServerProcess]:
-    """API key on (from the environment), one running and one waiting request at most."""
-    yield from _serve(["--max-num-seqs", "1", "--max-waiting-requests", "1"],
+    """API key on (from the environment), one running and two waiting requests at most."""
+    yield from _serve(["--max-num-seqs", "1", "--max-waiting-requests", "2"],
                       {"STRIX_API_KEY": API_KEY})

@@ -64,12 +64,98 @@ def assert_openai_error(resp: httpx.Response, status: int, param=None, code=None
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400,
      "response_format", None),
     ("/v1/chat/completions", {**CHAT, "presence_penalty": 3}, 400, "presence_penalty", None),
+    # Ids and numbers the engine cannot hold: refused at the edge, naming the field.
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 1,
+                         "stop_token_ids": [9223372036854775808]}, 400, "stop_token_ids", None),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [49152]}, 400, "stop_token_ids", None),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"49152": 1}}, 400, "logit_bias", None),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"18446744073709551616": 1}}, 400,
+     "logit_bias", None),
+    ("/v1/completions", {"prompt": "hi", "seed": 2 ** 64}, 400, "seed", None),
+    ("/v1/completions", {"prompt": "hi", "n": 129}, 400, "n", None),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of", None),
+    ("/v1/completions", {"prompt": "hi", "top_k": -2}, 400, "top_k", None),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 20, "max_tokens": 10}, 400, "min_tokens", None),
+    ("/v1/completions", {"prompt": "hi", "stop": ["x"] * 65}, 400, "stop", None),
+    ("/v1/completions", {"prompt": "hi", "cache_salt": ""}, 400, "cache_salt", None),
+    ("/v1/completions", {"prompt": "a\u0000b"}, 400, "prompt", None),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 21, "logprobs": True}, 400, "top_logprobs", None),
+    ("/detokenize", {"tokens": [49152]}, 400, "tokens", None),
 ])
 def test_error_cases(real_server, path, body, status, param, code):
     resp = httpx.post(real_server.base_url + path, json=body, timeout=60)
     err = assert_openai_error(resp, status, param, code)
     if code == "context_length_exceeded":
         assert "8192" in err["message"]  # both numbers: the limit and what was asked
+
+
+def test_the_engine_survives_the_issue_request(real_server):
+    """The request that used to kill the engine thread: 400, then business as usual."""
+    base = real_server.base_url
+    bad = {"model": DEFAULT_MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 1,
+           "stop_token_ids": [9223372036854775808]}
+    assert_openai_error(httpx.post(base + "/v1/completions", json=bad, timeout=60), 400,
+                        param="stop_token_ids")
+    ok = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(base + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b'{"prompt": "x", "temperature": NaN}', "temperature"),
+    (b'{"prompt": "x", "top_p": Infinity}', "top_p"),
+    (b'{"prompt": "x", "presence_penalty": -Infinity}', "presence_penalty"),
+    (rb'{"prompt": "x\ud800"}', "prompt"),
+    (rb'{"prompt": "x", "stop": ["\udc00"]}', "stop"),
+    (rb'{"messages": [{"role": "user", "content": "x\ud800"}]}', "messages"),
+])
+def test_non_finite_numbers_and_lone_surrogates(real_server, raw, param):
+    path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+    resp = httpx.post(real_server.base_url + path, content=raw,
+                      headers={"content-type": "application/json"}, timeout=60)
+    err = assert_openai_error(resp, 400)
+    assert err["param"].startswith(param)
+
+
+def test_body_over_limit_is_413(real_server):
+    url = real_server.base_url + "/v1/completions"
+    big = b'{"prompt": "' + b"a" * (10 << 20) + b'"}'
+    assert_openai_error(httpx.post(url, content=big, headers={"content-type": "application/json"},
+                                   timeout=60), 413, code="request_too_large")
+
+    def chunks():  # no Content-Length: counted while it streams in
+        yield b'{"prompt": "'
+        for _ in range(11):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+    assert_openai_error(httpx.post(url, content=chunks(), headers={"content-type": "application/json"},
+                                   timeout=60), 413, code="request_too_large")
+    ok = b'{"prompt": "hi", "max_tokens": 1, "user": "' + b"u" * ((10 << 20) - 100) + b'"}'
+    assert httpx.post(url, content=ok, headers={"content-type": "application/json"},
+                      timeout=60).status_code == 200
+
+
+def test_stop_string_across_tokens_streams_without_leaking(real_server):
+    """A stop string spanning several tokens: the stream never shows any part of it
+    (the partial match is held back), and ends exactly where the plain response does."""
+    url = real_server.base_url + "/v1/completions"
+    base = {"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}
+    full = httpx.post(url, json={**base, "logprobs": 0}, timeout=60).json()["choices"][0]
+    tokens = full["logprobs"]["tokens"]
+    start = next(i for i in range(2, len(tokens) - 4) if tokens[i].strip())
+    stop = "".join(tokens[start:start + 3])  # three tokens' worth of text
+    assert len(stop) > 2
+    expected = full["text"][:full["text"].index(stop)]
+    plain = httpx.post(url, json={**base, "stop": [stop]}, timeout=60).json()["choices"][0]
+    assert plain["text"] == expected and plain["finish_reason"] == "stop"
+    with httpx.stream("POST", url, json={**base, "stop": [stop], "stream": True}, timeout=60) as r:
+        events = parse_sse(r.iter_lines())
+    pieces = [c["text"] for e in events[:-1] for c in e["choices"]]
+    assert "".join(pieces) == expected and events[-2]["choices"][0]["finish_reason"] == "stop"
+    streamed = ""
+    for piece in pieces:  # no prefix of the stop string ever reached the client early
+        streamed += piece
+        assert stop not in streamed
 
 
 def test_unknown_fields_ignored_and_no_422(real_server):
@@ -96,8 +182,8 @@ def test_auth_on(restricted_server):
     assert httpx.get(url + "/metrics").status_code == 200
 
 
-def test_overload_503_with_retry_after(restricted_server):
-    """max-num-seqs 1 + max-waiting-requests 1: one runs, one waits, the next gets 503."""
+def test_overload_n_waiting_accepted_n_plus_1_refused(restricted_server):
+    """max-num-seqs 1 + max-waiting-requests 2: one runs, two wait (accepted), the next gets 503."""
     url = restricted_server.base_url + "/v1/completions"
 
     async def run():
@@ -106,17 +192,17 @@ def test_overload_503_with_retry_after(restricted_server):
             async with client.stream("POST", url, json=long) as running:
                 lines = running.aiter_lines()
                 await lines.__anext__()
-                waiting = asyncio.ensure_future(client.post(url, json={"prompt": "a",
-                                                                       "max_tokens": 2}))
-                await asyncio.sleep(1.0)
-                rejected = await client.post(url, json={"prompt": "b", "max_tokens": 2})
+                waiting = [asyncio.ensure_future(client.post(url, json={"prompt": p, "max_tokens": 2}))
+                           for p in ("a", "b")]
+                await asyncio.sleep(1.5)
+                rejected = await client.post(url, json={"prompt": "c", "max_tokens": 2})
                 await lines.aclose()
-            return rejected, await waiting
+            return rejected, await asyncio.gather(*waiting)
 
     rejected, waited = asyncio.run(run())
     assert_openai_error(rejected, 503, code="engine_overloaded")
     assert int(rejected.headers["retry-after"]) >= 1
-    assert waited.status_code == 200
+    assert [w.status_code for w in waited] == [200, 200]
 
 
 def test_disconnect_mid_stream_frees_blocks(real_server):
