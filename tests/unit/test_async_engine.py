@@ -3,7 +3,9 @@ overload bounds, tokenizer thread, engine death and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 
 import pytest
 
@@ -199,3 +201,25 @@ def test_shutdown_ends_every_open_stream(smol_loaded):
         results = await asyncio.wait_for(asyncio.gather(*(drain(g) for g in gens), return_exceptions=True), 10)
         assert all(isinstance(r, EngineError) for r in results)
     asyncio.run(main())
+
+
+def test_watchdog_logs_a_slow_step_with_its_batch(smol_loaded, caplog):
+    eng = AsyncEngine.from_args(EngineArgs(num_kv_blocks=64, max_model_len=512, step_watchdog_s=0.2),
+                                loaded=smol_loaded)
+    runner = eng.core.runner
+    prepare = runner._prepare
+
+    def slow(sched):
+        time.sleep(0.6)
+        return prepare(sched)
+    runner._prepare = slow
+
+    async def main():
+        outs = [o async for o in eng.generate("hi", SamplingParams(max_tokens=2), "slow-step")]
+        await eng.shutdown()
+        return outs
+    with caplog.at_level(logging.WARNING, logger="engine.async_engine"):
+        outs = asyncio.run(main())
+    assert outs[-1].finished
+    slow_logs = [r.getMessage() for r in caplog.records if "engine step running for" in r.getMessage()]
+    assert slow_logs and "slow-step" in slow_logs[0]
