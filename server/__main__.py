@@ -53,6 +53,9 @@ ENGINE_HELP = {
 
 
 ENGINE_DIED_STATUS = 70  # EX_SOFTWARE: an internal error; a supervisor should restart us
+# After the engine dies the server keeps answering (503 on /health, errors on every route) this
+# long before it exits, so in-flight responses are delivered and a probe sees the 503.
+ENGINE_DEATH_LINGER_S = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +252,8 @@ async def serve(engine_args: EngineArgs, opts: ServerOptions) -> int:
         # Engine thread: its streams already got their errors; stop serving and exit
         # non-zero so Docker / Kubernetes restart the process (the traceback is logged once).
         engine_died.set()
-        loop.call_soon_threadsafe(setattr, server, "should_exit", True)
+        loop.call_soon_threadsafe(loop.call_later, ENGINE_DEATH_LINGER_S,
+                                  setattr, server, "should_exit", True)
     engine.add_death_listener(on_engine_death)
     try:
         await server.serve()
