@@ -108,13 +108,16 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ParamError(f"request id {request_id!r} is already in use", "request_id")
         text, prompt_ids = await self.run_tokenizer(lambda _: self._prepare(prompt, params))
+        grammar = None  # compiled on the grammar pool: neither the loop nor the engine waits
+        if params.structured_outputs is not None:
+            grammar = await self.core.grammars.compile_async(params.structured_outputs)
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:  # registered atomically against death and shutdown
             self._check_admission()
             if request_id in self._streams:
                 raise ParamError(f"request id {request_id!r} is already in use", "request_id")
             self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt_ids, text, params))
+        self._commands.put(("add", request_id, prompt_ids, text, params, grammar))
         finished = False
         try:
             while True:
@@ -168,6 +171,10 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.core.scheduler.waiting) + self._commands.qsize()
 
+    def grammar_stats(self) -> tuple[list[float], int]:
+        """(grammar compile durations, compile errors) since the last call (for metrics)."""
+        return self.core.grammars.drain_stats()
+
     def get_kv_cache_usage(self) -> float:
         return self.core.scheduler.kv.usage()
 
@@ -178,6 +185,7 @@ class AsyncEngine:
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
         self._fail_streams(EngineError("the engine was shut down"))
         self._tok_pool.shutdown(wait=False)
+        self.core.grammars.shutdown()
 
     # ---- engine thread ------------------------------------------------------
     def _run(self) -> None:
@@ -231,12 +239,13 @@ class AsyncEngine:
             else:
                 self._add(*cmd[1:])
 
-    def _add(self, request_id: str, prompt_ids: list[int], text: str | None, params: SamplingParams) -> None:
+    def _add(self, request_id: str, prompt_ids: list[int], text: str | None, params: SamplingParams,
+             grammar: Any) -> None:
         stream = self._streams.get(request_id)
         if stream is None:  # cancelled before it reached the engine
             return
         try:
-            self.core.add_request(request_id, prompt_ids, params, prompt_text=text)
+            self.core.add_request(request_id, prompt_ids, params, prompt_text=text, grammar=grammar)
         except Exception as exc:  # validation already ran; report anything else to the caller
             stream.put(exc)
 

@@ -33,6 +33,9 @@ class EngineArgs:
     num_threads: int | None = None  # torch intra-op threads on CPU
     cpu_packed_linear: bool = True  # fp32 CPU: oneDNN pre-packed weights (faster; same math)
     step_watchdog_s: float = 30.0  # log a step running longer than this, with its batch (0: off)
+    structured_outputs_backend: str = "llguidance"  # grammar backend (engine/structured registry)
+    grammar_compile_timeout_s: float = 10.0  # a grammar taking longer to compile is refused (400)
+    enable_fast_forward: bool = True  # append tokens a grammar allows alone without sampling them
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -28,6 +28,10 @@ from engine.sampling_params import SamplingParams, check_text
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
 from engine.setup import EngineParts
 from engine.step_guard import StepGuard
+from engine.structured.backend import CompiledGrammar
+from engine.structured.compiler import GrammarCompiler
+
+FAST_FORWARD_MAX = 256  # forced tokens appended at once, at most
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,12 @@ class EngineCore:
         self.groups: dict[str, RequestGroup] = {}
         self.seq_to_group: dict[str, tuple[RequestGroup, int]] = {}
         self.guard = StepGuard(self.runner.execute)
+        args = parts.args
+        self.grammars = GrammarCompiler(parts.tokenizer, self.vocab_size, args.structured_outputs_backend,
+                                        args.grammar_compile_timeout_s)
+        self.enable_fast_forward = args.enable_fast_forward
+        self._num_fast_forward = 0
+        self._structured_kinds: list[str] = []
         # (start time, [(seq id, tokens)]) of the step being computed, for the watchdog.
         self.current_step: tuple[float, tuple[tuple[str, int], ...]] | None = None
         self._num_aborted = 0
@@ -79,8 +89,10 @@ class EngineCore:
                 "or max_tokens.", "max_tokens" if n < limit else "prompt")
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None, prompt_text: str | None = None) -> None:
-        """`prompt` is text or token ids; `prompt_text` names ids already tokenized by the caller."""
+                    priority: int = 0, arrival_time: float | None = None, prompt_text: str | None = None,
+                    grammar: CompiledGrammar | None = None) -> None:
+        """`prompt` is text or token ids; `prompt_text` names ids already tokenized by the caller;
+        `grammar` is `params.structured_outputs` compiled by the caller (else compiled here)."""
         if not isinstance(request_id, str) or request_id in self.groups:
             raise ParamError(f"duplicate request id {request_id!r}", "request_id")
         text, prompt_ids = self.tokenize(prompt)
@@ -88,6 +100,9 @@ class EngineCore:
         self.validate(prompt_ids, params)
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_ids))
+        spec = params.structured_outputs
+        if spec is not None and grammar is None:
+            grammar = self.grammars.compile(spec)
         arrival = arrival_time or time.monotonic()
         group = RequestGroup(request_id, text, params, arrival)
         leader = None
@@ -97,11 +112,14 @@ class EngineCore:
             if params.seed is not None and not params.greedy:
                 gen = torch.Generator(device=self.runner.cfg.device).manual_seed(params.seed + i)
             req = Request(seq_id, prompt_ids, params, self.eos_token_ids, arrival_time=arrival,
-                          priority=priority, prefix_leader=leader, generator=gen)
+                          priority=priority, prefix_leader=leader, generator=gen,
+                          matcher=grammar.new_matcher() if spec is not None else None)
             leader = leader or req
             group.add_seq(req, self.tokenizer, self.eos_token_ids)
             self.seq_to_group[seq_id] = (group, i)
         self.groups[request_id] = group
+        if spec is not None:
+            self._structured_kinds.append(spec.kind)
         for req in group.seqs:
             self.scheduler.add_request(req)
 
@@ -153,6 +171,8 @@ class EngineCore:
                 lps = lp_by_id.get(req.request_id)
                 lp_dicts = None if lps is None else make_logprob_dicts(self.tokenizer, new_ids, *lps)
                 reason, stop_reason = group.append(idx, req, new_ids, lp_dicts, self.max_model_len)
+                if reason is None:
+                    reason, stop_reason = self._fast_forward(group, idx, req)
             except Exception as exc:
                 self._fail(req.request_id, exc)
                 dirty.pop(group.request_id, None)
@@ -170,6 +190,22 @@ class EngineCore:
             if group.finished:
                 self._forget(group)
         return outputs
+
+    def _fast_forward(self, group: RequestGroup, idx: int, req: Request) -> tuple[str | None, int | str | None]:
+        """Append the tokens the grammar allows alone (each the only allowed token at its
+        position) without sampling them; the next step computes them in one pass, like a
+        prefill chunk. Greedy output is unchanged: a sole allowed token is what greedy picks.
+        Off when the request wants logprobs (forced tokens have no distribution to report)."""
+        if req.matcher is None or not self.enable_fast_forward or req.params.logprobs is not None:
+            return None, None
+        room = min(req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens,
+                   FAST_FORWARD_MAX)
+        forced = req.matcher.forced_tokens(room) if room > 0 else []
+        if not forced:
+            return None, None
+        req.append_output(forced)
+        self._num_fast_forward += len(forced)
+        return group.append(idx, req, forced, None, self.max_model_len)
 
     def _timing(self, req: Request, num_new: int, now: float) -> None:
         if req.first_token_time is None:
@@ -232,6 +268,8 @@ class EngineCore:
         aborted, self._num_aborted = self._num_aborted, 0
         finished, self._finished_stats = self._finished_stats, []
         ttfts, itls, self._ttfts, self._itls = self._ttfts, self._itls, [], []
+        kinds, self._structured_kinds = self._structured_kinds, []
+        forced, self._num_fast_forward = self._num_fast_forward, 0
         return StepStats(running, waiting, usage, sched.num_prefill_tokens, num_generated,
                          len(sched.preempted_ids), sched.prefix_cache_queries, sched.prefix_cache_hits,
-                         ttfts, itls, finished, aborted)
+                         ttfts, itls, finished, aborted, kinds, forced)

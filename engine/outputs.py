@@ -105,3 +105,5 @@ class StepStats:
     inter_token_latencies: list[float] = field(default_factory=list)
     finished: list[FinishedRequestStats] = field(default_factory=list)
     num_aborted: int = 0
+    structured_requests: list[str] = field(default_factory=list)  # kinds of constrained requests added
+    num_fast_forward_tokens: int = 0  # tokens appended without sampling (sole allowed by a grammar)

@@ -36,6 +36,8 @@ class Request:
     # it is admitted only once the leader's prompt is in the cache.
     prefix_leader: "Request | None" = None
     generator: Any = None  # torch.Generator for seeded sampling, owned by the runner side
+    # GrammarMatcher of a constrained request: it has accepted exactly the kept output tokens.
+    matcher: Any = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

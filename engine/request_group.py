@@ -20,6 +20,7 @@ from engine.output import IncrementalDetokenizer
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.request import Request
 from engine.sampling_params import OutputKind, SamplingParams
+from engine.structured.backend import GrammarError
 
 
 @dataclass
@@ -58,12 +59,24 @@ class RequestGroup:
         if detok.logprobs is not None:  # running sum over kept tokens only
             self.cum_logprobs[idx] += sum(d[t].logprob for d, t in zip(detok.logprobs[kept_before:],
                                                                         detok.token_ids[kept_before:]))
+        kept = new_ids if decision is None else new_ids[:decision.num_tokens_kept]
+        self._advance_grammar(req, kept, finishing=decision is not None)
         if decision is not None:
             req.truncate_output(req.num_output_tokens - len(new_ids) + decision.num_tokens_kept)
             return decision.finish_reason, decision.stop_reason
+        if req.matcher is not None and req.matcher.is_terminated():
+            return "stop", None  # the structure is complete: nothing may follow (even with ignore_eos)
         if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= max_model_len:
             return "length", None
         return None, None
+
+    @staticmethod
+    def _advance_grammar(req: Request, kept: list[int], finishing: bool) -> None:
+        """The matcher advances over kept tokens only (not past a stop string)."""
+        if req.matcher is None or not kept:
+            return
+        if not req.matcher.accept(kept) and not finishing:
+            raise GrammarError(req.matcher.error() or f"tokens {kept} are not allowed by the grammar")
 
     def make_output(self) -> RequestOutput | None:
         """This step's output in the request's kind, or None when it has none to give."""

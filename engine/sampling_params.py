@@ -11,6 +11,10 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.structured.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 MAX_N = 128
@@ -65,6 +69,8 @@ class SamplingParams:
     # share cached KV (tenant isolation). None: the shared, unsalted namespace.
     cache_salt: str | None = None
     output_kind: OutputKind = OutputKind.FINAL
+    # Constrain the output to a JSON schema / regex / choice / grammar (engine/structured).
+    structured_outputs: "StructuredOutputsParams | None" = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -118,6 +124,10 @@ class SamplingParams:
                 raise ParamError(f"{name} must be a finite number", name)
         if not isinstance(self.output_kind, OutputKind):
             raise ParamError("output_kind must be an OutputKind", "output_kind")
+        if self.structured_outputs is not None:
+            from engine.structured.params import StructuredOutputsParams
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ParamError("structured_outputs must be a StructuredOutputsParams", "structured_outputs")
 
     def _check_lists(self) -> None:
         if len(self.stop) > MAX_STOP_STRINGS:

@@ -7,6 +7,7 @@ rows that sample; sample on the device. The one host sync of the step is the
 """
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.errors import RequestFault
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
+from engine.structured.bitmask import BitmaskFiller
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class _Batch:
     sample_index: torch.Tensor  # [num_sampled] row of the flattened batch whose logits are sampled
     rows: list[SamplingRow]
     sampled_ids: list[str]
+    matchers: list  # GrammarMatcher or None per sampled row
 
 
 class ModelRunner:
@@ -53,6 +56,7 @@ class ModelRunner:
         shape = AttentionShape(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim ** -0.5, cfg.dtype, cfg.device)
         self.attn = create_backend(cfg.attention_backend, shape)
         self.sampler = Sampler()
+        self.bitmasks = BitmaskFiller(m.vocab_size, cfg.device)
 
     @torch.inference_mode()
     def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor:
@@ -68,12 +72,20 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         batch = self._prepare(sched)
-        hidden = self._forward(batch)
+        # Grammar masks are filled on a helper thread while the forward pass runs.
+        pending = self.bitmasks.start(batch.matchers, batch.sampled_ids)
+        try:
+            hidden = self._forward(batch)
+        except BaseException:
+            if pending is not None:  # the matchers must be idle before anyone touches them again
+                concurrent.futures.wait([pending])
+            raise
+        grammar = pending.result() if pending is not None else None  # RequestFault: that request
         if not batch.rows:
             return ModelRunnerOutput((), ())
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [num_sampled, vocab] fp32
         meta = build_sampling_metadata(batch.rows, logits.shape[-1], logits.device)
-        out = self.sampler(logits, meta)
+        out = self.sampler(logits, meta, grammar)
         # The step's single host sync: sampled ids (and logprobs) come back here.
         ids = out.sampled_token_ids.tolist()
         logprobs = self._logprobs_to_host(out, batch.rows)
@@ -85,7 +97,7 @@ class ModelRunner:
         page = self.cfg.cache.block_size
         tokens: list[int] = []
         starts, q_lens, kv_lens, kvp, indices = [], [], [], [0], []
-        sample_index, rows, sampled_ids = [], [], []
+        sample_index, rows, sampled_ids, matchers = [], [], [], []
         for s in sched.scheduled:
             req, start, n = s.request, s.start, s.num_tokens
             num_pages = -(-(start + n) // page)
@@ -104,6 +116,7 @@ class ModelRunner:
                 rows.append(SamplingRow(req.params, req.prompt_token_ids, req.output_token_ids,
                                         req.generator, req.eos_token_ids, req.request_id))
                 sampled_ids.append(req.request_id)
+                matchers.append(req.matcher)
         q_len_t = torch.tensor(q_lens)
         qo = torch.zeros(len(q_lens) + 1, dtype=torch.long)
         qo[1:] = q_len_t.cumsum(0)
@@ -117,7 +130,7 @@ class ModelRunner:
         layout = BatchLayout(qo.to(**i32), kv_indptr.to(**i32), kv_indices.to(**i32), last.to(**i32),
                              slots.to(dev), q_lens, kv_lens, page)
         return _Batch(torch.tensor(tokens, dtype=torch.long, device=dev), positions.to(dev), layout,
-                      torch.tensor(sample_index, dtype=torch.long, device=dev), rows, sampled_ids)
+                      torch.tensor(sample_index, dtype=torch.long, device=dev), rows, sampled_ids, matchers)
 
     @staticmethod
     def _logprobs_to_host(out, rows: list[SamplingRow]):

@@ -12,6 +12,10 @@ Processing order for logits [B, V] (all vectorized over the batch):
      only (logit -= freq * count + presence * (count > 0)). Each is skipped
      when its optional metadata tensor is None and is a no-op for rows at the
      neutral value (bias 0, rp 1.0, penalties 0.0).
+  4b. grammar bitmask (constrained rows only): disallowed tokens -> -inf,
+     applied after 1-4 and before 5-10, so every selection path is constrained;
+     a row the suppress mask left with nothing allowed falls back to its
+     pre-penalty logits under the grammar (the grammar wins over min_tokens).
   5. greedy rows (temperature < 1e-5) take argmax here; they consume no
      randomness and skip everything below
   6. temperature (random rows only)
@@ -38,6 +42,7 @@ import torch
 from torch import Tensor
 
 from engine.sample.metadata import GREEDY_EPS, SamplingMetadata
+from engine.structured.bitmask import GrammarBitmask, constrain
 
 
 # ----------------------------------------------------------- penalties (1-4)
@@ -192,13 +197,21 @@ def gather_logprobs(
 class Sampler:
     """Stateless; `__call__` may modify `logits` in place."""
 
-    def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    def __call__(self, logits: Tensor, meta: SamplingMetadata,
+                 grammar: GrammarBitmask | None = None) -> SamplerOutput:
         if logits.dtype != torch.float32:
             logits = logits.float()  # [B, V] float32
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
             raw_logprobs = logits.log_softmax(dim=-1)  # [B, V], new tensor
+        # Only the suppress mask can leave a constrained row with no finite logit; keep
+        # those rows' pre-penalty logits so the grammar can win (see `constrain`).
+        before = None
+        if grammar is not None and meta.suppress_mask is not None:
+            before = logits.index_select(0, grammar.rows)  # [R, V]
         logits = apply_penalties(logits, meta)
+        if grammar is not None:  # 4b. the grammar mask, last: it wins over bias and min_tokens
+            constrain(logits, grammar, before)
         sampled = self._select(logits, meta)  # [B] int64
         if raw_logprobs is None:
             return SamplerOutput(sampled, None, None, None, None)
