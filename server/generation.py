@@ -61,7 +61,8 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int | None) -> dict[in
 
 
 def build_sampling_params(req: SamplingRequest, *, max_tokens: int | None,
-                          logprobs: int | None, vocab_size: int | None) -> SamplingParams:
+                          logprobs: int | None, vocab_size: int | None,
+                          structured_outputs: Any = None) -> SamplingParams:
     """OpenAI request fields -> SamplingParams; bad values become 400s with `param`.
     Streams get DELTA outputs from the engine, everything else one FINAL output."""
     kwargs: dict[str, Any] = {
@@ -78,6 +79,7 @@ def build_sampling_params(req: SamplingRequest, *, max_tokens: int | None,
         "include_stop_str_in_output": bool(req.include_stop_str_in_output),
         "skip_special_tokens": req.skip_special_tokens is not False,
         "logit_bias": _logit_bias(req.logit_bias, vocab_size),
+        "structured_outputs": structured_outputs,
     }
     optional = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
                 "frequency_penalty", "repetition_penalty")

@@ -20,6 +20,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REQUEST_TIME_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0,
                         20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
 
@@ -73,6 +74,15 @@ class ServerMetrics:
                              REQUEST_TIME_BUCKETS)
         self.queue = histogram("request_queue_time_seconds", "Time waiting before first "
                                "scheduled.", REQUEST_TIME_BUCKETS)
+        self._structured = Counter(PREFIX + "structured_requests", "Constrained requests, by kind "
+                                   "(json, json_object, regex, choice, grammar).",
+                                   ["model_name", "kind"], registry=reg)
+        self.compile_time = histogram("grammar_compile_seconds", "Grammar compile time "
+                                      "(cache misses).", COMPILE_BUCKETS)
+        self.compile_errors = counter("grammar_compile_errors", "Grammars refused (unsupported, "
+                                      "invalid or over the time limit).")
+        self.fast_forward = counter("fast_forward_tokens", "Tokens appended without sampling "
+                                    "(the only token a grammar allowed).")
         lb = length_buckets(max(max_model_len, 1))
         self.prompt_len = histogram("request_prompt_tokens", "Prompt length per request.", lb)
         self.generation_len = histogram("request_generation_tokens", "Generated tokens per "
@@ -93,6 +103,9 @@ class ServerMetrics:
             self.ttft.observe(value)
         for value in stats.inter_token_latencies:
             self.itl.observe(value)
+        for kind in stats.structured_requests:
+            self._structured.labels(self.model_name, kind).inc()
+        self._inc(self.fast_forward, stats.num_fast_forward_tokens)
         for fin in stats.finished:
             self._success.labels(self.model_name, fin.finish_reason).inc()
             self.e2e.observe(fin.e2e_latency)
@@ -114,6 +127,12 @@ class ServerMetrics:
                 self.waiting.set(0)
         except Exception:  # a dead engine must not break /metrics
             pass
+        stats = getattr(engine, "grammar_stats", None)
+        if stats is not None:  # compiles happen off the step, so they are read here
+            durations, errors = stats()
+            for value in durations:
+                self.compile_time.observe(value)
+            self._inc(self.compile_errors, errors)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -48,6 +48,19 @@ class StreamOptions(OpenAIRequest):
     include_usage: bool | None = False
 
 
+JsonSchema = dict[str, Any] | bool | Text  # a schema object, or its JSON text
+
+
+class StructuredOutputsRequest(OpenAIRequest):
+    """vLLM's `structured_outputs` request field: exactly one constraint."""
+    json_: JsonSchema | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
+    whitespace_flexible: bool | None = False  # free whitespace inside JSON
+
+
 class SamplingRequest(OpenAIRequest):
     """Fields shared by /v1/completions and /v1/chat/completions."""
     model: Text | None = None
@@ -72,6 +85,13 @@ class SamplingRequest(OpenAIRequest):
     include_stop_str_in_output: bool | None = False
     skip_special_tokens: bool | None = True
     cache_salt: Text | None = None  # requests with different salts share no prefix cache
+    structured_outputs: StructuredOutputsRequest | None = None
+    # Older vLLM names, accepted as aliases of structured_outputs.
+    guided_json: JsonSchema | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+    response_format: "ResponseFormat | None" = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -97,9 +117,37 @@ class ChatMessage(OpenAIRequest):
     tool_calls: list[dict[str, Any]] | None = None
 
 
+class JsonSchemaFormat(OpenAIRequest):
+    name: Text | None = None
+    description: Text | None = None
+    schema_: JsonSchema | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIRequest):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(OpenAIRequest):
+    name: Text = Field(min_length=1, max_length=256)
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(OpenAIRequest):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIRequest):
+    name: Text
+
+
+class NamedToolChoice(OpenAIRequest):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -108,8 +156,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
     add_generation_prompt: bool | None = True
+    tools: Annotated[list[ToolDefinition], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
 
 
 class TokenizeRequest(OpenAIRequest):
@@ -170,9 +220,33 @@ class ChatLogprobs(OpenAIResponse):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(OpenAIResponse):
+    name: str
+    arguments: str
+
+
+class ToolCall(OpenAIResponse):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(OpenAIResponse):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_omit_none)
+
+
+class DeltaFunctionCall(OpenAIResponse):
+    name: str | None = Field(None, exclude_if=_omit_none)
+    arguments: str | None = Field(None, exclude_if=_omit_none)
+
+
+class DeltaToolCall(OpenAIResponse):
+    index: int
+    id: str | None = Field(None, exclude_if=_omit_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_omit_none)
+    function: DeltaFunctionCall
 
 
 class ChatChoice(OpenAIResponse):
@@ -195,6 +269,7 @@ class ChatCompletionResponse(OpenAIResponse):
 class DeltaMessage(OpenAIResponse):
     role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
     content: str | None = Field(None, exclude_if=_omit_none)
+    tool_calls: list[DeltaToolCall] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatStreamChoice(OpenAIResponse):
@@ -245,3 +320,8 @@ class ErrorInfo(OpenAIResponse):
 
 class ErrorResponse(OpenAIResponse):
     error: ErrorInfo
+
+
+SamplingRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+ChatCompletionRequest.model_rebuild()

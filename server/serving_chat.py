@@ -7,7 +7,9 @@ final chunk with empty `choices` carries `usage`.
 """
 from __future__ import annotations
 
+import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,14 +23,10 @@ from server.generation import (EngineStream, InFlight, build_sampling_params,
                                new_request_id, open_streams, respond)
 from server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest,
                              ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatMessageOut,
-                             ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob,
-                             UsageInfo)
+                             ChatStreamChoice, ChatTokenLogprob, DeltaFunctionCall, DeltaMessage,
+                             DeltaToolCall, ToolCall, TopLogprob, UsageInfo)
 from server.streaming import Delta, DeltaTracker, sse
-
-CONSTRAINED_DECODING_MSG = ("response_format {kind!r} is not available yet: constrained "
-                            "decoding is not implemented in this server. Use {{\"type\": "
-                            "\"text\"}} or omit response_format.")
-
+from server.structured import ToolMode, structured_outputs_of
 
 @dataclass
 class Ctx:
@@ -37,6 +35,7 @@ class Ctx:
     model: str
     n: int
     top_logprobs: int | None  # None: no logprobs
+    tool_mode: ToolMode | None = None  # a forced tool call: the output is read back as tool_calls
 
 
 def _text_content(message: ChatMessage, index: int) -> str:
@@ -52,8 +51,19 @@ def _text_content(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
-def conversation(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages -> the dicts HF chat templates expect."""
+def _tool_calls_text(calls: list[dict[str, Any]]) -> str:
+    """Assistant tool calls as text, for templates that cannot render them."""
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            out.append({"name": fn.get("name"), "arguments": fn.get("arguments")})
+    return json.dumps(out, ensure_ascii=False)
+
+
+def conversation(messages: Sequence[ChatMessage], template_has_tools: bool = False) -> list[dict[str, Any]]:
+    """OpenAI messages -> the dicts HF chat templates expect. Assistant `tool_calls`
+    become the message text when the template does not render them itself."""
     out = []
     for i, msg in enumerate(messages):
         item: dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role,
@@ -62,16 +72,20 @@ def conversation(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             value = getattr(msg, key)
             if value is not None:
                 item[key] = value
+        if msg.tool_calls and not template_has_tools and not item["content"]:
+            item["content"] = _tool_calls_text(msg.tool_calls)
         out.append(item)
     return out
 
 
 def render_chat(tokenizer: Any, messages: Sequence[ChatMessage],
-                add_generation_prompt: bool = True) -> list[int]:
-    """Apply the model's chat template; template errors are the client's 400."""
-    conv = conversation(messages)
+                add_generation_prompt: bool = True, tools: list[dict] | None = None) -> list[int]:
+    """Apply the model's chat template (with `tools` when given); template errors are the
+    client's 400."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    conv = conversation(messages, template_has_tools="tool_calls" in template)
     try:
-        text = tokenizer.apply_chat_template(conv, tokenize=False,
+        text = tokenizer.apply_chat_template(conv, tokenize=False, tools=tools or None,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja errors, missing template, role rules
         raise bad_request(f"Could not apply the model's chat template: {exc}", "messages")
@@ -80,9 +94,6 @@ def render_chat(tokenizer: Any, messages: Sequence[ChatMessage],
 
 def _check_request(req: ChatCompletionRequest) -> int | None:
     """Checks that need more than types; returns the logprobs count for SamplingParams."""
-    fmt = req.response_format
-    if fmt is not None and fmt.type != "text":
-        raise bad_request(CONSTRAINED_DECODING_MSG.format(kind=fmt.type), "response_format")
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
     return (req.top_logprobs or 0) if req.logprobs else None
@@ -94,12 +105,15 @@ async def create_chat_completion(req: ChatCompletionRequest, raw: Request, engin
     logprobs = _check_request(req)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
+    spec, tool_mode = structured_outputs_of(req)
     params = build_sampling_params(req, max_tokens=max_tokens, logprobs=logprobs,
-                                   vocab_size=engine.vocab_size)
+                                   vocab_size=engine.vocab_size, structured_outputs=spec)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] \
+        if req.tools and req.tool_choice != "none" else None
     prompt = await engine.run_tokenizer(
-        lambda tok: render_chat(tok, req.messages, req.add_generation_prompt is not False))
+        lambda tok: render_chat(tok, req.messages, req.add_generation_prompt is not False, tools))
     check_context_length(len(prompt), params.max_tokens, engine.max_model_len, "messages")
-    ctx = Ctx(new_request_id("chatcmpl"), int(time.time()), model, params.n, logprobs)
+    ctx = Ctx(new_request_id("chatcmpl"), int(time.time()), model, params.n, logprobs, tool_mode)
     return await respond(raw, open_streams(engine, [prompt], params, ctx.request_id, inflight),
                          bool(req.stream), req.stream_options,
                          lambda streams, usage: _chunks(ctx, streams, usage),
@@ -115,11 +129,21 @@ def _response(ctx: Ctx, final: Any) -> ChatCompletionResponse:
         if ctx.top_logprobs is not None:
             logprobs = ChatLogprobs(content=_token_logprobs(
                 comp.token_ids, comp.logprobs or [], ctx.top_logprobs))
-        choices.append(ChatChoice(index=comp.index, message=ChatMessageOut(content=comp.text),
-                                  logprobs=logprobs, finish_reason=comp.finish_reason,
-                                  stop_reason=comp.stop_reason))
+        message, finish = ChatMessageOut(content=comp.text), comp.finish_reason
+        calls = _tool_calls(ctx, comp.text, finish)
+        if calls:
+            message, finish = ChatMessageOut(content=None, tool_calls=calls), "tool_calls"
+        choices.append(ChatChoice(index=comp.index, message=message, logprobs=logprobs,
+                                  finish_reason=finish, stop_reason=comp.stop_reason))
     return ChatCompletionResponse(id=ctx.request_id, created=ctx.created, model=ctx.model,
                                   choices=choices, usage=UsageInfo(**tracker.usage()))
+
+
+def _tool_calls(ctx: Ctx, text: str, finish_reason: str | None) -> list[ToolCall] | None:
+    """A forced tool call's finished output read back as tool calls (None: plain text)."""
+    if ctx.tool_mode is None or finish_reason != "stop":
+        return None
+    return ctx.tool_mode.parse(text)
 
 
 def _chunk(ctx: Ctx, choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -133,9 +157,10 @@ async def _chunks(ctx: Ctx, streams: list[EngineStream],
         role = DeltaMessage(role="assistant", content="")
         yield _chunk(ctx, [ChatStreamChoice(index=index, delta=role)])
     tracker = DeltaTracker(ctx.n, with_tokens=ctx.top_logprobs is not None)
+    tools = _StreamedToolCalls(ctx) if ctx.tool_mode is not None else None
     async for _, out in merge(streams):
         for delta in tracker.deltas(0, out):
-            choice = _stream_choice(ctx, delta)
+            choice = tools.choice(delta) if tools is not None else _stream_choice(ctx, delta)
             if choice is not None:
                 yield _chunk(ctx, [choice])
     if include_usage:
@@ -152,6 +177,44 @@ def _stream_choice(ctx: Ctx, delta: Delta) -> ChatStreamChoice | None:
     content = DeltaMessage(content=delta.text) if delta.text else DeltaMessage()
     return ChatStreamChoice(index=delta.index, delta=content, logprobs=logprobs,
                             finish_reason=delta.finish_reason)
+
+
+class _StreamedToolCalls:
+    """Forced tool calls as `delta.tool_calls` chunks. A named function streams its
+    arguments as they are generated (the first chunk carries id and name); a
+    "required" array is held back and sent call by call once complete. An output
+    that does not end as a tool call is sent as content at the end."""
+
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+        self.text: dict[int, str] = {}
+        self.call_ids: dict[int, str] = {}
+
+    def choice(self, delta: Delta) -> ChatStreamChoice | None:
+        ctx, i = self.ctx, delta.index
+        self.text[i] = self.text.get(i, "") + delta.text
+        named = ctx.tool_mode.named
+        if delta.finish_reason is None:
+            if named is None or not delta.text:
+                return None
+            first = i not in self.call_ids
+            call_id = self.call_ids.setdefault(i, f"call_{uuid.uuid4().hex[:24]}")
+            fn = DeltaFunctionCall(name=named if first else None, arguments=delta.text)
+            call = DeltaToolCall(index=0, id=call_id if first else None,
+                                 type="function" if first else None, function=fn)
+            return ChatStreamChoice(index=i, delta=DeltaMessage(tool_calls=[call]))
+        calls = _tool_calls(ctx, self.text[i], delta.finish_reason)
+        if calls is None:  # not a tool call after all (length, error): the text as content
+            sent = i in self.call_ids and named is not None
+            content = None if sent else self.text[i] or None
+            return ChatStreamChoice(index=i, delta=DeltaMessage(content=content),
+                                    finish_reason=delta.finish_reason)
+        if named is not None:  # arguments already streamed
+            return ChatStreamChoice(index=i, delta=DeltaMessage(), finish_reason="tool_calls")
+        deltas = [DeltaToolCall(index=k, id=c.id, type="function",
+                                function=DeltaFunctionCall(name=c.function.name, arguments=c.function.arguments))
+                  for k, c in enumerate(calls)]
+        return ChatStreamChoice(index=i, delta=DeltaMessage(tool_calls=deltas), finish_reason="tool_calls")
 
 
 def _entry(token: str, logprob: float) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from server.errors import bad_request
+from server.structured import structured_outputs_of
 from server.generation import (EngineStream, InFlight, build_sampling_params,
                                check_context_length, check_model, check_token_ids, finite, merge,
                                new_request_id, open_streams, respond, vocab_size_of)
@@ -75,8 +76,9 @@ async def create_completion(req: CompletionRequest, raw: Request, engine: Any,
         raise bad_request("suffix is not supported.", "suffix")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise bad_request("best_of is not supported (it must equal n).", "best_of")
+    spec, _ = structured_outputs_of(req)
     params = build_sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs,
-                                   vocab_size=engine.vocab_size)
+                                   vocab_size=engine.vocab_size, structured_outputs=spec)
     prompts = await engine.run_tokenizer(lambda tok: _prompts(req, tok))
     for prompt in prompts:
         check_context_length(len(prompt.ids), params.max_tokens, engine.max_model_len, "prompt")
