@@ -14,6 +14,7 @@ which tokens may come next:
   forced_tokens(limit)       tokens the grammar allows alone, position after position
                              (each the only allowed token at its position); state unchanged
   is_terminated()            nothing but the end may follow (the output is complete)
+  is_accepting()             the output may end here (more may still follow)
   error()                    why the matcher can go no further (None when healthy)
 
 Backends register by name; `create_backend(name, tokenizer, vocab_size)` makes one.
@@ -57,6 +58,10 @@ class GrammarMatcher(abc.ABC):
 
     @abc.abstractmethod
     def is_terminated(self) -> bool: ...
+
+    @abc.abstractmethod
+    def is_accepting(self) -> bool:
+        """The tokens so far form a complete output (the end may come now)."""
 
     @abc.abstractmethod
     def error(self) -> str | None: ...

@@ -29,10 +29,15 @@ LIMITS = dict(step_max_items=50_000, step_lexer_fuel=200_000, initial_lexer_fuel
 
 def _check_json_schema(schema: Any) -> None:
     """Refuse what is not a JSON Schema at all (by the schema's own $schema draft)."""
+    import warnings
+
     import jsonschema
 
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        with warnings.catch_warnings():  # an unknown $schema falls back to the latest draft
+            warnings.simplefilter("ignore", DeprecationWarning)
+            validator = jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator)
+        validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise GrammarError(f"not a valid JSON Schema: {exc.message}") from None
 
@@ -145,6 +150,9 @@ class LLGuidanceMatcher(GrammarMatcher):
 
     def is_terminated(self) -> bool:
         return self.m.is_stopped() and not self.m.is_error()
+
+    def is_accepting(self) -> bool:
+        return self.m.is_accepting()
 
     def error(self) -> str | None:
         return (self.m.get_error() or "grammar error") if self.m.is_error() else None
