@@ -190,6 +190,14 @@ class _StreamedToolCalls:
         self.text: dict[int, str] = {}
         self.call_ids: dict[int, str] = {}
 
+    def _arguments(self, i: int, text: str) -> DeltaMessage:
+        """More of a named call's arguments; the first piece carries its id and name."""
+        first = i not in self.call_ids
+        call_id = self.call_ids.setdefault(i, f"call_{uuid.uuid4().hex[:24]}")
+        fn = DeltaFunctionCall(name=self.ctx.tool_mode.named if first else None, arguments=text)
+        return DeltaMessage(tool_calls=[DeltaToolCall(index=0, id=call_id if first else None,
+                                                      type="function" if first else None, function=fn)])
+
     def choice(self, delta: Delta) -> ChatStreamChoice | None:
         ctx, i = self.ctx, delta.index
         self.text[i] = self.text.get(i, "") + delta.text
@@ -197,20 +205,17 @@ class _StreamedToolCalls:
         if delta.finish_reason is None:
             if named is None or not delta.text:
                 return None
-            first = i not in self.call_ids
-            call_id = self.call_ids.setdefault(i, f"call_{uuid.uuid4().hex[:24]}")
-            fn = DeltaFunctionCall(name=named if first else None, arguments=delta.text)
-            call = DeltaToolCall(index=0, id=call_id if first else None,
-                                 type="function" if first else None, function=fn)
-            return ChatStreamChoice(index=i, delta=DeltaMessage(tool_calls=[call]))
+            return ChatStreamChoice(index=i, delta=self._arguments(i, delta.text))
         calls = _tool_calls(ctx, self.text[i], delta.finish_reason)
         if calls is None:  # not a tool call after all (length, error): the text as content
             sent = i in self.call_ids and named is not None
             content = None if sent else self.text[i] or None
             return ChatStreamChoice(index=i, delta=DeltaMessage(content=content),
                                     finish_reason=delta.finish_reason)
-        if named is not None:  # arguments already streamed
-            return ChatStreamChoice(index=i, delta=DeltaMessage(), finish_reason="tool_calls")
+        if named is not None:  # arguments streamed; this delta may carry their last part
+            if not delta.text:
+                return ChatStreamChoice(index=i, delta=DeltaMessage(), finish_reason="tool_calls")
+            return ChatStreamChoice(index=i, delta=self._arguments(i, delta.text), finish_reason="tool_calls")
         deltas = [DeltaToolCall(index=k, id=c.id, type="function",
                                 function=DeltaFunctionCall(name=c.function.name, arguments=c.function.arguments))
                   for k, c in enumerate(calls)]
