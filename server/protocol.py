@@ -59,6 +59,7 @@ class StructuredOutputsRequest(OpenAIRequest):
     grammar: Text | None = None
     json_object: bool | None = None
     whitespace_flexible: bool | None = False  # free whitespace inside JSON
+    allow_additional_properties: bool | None = False  # keep objects open where the schema does
 
 
 class SamplingRequest(OpenAIRequest):

@@ -54,9 +54,10 @@ def _call(name: str, arguments: Any) -> ToolCall:
                     function=FunctionCall(name=name, arguments=json.dumps(arguments, ensure_ascii=False)))
 
 
-def _spec(param: str, flexible: bool = False, **kind: Any) -> StructuredOutputsParams:
+def _spec(param: str, flexible: bool = False, open_objects: bool = False, **kind: Any) -> StructuredOutputsParams:
     try:
-        return StructuredOutputsParams(param=param, whitespace_flexible=flexible, **kind)
+        return StructuredOutputsParams(param=param, whitespace_flexible=flexible,
+                                       allow_additional_properties=open_objects, **kind)
     except ParamError as exc:
         raise bad_request(str(exc), exc.param or param) from None
 
@@ -80,7 +81,8 @@ def _from_structured_outputs(req: SamplingRequest) -> StructuredOutputsParams | 
                               ("grammar", so.grammar)) if v is not None}
     if so.json_object:
         kind["json_object"] = True
-    return _spec("structured_outputs", bool(so.whitespace_flexible), **kind)
+    return _spec("structured_outputs", bool(so.whitespace_flexible), bool(so.allow_additional_properties),
+                 **kind)
 
 
 def _from_guided(req: SamplingRequest) -> list[StructuredOutputsParams]:

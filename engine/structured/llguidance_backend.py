@@ -20,6 +20,7 @@ import torch
 from engine.structured.backend import (CompiledGrammar, GrammarBackend, GrammarError,
                                        GrammarMatcher, bitmask_width, register_backend)
 from engine.structured.params import StructuredOutputsParams
+from engine.structured.schema_strict import close_objects
 
 # llguidance's own defaults, spelled out: ~4 ms of Earley items and ~14 ms of lexer
 # work per mask at most; grammars beyond these sizes are refused at compile time.
@@ -50,6 +51,8 @@ def grammar_text(spec: StructuredOutputsParams) -> str:
     if spec.json is not None:
         schema = json.loads(spec.schema_text())
         _check_json_schema(schema)
+        if not spec.allow_additional_properties:
+            schema = close_objects(schema)
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options)
         except ValueError as exc:

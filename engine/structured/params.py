@@ -4,7 +4,9 @@ Exactly one of `json` (a JSON Schema, dict or JSON text), `json_object` (any
 JSON object), `regex`, `choice` (one of a list of strings) or `grammar` (a
 Lark grammar, llguidance's dialect) is set. `whitespace_flexible` lets JSON
 carry free whitespace between tokens; off by default because a small model
-left free to emit whitespace often loops on it. `param` names the request
+left free to emit whitespace often loops on it; for the same reason objects
+that leave additional properties unspecified are closed unless
+`allow_additional_properties`. `param` names the request
 field the constraint came from (`response_format`, `structured_outputs`,
 `tools`, ...) so compile errors point the client at it; it is not part of
 the grammar's identity (`key`).
@@ -28,6 +30,9 @@ class StructuredOutputsParams:
     grammar: str | None = None
     json_object: bool = False
     whitespace_flexible: bool = False
+    # False (default): objects that leave additional properties unspecified are closed
+    # (engine/structured/schema_strict.py); outputs stay valid against the schema.
+    allow_additional_properties: bool = False
     param: str = field(default="structured_outputs", compare=False)
 
     def __post_init__(self) -> None:
@@ -51,8 +56,10 @@ class StructuredOutputsParams:
         if len(given) != 1:
             raise ParamError("exactly one of json, json_object, regex, choice or grammar must be "
                              f"given (got {given or 'none'})", self.param)
-        if not isinstance(self.whitespace_flexible, bool) or not isinstance(self.json_object, bool):
-            raise ParamError("whitespace_flexible and json_object must be booleans", self.param)
+        if not all(isinstance(v, bool) for v in (self.whitespace_flexible, self.json_object,
+                                                 self.allow_additional_properties)):
+            raise ParamError("whitespace_flexible, allow_additional_properties and json_object "
+                             "must be booleans", self.param)
         if self.json is not None:
             self._check_json()
         for name in ("regex", "grammar"):
@@ -101,4 +108,4 @@ class StructuredOutputsParams:
     def key(self) -> tuple:
         """The grammar's identity for the compile cache."""
         return (self.kind, self.schema_text(), self.regex, self.choice, self.grammar,
-                self.whitespace_flexible)
+                self.whitespace_flexible, self.allow_additional_properties)

@@ -3,7 +3,7 @@
 JSONSchemaBench dev schemas: every output that finishes with "stop" (no stop
 strings) validates against its schema with formats checked; at least half of
 the sampled schemas finish that way within max_tokens (the
-issue's goal; measured 0.33 with the 135M model, see the test). Also n = 3 seeded
+issue's goal; measured 0.50 with the 135M model, see the test). Also n = 3 seeded
 sampling, constrained and unconstrained requests in one batch, fast-forward
 not changing greedy output, and the matcher never advanced past kept tokens.
 """
@@ -71,10 +71,11 @@ def test_bench_schemas_greedy_outputs_validate(llm):
             stopped += 1
     print(f"\nbench: {len(sampled)} sampled, {refused} refused by the backend, "
           f"{stopped} finished with stop and validated ({stopped / len(sampled):.2f})")
-    # The issue's goal is half; SmolLM2-135M greedy without the schema in the prompt reaches
-    # about a third here (it loops in free strings and additional properties until
-    # max_tokens); this floor guards against regressions until that is improved.
-    assert stopped >= 0.28 * len(sampled)
+    # Goal: half. Measured 0.50 (60/120) on this CPU with objects closed by default; the
+    # 135M model still loops in free strings, keys and digits until max_tokens on the rest
+    # (0.33 with additional properties left open). The floor leaves room for fp32 ties
+    # broken differently on another CPU.
+    assert stopped >= 0.45 * len(sampled)
 
 
 def test_n3_seeded_sampling_and_mixed_batch(llm):
