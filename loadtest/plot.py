@@ -1,0 +1,128 @@
+"""Turn committed benchmark JSON into PNG plots.
+
+    python loadtest/plot.py loadtest/results/http_load_cpu_c*.json -o loadtest/results/http_load_cpu.png
+    python loadtest/plot.py loadtest/results/structured_cpu.json -o loadtest/results/structured_cpu.png
+    python loadtest/plot.py loadtest/results/soak_cpu.json -o loadtest/results/soak_cpu.png
+
+The kind of each file is read from its keys: `http_load.py` results (one per
+concurrency: output tokens/s and TTFT/ITL p50/p99 vs concurrency, files with
+the same `--label` prefix drawn as one series), `structured_bench.py` results
+(coverage/compliance per split against the published best, TPOT constrained
+vs unconstrained) and `soak.py` results (RSS over the run).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def kind_of(data: dict) -> str:
+    if "splits" in data and "tpot_c16" in data:
+        return "structured"
+    if "summary" in data and "concurrency" in data.get("config", {}):
+        return "http_load"
+    if "rss_samples_kib" in json.dumps(data)[:10 ** 7]:
+        return "soak"
+    raise ValueError(f"unknown results file (keys: {sorted(data)})")
+
+
+def plot_http_load(files: list[tuple[str, dict]], out: Path) -> None:
+    series: dict[str, list[tuple[int, dict]]] = collections.defaultdict(list)
+    for name, data in files:
+        label = data["config"].get("label") or "ours"
+        series[label].append((data["config"]["concurrency"], data["summary"]))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, points in series.items():
+        points.sort(key=lambda p: p[0])
+        xs = [c for c, _ in points]
+        ax1.plot(xs, [s.get("output_tokens_per_s") for _, s in points], marker="o", label=label)
+        for key, style in (("ttft_ms_p50", "-"), ("itl_ms_p50", "--")):
+            ax2.plot(xs, [s.get(key) for _, s in points], style, marker="o", label=f"{label} {key}")
+    ax1.set(xlabel="concurrency", ylabel="output tokens/s", title="throughput")
+    ax2.set(xlabel="concurrency", ylabel="ms", title="latency p50", yscale="log")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_structured(data: dict, out: Path) -> None:
+    splits = list(data["splits"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.2
+    keys = ("declared_coverage", "empirical_coverage", "compliance", "published_best")
+    for k, key in enumerate(keys):
+        values = [data["splits"][s][key] or 0 for s in splits]
+        ax1.bar([i + (k - 1.5) * width for i in range(len(splits))], values, width, label=key)
+    ax1.set_xticks(range(len(splits)), splits)
+    ax1.set(ylim=(0, 1.05), title="JSONSchemaBench dev (sampled)")
+    ax1.legend(fontsize=8)
+    labels, cons, plain = [], [], []
+    for c in ("tpot_c1", "tpot_c16"):
+        labels.append(c.replace("tpot_", "concurrency "))
+        cons.append(data[c]["constrained"]["tpot_mean_ms"])
+        plain.append(data[c]["unconstrained"]["tpot_mean_ms"])
+    ax2.bar([i - 0.2 for i in range(2)], plain, 0.4, label="unconstrained")
+    ax2.bar([i + 0.2 for i in range(2)], cons, 0.4, label="constrained")
+    ax2.set_xticks(range(2), labels)
+    ax2.set(ylabel="TPOT ms", title="time per output token")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_soak(data: dict, out: Path) -> None:
+    samples = _find(data, "rss_samples_kib") or []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if samples:
+        ax.plot([s[0] for s in samples], [s[1] / 1024 for s in samples])
+    ax.set(xlabel="s", ylabel="RSS MiB", title="soak: server RSS")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def _find(data: object, key: str) -> object:
+    """The first value under `key` anywhere in nested dicts."""
+    if isinstance(data, dict):
+        if key in data:
+            return data[key]
+        for value in data.values():
+            found = _find(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("files", nargs="+")
+    p.add_argument("-o", "--output", required=True)
+    args = p.parse_args(argv)
+    loaded = [(f, json.loads(Path(f).read_text())) for f in args.files]
+    kinds = {kind_of(d) for _, d in loaded}
+    if len(kinds) != 1:
+        sys.exit(f"error: mixed result kinds {sorted(kinds)}")
+    kind = kinds.pop()
+    out = Path(args.output)
+    if kind == "http_load":
+        plot_http_load(loaded, out)
+    elif kind == "structured":
+        plot_structured(loaded[0][1], out)
+    else:
+        plot_soak(loaded[0][1], out)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
