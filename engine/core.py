@@ -28,7 +28,7 @@ from engine.sampling_params import SamplingParams, check_text
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
 from engine.setup import EngineParts
 from engine.step_guard import StepGuard
-from engine.structured.backend import CompiledGrammar
+from engine.structured.backend import CompiledGrammar, GrammarError
 from engine.structured.compiler import GrammarCompiler
 
 FAST_FORWARD_MAX = 256  # forced tokens appended at once, at most
@@ -122,6 +122,24 @@ class EngineCore:
             self._structured_kinds.append(spec.kind)
         for req in group.seqs:
             self.scheduler.add_request(req)
+        if spec is not None:
+            self._fast_forward_at_admission(group)
+
+    def _fast_forward_at_admission(self, group: RequestGroup) -> None:
+        """A grammar that forces its first tokens (`{"` of a JSON object) has them appended
+        now, so the prefill computes them with the prompt; a structure complete at admission
+        (one `choice`) finishes without a step."""
+        for idx, req in enumerate(group.seqs):
+            reason, stop_reason = self._fast_forward(group, idx, req)
+            if reason is not None:
+                self.scheduler.finish_request(req.request_id, reason, stop_reason)
+                group.finished_seqs.add(idx)
+                self._record_finished(req)
+        if group.finished:
+            out = group.make_output()
+            if out is not None:
+                self._pending_outputs.append(out)
+            self._forget(group)
 
     def abort(self, request_id: str) -> bool:
         group = self.groups.get(request_id)
@@ -233,6 +251,10 @@ class EngineCore:
         group = entry[0]
         log.error("request %s failed; finishing it with an error", group.request_id, exc_info=exc)
         group.error = f"{type(exc).__name__} while processing the request"
+        spec = group.params.structured_outputs
+        if isinstance(exc, GrammarError) and spec is not None:  # the client's constraint, not our fault
+            group.error = f"the output constraint cannot be followed: {str(exc)[:300]}"
+            group.error_param = spec.param
         self._finish_group(group, "error")
 
     def _finish_group(self, group: RequestGroup, reason: str) -> None:

@@ -17,7 +17,13 @@ class EngineDeadError(EngineError):
 
 
 class RequestFailedError(Exception):
-    """This request failed inside the engine (the engine and other requests go on)."""
+    """This request failed inside the engine (the engine and other requests go on).
+    `param` names the request field at fault when the cause is the request's own input
+    (an output constraint that cannot be followed)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class RequestFault(Exception):

@@ -68,6 +68,9 @@ class RequestOutput:
     num_cached_tokens: int = 0
     kind: OutputKind = OutputKind.FINAL
     error: str | None = None  # set when the request failed inside the engine
+    # Set with `error` when the failure is the request's own input: its output constraint
+    # (the field it came from) cannot be followed. None: an engine-side fault.
+    error_param: str | None = None
 
     def merge(self, later: "RequestOutput") -> None:
         """Fold a later DELTA output of the same request into this one."""
@@ -78,6 +81,7 @@ class RequestOutput:
             else:
                 self.outputs.append(comp)
         self.finished, self.metrics, self.error = later.finished, later.metrics, later.error
+        self.error_param = later.error_param
         self.num_cached_tokens = later.num_cached_tokens
 
 

@@ -37,6 +37,7 @@ class RequestGroup:
     finished_seqs: set[int] = field(default_factory=set)
     aborted: bool = False  # aborted or failed: finished whatever the sequences say
     error: str | None = None
+    error_param: str | None = None  # the request field at fault (a constraint that cannot be followed)
 
     @property
     def finished(self) -> bool:
@@ -90,7 +91,7 @@ class RequestGroup:
         # The prompt ids are never mutated after admission: shared, not copied.
         return RequestOutput(self.request_id, self.prompt, first.prompt_token_ids, completions,
                              self.finished, metrics, first.num_cached_tokens, self.params.output_kind,
-                             self.error)
+                             self.error, self.error_param)
 
     def _completion(self, i: int, delta: bool) -> CompletionOutput:
         req, detok = self.seqs[i], self.detoks[i]

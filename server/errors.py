@@ -77,6 +77,8 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(503, "The server is overloaded: too many requests are waiting. "
                         "Retry later.", type=SERVER_ERROR, code="engine_overloaded",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, RequestFailedError) and exc.param:
+        return APIError(400, f"The request failed: {exc}", param=exc.param, code="constraint_failed")
     if isinstance(exc, RequestFailedError):
         return APIError(500, f"The request failed inside the engine ({exc}); other requests "
                         "were not affected. Retry it.", type=SERVER_ERROR, code="request_failed")
@@ -143,6 +145,16 @@ def install_error_handlers(app: FastAPI) -> None:
         code = "not_found" if exc.status_code == 404 else None
         return JSONResponse(error_body(message, kind, None, code), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    # Engine-side outcomes of one request: answered here (the catch-all below runs in
+    # Starlette's outermost middleware, which re-raises and drops the connection).
+    @app.exception_handler(RequestFailedError)
+    async def _failed(_: Request, exc: RequestFailedError) -> JSONResponse:
+        return from_exception(exc).response()
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        return from_exception(exc).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

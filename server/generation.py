@@ -203,7 +203,7 @@ class EngineStream:
 def _raise_if_failed(out: Any) -> None:
     error = getattr(out, "error", None)
     if error:
-        raise RequestFailedError(error)
+        raise RequestFailedError(error, getattr(out, "error_param", None))
 
 
 async def _close_quietly(engine: Any, gen: Any, request_id: str) -> None:

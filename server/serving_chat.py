@@ -85,8 +85,9 @@ def render_chat(tokenizer: Any, messages: Sequence[ChatMessage],
     template = getattr(tokenizer, "chat_template", None) or ""
     conv = conversation(messages, template_has_tools="tool_calls" in template)
     try:
-        text = tokenizer.apply_chat_template(conv, tokenize=False, tools=tools or None,
-                                             add_generation_prompt=add_generation_prompt)
+        extra = {"tools": tools} if tools else {}
+        text = tokenizer.apply_chat_template(conv, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **extra)
     except Exception as exc:  # jinja errors, missing template, role rules
         raise bad_request(f"Could not apply the model's chat template: {exc}", "messages")
     return list(tokenizer.encode(text, add_special_tokens=False))

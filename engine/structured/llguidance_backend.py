@@ -133,7 +133,8 @@ class LLGuidanceMatcher(GrammarMatcher):
                 break
             progressed = False
             for token in candidates[:limit - len(out)]:
-                if self.sole_allowed() != token or token == self.eos:
+                # validate too: llguidance's mask can allow a token its parser then refuses
+                if self.sole_allowed() != token or token == self.eos or self.m.validate_tokens([token]) != 1:
                     break
                 self.m.consume_token(token)
                 out.append(token)

@@ -127,8 +127,11 @@ def test_stop_string(fake_server):
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages", None),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400,
      "messages[0].role", None),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400,
-     "response_format", None),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, 400,
+     "response_format.type", None),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"},
+                              "guided_regex": "a+"}, 400, "guided_regex", None),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "tool_choice", None),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content", None),
@@ -145,7 +148,7 @@ def test_bad_json_and_unknown_route(fake_server):
     _assert_error(httpx.get(fake_server.base_url + "/v1/nothing"), 404)
     resp = httpx.post(fake_server.base_url + "/v1/chat/completions",
                       json={**CHAT, "response_format": {"type": "json_schema"}})
-    assert "constrained decoding" in resp.json()["error"]["message"]
+    assert "needs json_schema.schema" in resp.json()["error"]["message"]
 
 
 def test_overload_gives_503_with_retry_after():

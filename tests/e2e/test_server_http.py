@@ -61,8 +61,13 @@ def assert_openai_error(resp: httpx.Response, status: int, param=None, code=None
     ("/v1/completions", {"prompt": "x", "model": "gpt-4o"}, 404, "model", "model_not_found"),
     ("/v1/chat/completions", {**CHAT, "model": "gpt-4o"}, 404, "model", "model_not_found"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", None),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400,
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "minProperties": 2, "maxProperties": 1}}}}, 400,
      "response_format", None),
+    # A constraint no token sequence of this tokenizer can follow (byte 0xF2 has no token):
+    # the request fails alone, as the client's error.
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "structured_outputs": {"regex": "\U000a3f2b"}},
+     400, "structured_outputs", "constraint_failed"),
     ("/v1/chat/completions", {**CHAT, "presence_penalty": 3}, 400, "presence_penalty", None),
     # Ids and numbers the engine cannot hold: refused at the edge, naming the field.
     ("/v1/completions", {"prompt": "hi", "max_tokens": 4, "min_tokens": 1,

@@ -134,7 +134,7 @@ def test_fast_forward_counts_tokens(llm):
     while llm.core.has_unfinished():
         _, stats = llm.core.step()
         forced += stats.num_fast_forward_tokens
-    assert forced >= 1  # after the sampled '{"', 'name' is the only token allowed
+    assert forced >= 2  # '{"' at admission, then 'name' after the sampled token
 
 
 def test_matcher_not_advanced_past_kept_tokens(llm):
@@ -188,4 +188,15 @@ def test_grammar_error_fails_only_that_request(llm):
                 finals[out.request_id] = out
     assert finals["bad"].outputs[0].finish_reason == "error" and finals["bad"].error
     assert finals["good"].outputs[0].finish_reason in ("length", "stop")
+    assert llm.core.scheduler.kv.usage() == 0
+
+
+def test_structure_complete_at_admission_finishes_without_sampling(llm):
+    params = SamplingParams(temperature=0, max_tokens=5, n=2, structured_outputs=S(choice=["only"]))
+    llm.core.add_request("one", "Pick:", params)
+    assert "one" not in llm.core.groups  # finished at admission: nothing to schedule
+    outputs, stats = llm.core.step()
+    (out,) = [o for o in outputs if o.request_id == "one"]
+    assert out.finished and [c.text for c in out.outputs] == ["only", "only"]
+    assert all(c.finish_reason == "stop" for c in out.outputs) and stats.num_generation_tokens == 0
     assert llm.core.scheduler.kv.usage() == 0
