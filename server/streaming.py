@@ -24,11 +24,19 @@ DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# Characters JSON may carry raw but that line splitters other than SSE's (Python's
+# str.splitlines, some JS readers) treat as line ends; escaped, a data line stays one line.
+_LINE_BREAKERS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
 def sse(payload: BaseModel | dict[str, Any]) -> str:
     if isinstance(payload, BaseModel):
         body = payload.model_dump_json()
     else:
         body = json.dumps(payload, separators=(",", ":"))
+    for char, escape in _LINE_BREAKERS.items():
+        if char in body:
+            body = body.replace(char, escape)
     return f"data: {body}\n\n"
 
 
