@@ -130,7 +130,11 @@ class EngineCore:
         now, so the prefill computes them with the prompt; a structure complete at admission
         (one `choice`) finishes without a step."""
         for idx, req in enumerate(group.seqs):
-            reason, stop_reason = self._fast_forward(group, idx, req)
+            try:
+                reason, stop_reason = self._fast_forward(group, idx, req)
+            except Exception as exc:  # the request is registered: it fails like any other
+                self._fail(req.request_id, exc)
+                return
             if reason is not None:
                 self.scheduler.finish_request(req.request_id, reason, stop_reason)
                 group.finished_seqs.add(idx)
