@@ -136,14 +136,9 @@ class EngineCore:
                 self._fail(req.request_id, exc)
                 return
             if reason is not None:
-                self.scheduler.finish_request(req.request_id, reason, stop_reason)
-                group.finished_seqs.add(idx)
-                self._record_finished(req)
+                self._finish_seq(group, idx, req, reason, stop_reason)
         if group.finished:
-            out = group.make_output()
-            if out is not None:
-                self._pending_outputs.append(out)
-            self._forget(group)
+            self._queue_last_output(group)
 
     def abort(self, request_id: str) -> bool:
         group = self.groups.get(request_id)
@@ -200,9 +195,7 @@ class EngineCore:
                 dirty.pop(group.request_id, None)
                 continue
             if reason is not None:
-                self.scheduler.finish_request(req.request_id, reason, stop_reason)
-                group.finished_seqs.add(idx)
-                self._record_finished(req)
+                self._finish_seq(group, idx, req, reason, stop_reason)
             dirty[group.request_id] = group
         outputs, self._pending_outputs = self._pending_outputs, []
         for group in dirty.values():
@@ -273,6 +266,17 @@ class EngineCore:
                     self._record_finished(req)
             group.finished_seqs.add(idx)
         group.aborted = True
+        self._queue_last_output(group)
+
+    def _finish_seq(self, group: RequestGroup, idx: int, req: Request, reason: str,
+                    stop_reason: int | str | None) -> None:
+        """Sequence `idx` finished on its own (stop, length): free it, count it."""
+        self.scheduler.finish_request(req.request_id, reason, stop_reason)
+        group.finished_seqs.add(idx)
+        self._record_finished(req)
+
+    def _queue_last_output(self, group: RequestGroup) -> None:
+        """A group finished outside a step's output pass: its last output goes out next step."""
         out = group.make_output()
         if out is not None:
             self._pending_outputs.append(out)
