@@ -41,6 +41,9 @@ class Record:
     e2e: float | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
+    status: int | None = None
+    text: str = ""  # the streamed completion (choice 0 and any others, in arrival order)
+    finish_reason: str | None = None
 
 
 def check_loopback(url: str) -> None:
@@ -81,6 +84,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Record
     last = rec.start
     try:
         async with client.stream("POST", url, json=body) as resp:
+            rec.status = resp.status_code
             if resp.status_code != 200:
                 rec.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return rec
@@ -91,6 +95,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Record
                 if chunk.get("usage"):
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk.get("choices", []):
+                    rec.text += choice.get("text") or ""
+                    rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
                 if not any(c.get("text") for c in chunk.get("choices", [])):
                     continue
                 now = time.perf_counter()

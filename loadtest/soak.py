@@ -39,13 +39,8 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,32 +50,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from http_load import check_loopback, percentile  # noqa: E402
+from local_server import Server, rss_kib  # noqa: E402
+from soak_plan import Plan, make_plan  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_REQUESTS = 1_000_000
 
-WORDS = ("the sea light keeper bottle village storm night ship letter rock wave wind "
-         "harbor rope lamp tide gull island fog bell morning salt").split()
-SHARED_PREFIX = ("You are a careful assistant. Answer briefly and precisely, and never "
-                 "repeat the question. ")
-PROMPTS = ["Write a short poem about", "Explain in one sentence", "List three facts about",
-           "Tell a story about", "Translate to French:", "Summarize:", "Q: What is", "Once upon"]
-STOPS = [".", "\n", ["\n\n", "."], [" the", " a"], "!", ["Q:", "A:"]]
-
-
-# --------------------------------------------------------------------------- plan
-@dataclass
-class Plan:
-    index: int
-    path: str
-    body: Any  # dict, or bytes for raw invalid bodies
-    stream: bool
-    n_choices: int  # expected choices (n x prompts), 0 if unknown
-    bad: bool = False
-    disconnect: str | None = None  # None | "before_first_byte" | "mid_stream" | "timer"
-    disconnect_at: float = 0.0  # seconds (timer / before_first_byte) or chunks (mid_stream)
-
-
+# --------------------------------------------------------------------------- outcomes
 @dataclass
 class Outcome:
     index: int
@@ -96,105 +72,6 @@ class Outcome:
     completion_tokens: int = 0
     body_excerpt: str = ""
     response_excerpt: str = ""
-
-
-def _words(rng: random.Random, k: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(k))
-
-
-def _prompt(rng: random.Random) -> str:
-    base = f"{rng.choice(PROMPTS)} {_words(rng, rng.randint(1, 12))}"
-    return SHARED_PREFIX + base if rng.random() < 0.4 else base
-
-
-def bad_request_body(rng: random.Random, max_model_len: int) -> tuple[str, Any]:
-    """(path, body): invalid on purpose, a 4xx is expected."""
-    prompt = {"prompt": "hello", "max_tokens": 4}
-    chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
-    choices: list[tuple[str, Any]] = [
-        ("/v1/completions", {**prompt, "max_tokens": -1}),
-        ("/v1/completions", {**prompt, "max_tokens": "8"}),
-        ("/v1/completions", {**prompt, "temperature": 5}),
-        ("/v1/completions", {**prompt, "n": 0}),
-        ("/v1/completions", {**prompt, "top_p": 0}),
-        ("/v1/completions", {**prompt, "logprobs": 50}),
-        ("/v1/completions", {"prompt": [], "max_tokens": 4}),
-        ("/v1/completions", {"prompt": [10 ** 9], "max_tokens": 4}),
-        ("/v1/completions", {**prompt, "stop_token_ids": [-1]}),
-        ("/v1/completions", {**prompt, "stop_token_ids": [2 ** 63]}),
-        ("/v1/completions", {**prompt, "stop_token_ids": [2 ** 63], "min_tokens": 2}),
-        ("/v1/completions", {**prompt, "prompt": "\ud800"}),
-        ("/v1/completions", {**prompt, "model": "\udfff"}),
-        ("/v1/completions", {**prompt, "seed": 2 ** 64}),
-        ("/v1/completions", {**prompt, "logit_bias": {"abc": 1}}),
-        ("/v1/completions", {**prompt, "model": "no-such-model"}),
-        ("/v1/completions", {"prompt": "hello " * (max_model_len + 8), "max_tokens": 4}),
-        ("/v1/completions", {**prompt, "max_tokens": max_model_len * 4}),
-        ("/v1/completions", b'{"prompt": "hello", "max_tokens": 4'),
-        ("/v1/completions", b"[]"),
-        ("/v1/chat/completions", {"messages": [], "max_tokens": 4}),
-        ("/v1/chat/completions", {**chat, "presence_penalty": 3}),
-        ("/v1/chat/completions", {**chat, "top_logprobs": 99, "logprobs": True}),
-        ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}),
-        ("/v1/chat/completions", {**chat, "stream": True, "n": -3}),
-        ("/v1/chat/completions", b'{"messages": NaN}'),
-    ]
-    return rng.choice(choices)
-
-
-def make_plan(rng: random.Random, index: int, args: argparse.Namespace,
-              max_model_len: int) -> Plan:
-    if rng.random() < args.bad_fraction:
-        path, body = bad_request_body(rng, max_model_len)
-        stream = isinstance(body, dict) and bool(body.get("stream"))
-        return Plan(index, path, body, stream, 0, bad=True)
-    chat = rng.random() < 0.5
-    n = rng.randint(1, 3)
-    stream = rng.random() < 0.5
-    body: dict[str, Any] = {"max_tokens": rng.randint(1, 32), "n": n}
-    num_prompts = 1
-    if chat:
-        path = "/v1/chat/completions"
-        messages = [{"role": "user", "content": _prompt(rng)}]
-        if rng.random() < 0.3:
-            messages.insert(0, {"role": "system", "content": "Be brief."})
-        body["messages"] = messages
-        if rng.random() < 0.25:
-            body["logprobs"] = True
-            body["top_logprobs"] = rng.randint(0, 5)
-    else:
-        path = "/v1/completions"
-        if rng.random() < 0.15:
-            num_prompts = rng.randint(2, 3)
-            body["prompt"] = [_prompt(rng) for _ in range(num_prompts)]
-        else:
-            body["prompt"] = _prompt(rng)
-        if rng.random() < 0.25:
-            body["logprobs"] = rng.randint(0, 5)
-        if rng.random() < 0.1:
-            body["echo"] = True
-    if stream:
-        body["stream"] = True
-        if rng.random() < 0.5:
-            body["stream_options"] = {"include_usage": True}
-    if rng.random() < 0.3:
-        body["stop"] = rng.choice(STOPS)
-    if rng.random() < 0.4:
-        body["seed"] = rng.randint(0, 2 ** 31 - 1)
-    body["temperature"] = rng.choice([0.0, 0.0, 0.3, 0.7, 1.0, 1.5])
-    if rng.random() < 0.3:
-        body["top_p"] = rng.choice([0.5, 0.9, 1.0])
-    if rng.random() < 0.2:
-        body["ignore_eos"] = True
-    plan = Plan(index, path, body, stream, n * num_prompts)
-    if rng.random() < args.disconnect_fraction:
-        kind = rng.choice(["before_first_byte", "timer"] + (["mid_stream"] * 2 if stream else []))
-        plan.disconnect = kind
-        plan.disconnect_at = {"before_first_byte": rng.uniform(0.0, 0.05),
-                              "timer": rng.uniform(0.0, 1.5),
-                              "mid_stream": float(rng.randint(1, 6))}[kind]
-    return plan
 
 
 # --------------------------------------------------------------------------- one request
@@ -299,71 +176,7 @@ async def run_one(client: httpx.AsyncClient, plan: Plan, timeout: float) -> Outc
     return out
 
 
-# --------------------------------------------------------------------------- server & metrics
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_kib(pid: int) -> dict[str, int] | None:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0])
-    return out
-
-
-class Server:
-    def __init__(self, model: str, extra: list[str], start_timeout: float):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        fd, name = tempfile.mkstemp(prefix="strix-soak-", suffix=".log")
-        self.log_path = Path(name)
-        cmd = [sys.executable, "-m", "server", "--model", model, "--host", "127.0.0.1",
-               "--port", str(self.port), *extra]
-        print(f"starting: {' '.join(cmd)}\n  log: {self.log_path}", flush=True)
-        with os.fdopen(fd, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {start_timeout:.0f} s:\n{self.log_tail()}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> int | None:
-        if self.proc.poll() is not None:
-            return self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=10)
-
-
+# --------------------------------------------------------------------------- metrics
 async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 

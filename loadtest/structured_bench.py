@@ -31,8 +31,8 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from http_load import check_loopback, percentile  # noqa: E402
-from soak import Server  # noqa: E402
+from http_load import Record, check_loopback, one_request, percentile  # noqa: E402
+from local_server import Server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / ".." / "shared" / "data" / "jsonschemabench-dev"
@@ -90,39 +90,19 @@ def compile_times(schemas: list[tuple[str, str, dict]]) -> dict[str, list[float]
     return out
 
 
-async def one(client: httpx.AsyncClient, body: dict) -> dict:
-    """Stream one completion; text, finish reason, tokens, TTFT and end time."""
-    start = time.perf_counter()
-    rec: dict[str, Any] = {"status": None, "text": "", "finish": None, "tokens": 0, "ttft": None}
-    async with client.stream("POST", "/v1/completions", json={**body, "stream": True,
-                                                              "stream_options": {"include_usage": True}}) as resp:
-        rec["status"] = resp.status_code
-        if resp.status_code != 200:
-            rec["error"] = (await resp.aread()).decode(errors="replace")[:300]
-            return rec
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                rec["tokens"] = chunk["usage"]["completion_tokens"]
-            for c in chunk.get("choices", []):
-                if c.get("text") and rec["ttft"] is None:
-                    rec["ttft"] = time.perf_counter() - start
-                rec["text"] += c.get("text") or ""
-                rec["finish"] = c.get("finish_reason") or rec["finish"]
-    rec["e2e"] = time.perf_counter() - start
-    if rec["ttft"] is not None and rec["tokens"] > 1:
-        rec["tpot"] = (rec["e2e"] - rec["ttft"]) / (rec["tokens"] - 1)
-    return rec
+def tpot(rec: Record) -> float | None:
+    """Seconds per output token after the first, from one streamed request."""
+    if rec.ttft is None or rec.e2e is None or rec.output_tokens < 2:
+        return None
+    return (rec.e2e - rec.ttft) / (rec.output_tokens - 1)
 
 
-async def run(client: httpx.AsyncClient, bodies: list[dict], concurrency: int) -> tuple[list[dict], float]:
+async def run(client: httpx.AsyncClient, bodies: list[dict], concurrency: int) -> tuple[list[Record], float]:
     sem = asyncio.Semaphore(concurrency)
 
-    async def guarded(body: dict) -> dict:
+    async def guarded(body: dict) -> Record:
         async with sem:
-            return await one(client, body)
+            return await one_request(client, "/v1/completions", body)
     start = time.perf_counter()
     recs = await asyncio.gather(*(guarded(b) for b in bodies))
     return list(recs), time.perf_counter() - start
@@ -130,25 +110,25 @@ async def run(client: httpx.AsyncClient, bodies: list[dict], concurrency: int) -
 
 def body(schema: dict, args: argparse.Namespace, constrained: bool) -> dict:
     out = {"prompt": prompt_for(schema, args.schema_in_prompt), "max_tokens": args.max_tokens,
-           "temperature": 0}
+           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     if constrained:
         out["structured_outputs"] = {"json": schema}
     return out
 
 
-def tpot_summary(recs: list[dict]) -> dict:
-    values = [r["tpot"] for r in recs if "tpot" in r]
+def tpot_summary(recs: list[Record]) -> dict:
+    values = [t for t in map(tpot, recs) if t is not None]
     return {"n": len(values), "tpot_mean_ms": 1000 * sum(values) / len(values) if values else None,
-            "tpot_p50_ms": 1000 * (percentile(values, 50) or 0), "tokens": sum(r["tokens"] for r in recs)}
+            "tpot_p50_ms": 1000 * (percentile(values, 50) or 0), "tokens": sum(r.output_tokens for r in recs)}
 
 
 def split_table(schemas, recs, times) -> dict:
     table = {}
     for split in SPLITS:
         rows = [(s, r) for (sp, _, s), r in zip(schemas, recs) if sp == split]
-        declared = sum(r["status"] == 200 for _, r in rows)
-        stopped = [(s, r) for s, r in rows if r["status"] == 200 and r["finish"] == "stop"]
-        good = sum(valid(s, r["text"]) for s, r in stopped)
+        declared = sum(r.status == 200 for _, r in rows)
+        stopped = [(s, r) for s, r in rows if r.status == 200 and r.finish_reason == "stop"]
+        good = sum(valid(s, r.text) for s, r in stopped)
         t = times[split]
         table[split] = {"sampled": len(rows), "declared_coverage": declared / max(len(rows), 1),
                         "empirical_coverage": good / max(len(rows), 1),
