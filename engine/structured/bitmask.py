@@ -54,16 +54,16 @@ def apply_bitmask(logits: Tensor, mask: GrammarBitmask) -> None:
 
 def constrain(logits: Tensor, mask: GrammarBitmask, before: Tensor | None) -> None:
     """Apply the grammar last. A row left with nothing allowed (min_tokens banned the
-    EOS the grammar requires, or logit_bias pushed every allowed token to -inf) falls
-    back to its pre-penalty logits `before` [R, V] under the grammar: the grammar wins."""
+    EOS the grammar requires) falls back to its pre-penalty logits `before` [R, V], a
+    tensor the caller hands over, under the grammar: the grammar wins."""
     apply_bitmask(logits, mask)
     if before is None:
         return
     sub = logits.index_select(0, mask.rows)  # [R, V]
-    dead = torch.isinf(sub).all(dim=-1, keepdim=True) & (sub < 0).all(dim=-1, keepdim=True)  # [R, 1]
-    fallback = before.clone()
-    apply_bitmask(fallback, GrammarBitmask(mask.bitmask, torch.arange(len(mask.rows), device=before.device)))
-    logits.index_copy_(0, mask.rows, torch.where(dead, fallback, sub))
+    dead = torch.isneginf(sub).all(dim=-1, keepdim=True)  # [R, 1]
+    # `before` is the caller's own copy (index_select): masked in place, not cloned.
+    apply_bitmask(before, GrammarBitmask(mask.bitmask, torch.arange(len(mask.rows), device=before.device)))
+    logits.index_copy_(0, mask.rows, torch.where(dead, before, sub))
 
 
 class BitmaskFiller:
