@@ -153,6 +153,7 @@ class EngineCore:
     # ---- the step ------------------------------------------------------------
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         outputs, self._pending_outputs = self._pending_outputs, []
+        start = time.monotonic()
         sched = self.scheduler.schedule()
         produced: list[tuple[Request, list[int]]] = []
         lp_by_id: dict = {}
@@ -162,7 +163,8 @@ class EngineCore:
                 produced = self.scheduler.update(sched, result)
                 lp_by_id = dict(zip(result.request_ids, result.logprobs)) if result.logprobs else {}
         outputs.extend(self._process(produced, lp_by_id))
-        return outputs, self._stats(sched, sum(len(t) for _, t in produced))
+        duration = 0.0 if sched.is_empty else time.monotonic() - start
+        return outputs, self._stats(sched, sum(len(t) for _, t in produced), duration)
 
     def _execute(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, ModelRunnerOutput | None]:
         """The model step under the guard; culprit requests are failed, the rest computed."""
@@ -283,17 +285,20 @@ class EngineCore:
         self._forget(group)
 
     def _record_finished(self, req: Request) -> None:
+        n = req.num_output_tokens
+        tpot = None
+        if n > 1 and req.first_token_time is not None and req.last_token_time is not None:
+            tpot = (req.last_token_time - req.first_token_time) / (n - 1)
         self._finished_stats.append(FinishedRequestStats(
-            req.finish_reason, req.num_prompt_tokens, req.num_output_tokens,
-            time.monotonic() - req.arrival_time,
-            (req.first_scheduled_time or req.arrival_time) - req.arrival_time))
+            req.finish_reason, req.num_prompt_tokens, n, time.monotonic() - req.arrival_time,
+            (req.first_scheduled_time or req.arrival_time) - req.arrival_time, tpot))
 
     def _forget(self, group: RequestGroup) -> None:
         self.groups.pop(group.request_id, None)
         for req in group.seqs:
             self.seq_to_group.pop(req.request_id, None)
 
-    def _stats(self, sched, num_generated: int) -> StepStats:
+    def _stats(self, sched, num_generated: int, duration: float) -> StepStats:
         running, waiting, usage = self.scheduler.stats()
         aborted, self._num_aborted = self._num_aborted, 0
         finished, self._finished_stats = self._finished_stats, []
@@ -302,4 +307,5 @@ class EngineCore:
         forced, self._num_fast_forward = self._num_fast_forward, 0
         return StepStats(running, waiting, usage, sched.num_prefill_tokens, num_generated,
                          len(sched.preempted_ids), sched.prefix_cache_queries, sched.prefix_cache_hits,
-                         ttfts, itls, finished, aborted, kinds, forced)
+                         ttfts, itls, finished, aborted, kinds, forced, duration,
+                         len(sched.scheduled))

@@ -92,6 +92,7 @@ class FinishedRequestStats:
     num_generation_tokens: int
     e2e_latency: float
     queue_time: float
+    time_per_output_token: float | None = None  # (last - first token) / (n - 1); None for n < 2
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,5 @@ class StepStats:
     num_aborted: int = 0
     structured_requests: list[str] = field(default_factory=list)  # kinds of constrained requests added
     num_fast_forward_tokens: int = 0  # tokens appended without sampling (sole allowed by a grammar)
+    step_duration: float = 0.0  # seconds from schedule() to outputs ready; 0 for an empty step
+    batch_size: int = 0  # sequences computed this step (prefill chunks and decodes)

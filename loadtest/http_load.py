@@ -8,7 +8,7 @@ requests/s, optionally capped by `--concurrency`). Always bounded: at most
 `--num-requests` requests and `--duration` seconds (in-flight requests are
 cancelled at the deadline). Loopback hosts only: this tool must not be
 pointed at someone else's server. Reports output tokens/s (from each stream's
-final usage chunk), TTFT and inter-token latency p50/p99, end-to-end p50/p99.
+final usage chunk), TTFT, inter-token latency and end-to-end latency p50/p90/p99.
 """
 from __future__ import annotations
 
@@ -170,9 +170,8 @@ def summarize(records: list[Record], wall: float) -> dict:
         "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "output_tokens_per_s": round(out_tokens / wall, 2) if wall > 0 else None,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
-        "ttft_ms_p50": pct(ttfts, 50), "ttft_ms_p99": pct(ttfts, 99),
-        "itl_ms_p50": pct(itls, 50), "itl_ms_p99": pct(itls, 99),
-        "e2e_ms_p50": pct(e2es, 50), "e2e_ms_p99": pct(e2es, 99),
+        **{f"{name}_ms_p{q}": pct(values, q) for name, values in
+           (("ttft", ttfts), ("itl", itls), ("e2e", e2es)) for q in (50, 90, 99)},
         "itl_ms_mean": round(statistics.fmean(itls) * ms, 2) if itls else None,
         "errors": sorted({r.error for r in records if r.error})[:5],
     }
@@ -231,6 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="requests sent first, not measured")
     p.add_argument("--seed", type=int, default=0, help="seed for Poisson arrivals")
     p.add_argument("--json", help="write config + summary (+ requests) to this file")
+    p.add_argument("--label", default="ours", help="series name for loadtest/plot.py "
+                   "(e.g. the server or build being compared)")
     p.add_argument("--save-requests", action="store_true", help="include per-request records")
     args = p.parse_args(argv)
     if not 1 <= args.num_requests <= MAX_REQUESTS:
@@ -253,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{mode}: {s['succeeded']}/{s['requests']} ok in {s['wall_s']} s, "
           f"max_tokens {args.max_tokens}")
     print(f"  output tokens/s  {s['output_tokens_per_s']}   requests/s {s['requests_per_s']}")
-    print(f"  TTFT ms   p50 {s['ttft_ms_p50']}  p99 {s['ttft_ms_p99']}")
-    print(f"  ITL ms    p50 {s['itl_ms_p50']}  p99 {s['itl_ms_p99']}")
-    print(f"  e2e ms    p50 {s['e2e_ms_p50']}  p99 {s['e2e_ms_p99']}")
+    print(f"  TTFT ms   p50 {s['ttft_ms_p50']}  p90 {s['ttft_ms_p90']}  p99 {s['ttft_ms_p99']}")
+    print(f"  ITL ms    p50 {s['itl_ms_p50']}  p90 {s['itl_ms_p90']}  p99 {s['itl_ms_p99']}")
+    print(f"  e2e ms    p50 {s['e2e_ms_p50']}  p90 {s['e2e_ms_p90']}  p99 {s['e2e_ms_p99']}")
     for err in s["errors"]:
         print(f"  error: {err}")
     if args.json:

@@ -5,7 +5,7 @@
     python loadtest/plot.py loadtest/results/soak_cpu.json -o loadtest/results/soak_cpu.png
 
 The kind of each file is read from its keys: `http_load.py` results (one per
-concurrency: output tokens/s and TTFT/ITL p50/p99 vs concurrency, files with
+concurrency: output tokens/s and TTFT/ITL p50/p90/p99 vs concurrency, files with
 the same `--label` prefix drawn as one series), `structured_bench.py` results
 (coverage/compliance per split against the published best, TPOT constrained
 vs unconstrained) and `soak.py` results (RSS over the run).
@@ -23,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
 
 def kind_of(data: dict) -> str:
     if "splits" in data and "tpot_c16" in data:
@@ -35,21 +37,29 @@ def kind_of(data: dict) -> str:
 
 
 def plot_http_load(files: list[tuple[str, dict]], out: Path) -> None:
+    """Throughput, TTFT and ITL percentiles vs concurrency; one line per `--label` series."""
     series: dict[str, list[tuple[int, dict]]] = collections.defaultdict(list)
     for name, data in files:
         label = data["config"].get("label") or "ours"
         series[label].append((data["config"]["concurrency"], data["summary"]))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, points in series.items():
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    styles = {50: "-", 90: "--", 99: ":"}
+    for color, (label, points) in zip(COLORS, series.items()):
         points.sort(key=lambda p: p[0])
         xs = [c for c, _ in points]
-        ax1.plot(xs, [s.get("output_tokens_per_s") for _, s in points], marker="o", label=label)
-        for key, style in (("ttft_ms_p50", "-"), ("itl_ms_p50", "--")):
-            ax2.plot(xs, [s.get(key) for _, s in points], style, marker="o", label=f"{label} {key}")
-    ax1.set(xlabel="concurrency", ylabel="output tokens/s", title="throughput")
-    ax2.set(xlabel="concurrency", ylabel="ms", title="latency p50", yscale="log")
-    for ax in (ax1, ax2):
-        ax.legend()
+        axes[0].plot(xs, [s.get("output_tokens_per_s") for _, s in points], marker="o",
+                     color=color, label=label)
+        for ax, metric in ((axes[1], "ttft"), (axes[2], "itl")):
+            for q, style in styles.items():
+                ys = [s.get(f"{metric}_ms_p{q}") for _, s in points]
+                if any(y is not None for y in ys):  # older results have no p90
+                    ax.plot(xs, [float("nan") if y is None else y for y in ys], style,
+                            marker="o", color=color, label=f"{label} p{q}")
+    axes[0].set(xlabel="concurrency", ylabel="output tokens/s", title="throughput")
+    axes[1].set(xlabel="concurrency", ylabel="ms", title="time to first token", yscale="log")
+    axes[2].set(xlabel="concurrency", ylabel="ms", title="inter-token latency", yscale="log")
+    for ax in axes:
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -10,10 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from engine.structured.params import KINDS
+
 PREFIX = "strix:"
+# Sequences end in one of these (aborts are counted by request_aborted). Labelled
+# series are created at start-up: Prometheus' rate() cannot see a series' first
+# increment, so a series born at 1 would read as 0 on the dashboard.
+FINISH_REASONS = ("stop", "length", "error")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -21,6 +28,11 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
+                0.75, 1.0, 2.5, 5.0, 10.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 REQUEST_TIME_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0,
                         20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
 
@@ -42,6 +54,8 @@ class ServerMetrics:
     def __init__(self, model_name: str, max_model_len: int,
                  registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        if registry is None:  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+            ProcessCollector(registry=self.registry)
         labels = ["model_name"]
         reg = self.registry
 
@@ -77,12 +91,22 @@ class ServerMetrics:
         self._structured = Counter(PREFIX + "structured_requests", "Constrained requests, by kind "
                                    "(json, json_object, regex, choice, grammar).",
                                    ["model_name", "kind"], registry=reg)
+        for reason in FINISH_REASONS:
+            self._success.labels(model_name, reason)
+        for kind in KINDS:
+            self._structured.labels(model_name, kind)
         self.compile_time = histogram("grammar_compile_seconds", "Grammar compile time "
                                       "(cache misses).", COMPILE_BUCKETS)
         self.compile_errors = counter("grammar_compile_errors", "Grammars refused (unsupported, "
                                       "invalid or over the time limit).")
         self.fast_forward = counter("fast_forward_tokens", "Tokens appended without sampling "
                                     "(the only token a grammar allowed).")
+        self.step_time = histogram("step_duration_seconds", "Engine step wall time (schedule, "
+                                   "forward, sample, detokenize).", STEP_BUCKETS)
+        self.batch_size = histogram("batch_size", "Sequences computed per engine step.",
+                                    BATCH_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds", "Per request: (last token - "
+                              "first token) / (output tokens - 1).", TPOT_BUCKETS)
         lb = length_buckets(max(max_model_len, 1))
         self.prompt_len = histogram("request_prompt_tokens", "Prompt length per request.", lb)
         self.generation_len = histogram("request_generation_tokens", "Generated tokens per "
@@ -106,12 +130,17 @@ class ServerMetrics:
         for kind in stats.structured_requests:
             self._structured.labels(self.model_name, kind).inc()
         self._inc(self.fast_forward, stats.num_fast_forward_tokens)
+        if stats.batch_size:
+            self.step_time.observe(stats.step_duration)
+            self.batch_size.observe(stats.batch_size)
         for fin in stats.finished:
             self._success.labels(self.model_name, fin.finish_reason).inc()
             self.e2e.observe(fin.e2e_latency)
             self.queue.observe(fin.queue_time)
             self.prompt_len.observe(fin.num_prompt_tokens)
             self.generation_len.observe(fin.num_generation_tokens)
+            if fin.time_per_output_token is not None:
+                self.tpot.observe(fin.time_per_output_token)
 
     @staticmethod
     def _inc(counter: Any, amount: int) -> None:

@@ -22,6 +22,9 @@ MAX_SPEC_CHARS = 1 << 20  # 1 MiB of schema / grammar / regex text
 MAX_CHOICES = 1024
 
 
+KINDS = ("json", "regex", "choice", "grammar", "json_object")  # the `kind` metric label values
+
+
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     json: dict | str | None = None
@@ -45,13 +48,13 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         """json | json_object | regex | choice | grammar (metric label)."""
-        for name in ("json", "regex", "choice", "grammar"):
+        for name in KINDS[:-1]:
             if getattr(self, name) is not None:
                 return name
         return "json_object"
 
     def validate(self) -> None:
-        given = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
+        given = [n for n in KINDS[:-1] if getattr(self, n) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
             raise ParamError("exactly one of json, json_object, regex, choice or grammar must be "

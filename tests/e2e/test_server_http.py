@@ -275,13 +275,23 @@ def test_metrics_parse(real_server):
                 "strix:e2e_request_latency_seconds": "histogram",
                 "strix:request_queue_time_seconds": "histogram",
                 "strix:request_prompt_tokens": "histogram",
-                "strix:request_generation_tokens": "histogram"}
+                "strix:request_generation_tokens": "histogram",
+                "strix:step_duration_seconds": "histogram", "strix:batch_size": "histogram",
+                "strix:time_per_output_token_seconds": "histogram",
+                "process_cpu_seconds": "counter", "process_resident_memory_bytes": "gauge"}
     for name, kind in expected.items():
         assert families[name].type == kind, name
     assert metric(base, "strix:generation_tokens_total") >= 4
-    assert metric(base, "strix:time_to_first_token_seconds_count") >= 1
-    reasons = {s.labels.get("finished_reason") for s in families["strix:request_success"].samples}
-    assert "length" in reasons
+    for name in ("time_to_first_token_seconds", "step_duration_seconds", "batch_size",
+                 "time_per_output_token_seconds"):
+        assert metric(base, f"strix:{name}_count") >= 1, name
+    assert metric(base, "strix:step_duration_seconds_sum") > 0
+    assert metric(base, "strix:batch_size_sum") >= metric(base, "strix:batch_size_count")
+    assert metric(base, "process_resident_memory_bytes") > 100 * 2**20
+    by_reason = {s.labels["finished_reason"]: s.value
+                 for s in families["strix:request_success"].samples if s.name.endswith("_total")}
+    assert set(by_reason) >= {"stop", "length", "error"}  # created at start-up, for rate()
+    assert by_reason["length"] >= 1
 
 
 def test_service_endpoints(real_server):
