@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import time
 
-import torch
 
 from engine.errors import ContextLengthError, ParamError
 from engine.output import make_logprob_dicts
@@ -108,11 +107,9 @@ class EngineCore:
         leader = None
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            gen = None
-            if params.seed is not None and not params.greedy:
-                gen = torch.Generator(device=self.runner.cfg.device).manual_seed(params.seed + i)
+            seed = params.seed + i if params.seed is not None and not params.greedy else None
             req = Request(seq_id, prompt_ids, params, self.eos_token_ids, arrival_time=arrival,
-                          priority=priority, prefix_leader=leader, generator=gen,
+                          priority=priority, prefix_leader=leader, seed=seed,
                           matcher=grammar.new_matcher() if spec is not None else None)
             leader = leader or req
             group.add_seq(req, self.tokenizer, self.eos_token_ids)

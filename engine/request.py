@@ -35,7 +35,7 @@ class Request:
     # A sibling (same prompt, n > 1) whose prompt blocks this request should reuse:
     # it is admitted only once the leader's prompt is in the cache.
     prefix_leader: "Request | None" = None
-    generator: Any = None  # torch.Generator for seeded sampling, owned by the runner side
+    seed: int | None = None  # seeded sampling: token i's noise is keyed by (seed, i)
     # GrammarMatcher of a constrained request: it has accepted exactly the kept output tokens.
     matcher: Any = None
     status: RequestStatus = RequestStatus.WAITING

@@ -5,9 +5,9 @@ culprit requests: from the exception when a stage knows whose work failed
 (`RequestFault`, raised by batch building and sampling-metadata code), else
 by bisecting the batch (re-running halves until single failing requests
 remain). The culprits (and, through `expand`, their n > 1 siblings) are
-dropped and the step is re-run without them, after restoring every seeded
-generator to its state before the step, so the survivors sample exactly as
-they would have. Re-running is safe: a step only writes the KV slots of its
+dropped and the step is re-run without them; seeded noise is keyed by
+(seed, token position), so the survivors sample exactly as they would have.
+Re-running is safe: a step only writes the KV slots of its
 own scheduled tokens, and the final run rewrites all of them.
 
 A fault that no single request reproduces (every request fails alone, or no
@@ -34,13 +34,12 @@ class StepGuard:
         """Returns (the step actually run, its result or None if nothing is left,
         culprit request id -> its exception). `expand` maps culprit ids to every
         id that must leave the step with them (siblings of an n > 1 request)."""
-        states = _snapshot(sched)
         culprits: dict[str, BaseException] = {}
         while True:  # each failed attempt removes >= 1 request: at most len(batch) rounds
             try:
                 return sched, self._execute(sched), culprits
             except Exception as exc:
-                found = self._find_culprits(sched, exc, states)
+                found = self._find_culprits(sched, exc)
                 if not found:
                     raise
                 for rid, err in found.items():
@@ -50,12 +49,10 @@ class StepGuard:
                 gone = expand(set(culprits))
                 sched = dataclasses.replace(
                     sched, scheduled=tuple(s for s in sched.scheduled if s.request_id not in gone))
-                _restore(states)
                 if sched.is_empty:
                     return sched, None, culprits
 
-    def _find_culprits(self, sched: SchedulerOutput, exc: Exception,
-                       states: list) -> dict[str, BaseException]:
+    def _find_culprits(self, sched: SchedulerOutput, exc: Exception) -> dict[str, BaseException]:
         ids = {s.request_id for s in sched.scheduled}
         if isinstance(exc, RequestFault) and exc.request_id in ids:
             return {exc.request_id: exc.cause}
@@ -63,15 +60,13 @@ class StepGuard:
         if len(entries) == 1:
             return {entries[0].request_id: exc}
         mid = len(entries) // 2
-        found = {**self._bisect(sched, entries[:mid], states),
-                 **self._bisect(sched, entries[mid:], states)}
+        found = {**self._bisect(sched, entries[:mid]), **self._bisect(sched, entries[mid:])}
         if len(found) == len(entries):  # every request fails alone: the step itself is broken
             return {}
         return found
 
-    def _bisect(self, sched: SchedulerOutput, entries: list[ScheduledRequest],
-                states: list) -> dict[str, BaseException]:
-        _restore(states)
+    def _bisect(self, sched: SchedulerOutput, entries: list[ScheduledRequest]
+                ) -> dict[str, BaseException]:
         try:
             self._execute(dataclasses.replace(sched, scheduled=tuple(entries)))
             return {}
@@ -81,16 +76,4 @@ class StepGuard:
             if len(entries) == 1:
                 return {entries[0].request_id: exc}
             mid = len(entries) // 2
-            return {**self._bisect(sched, entries[:mid], states),
-                    **self._bisect(sched, entries[mid:], states)}
-
-
-def _snapshot(sched: SchedulerOutput) -> list:
-    """(generator, state) of every seeded request in the step."""
-    return [(s.request.generator, s.request.generator.get_state())
-            for s in sched.scheduled if s.request.generator is not None]
-
-
-def _restore(states: list) -> None:
-    for gen, state in states:
-        gen.set_state(state)
+            return {**self._bisect(sched, entries[:mid]), **self._bisect(sched, entries[mid:])}

@@ -15,7 +15,7 @@ import torch
 from engine.attention import AttentionShape, BatchLayout, create_backend
 from engine.config import CacheConfig, ModelConfig
 from engine.errors import RequestFault
-from engine.sample import Sampler, SamplingRow, build_sampling_metadata
+from engine.sample import Sampler, SamplingRow, build_sampling_metadata, position_seed
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
 from engine.structured.bitmask import BitmaskFiller
 
@@ -43,6 +43,11 @@ class _Batch:
     rows: list[SamplingRow]
     sampled_ids: list[str]
     matchers: list  # GrammarMatcher or None per sampled row
+
+
+def noise_seed(req, offset: int) -> int | None:
+    """The noise key of the request's output token `num_output_tokens + offset`."""
+    return None if req.seed is None else position_seed(req.seed, req.num_output_tokens + offset)
 
 
 class ModelRunner:
@@ -114,7 +119,7 @@ class ModelRunner:
             if s.sample:
                 sample_index.append(len(tokens) - 1)
                 rows.append(SamplingRow(req.params, req.prompt_token_ids, req.output_token_ids,
-                                        req.generator, req.eos_token_ids, req.request_id))
+                                        noise_seed(req, 0), req.eos_token_ids, req.request_id))
                 sampled_ids.append(req.request_id)
                 matchers.append(req.matcher)
         q_len_t = torch.tensor(q_lens)

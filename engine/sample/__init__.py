@@ -1,12 +1,12 @@
 """Vectorized batch sampling: penalties, greedy/temperature/top-k/top-p/min-p,
-per-row seeded generators and raw logprobs. See sampler.py for the order."""
+seeded noise keyed by (seed, position) and raw logprobs. See sampler.py for the order."""
 from engine.sample.metadata import (
     GREEDY_EPS,
     SamplingMetadata,
     SamplingRow,
     build_sampling_metadata,
 )
-from engine.sample.sampler import Sampler, SamplerOutput, apply_penalties
+from engine.sample.sampler import Sampler, SamplerOutput, apply_penalties, position_seed
 
 __all__ = [
     "GREEDY_EPS",
@@ -16,4 +16,5 @@ __all__ = [
     "SamplingRow",
     "apply_penalties",
     "build_sampling_metadata",
+    "position_seed",
 ]

@@ -15,8 +15,10 @@ Conventions (B = rows sampled this step, V = vocab size = logits.shape[-1]):
     intake; this is the second line of defence);
   * a row whose parameters cannot be batched raises `RequestFault` naming its
     request, so the step guard fails that request alone;
-  * greedy rows get `generators[i] = None`: greedy sampling never consumes
-    randomness, so a greedy row's generator is never advanced.
+  * a seeded row carries `noise_seeds[i]`, the key of its own noise for this
+    token (`position_seed(seed, output position)`), so its draw does not depend
+    on the batch, on retries or on how many tokens the step samples for it;
+    greedy rows and unseeded rows get None.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
-    generator: torch.Generator | None = None
+    noise_seed: int | None = None  # position_seed(seed, output index) of a seeded row
     eos_token_ids: Sequence[int] = ()
     request_id: str = ""  # names the culprit when this row's metadata cannot be built
 
@@ -60,7 +62,7 @@ class SamplingMetadata:
     prompt_token_mask: Tensor | None  # [B, V] bool, token occurs in the prompt
     logit_bias: Tensor | None  # [B, V] float32, additive
     suppress_mask: Tensor | None  # [B, V] bool, True = banned this step
-    generators: list[torch.Generator | None]  # len B; None = global RNG
+    noise_seeds: list[int | None]  # len B; None = global RNG (or greedy)
     max_num_logprobs: int | None  # None: no row wants logprobs; else max n
     all_greedy: bool
     all_random: bool
@@ -152,7 +154,7 @@ class _Columns:
         self.penalized_out: list[Sequence[int]] = []  # output ids, rows with any penalty
         self.rep_prompt: list[Sequence[int]] = []  # prompt ids, rows with repetition penalty
         self.suppressed: list[list[int]] = []  # banned ids per row
-        self.generators: list[torch.Generator | None] = []
+        self.noise_seeds: list[int | None] = []
         self.greedy: list[bool] = []
         self.logprobs: list[int] = []  # requested n, rows that want logprobs
         self.any_rep = self.any_pen = False
@@ -172,7 +174,7 @@ class _Columns:
         self.penalized_out.append(row.output_token_ids if uses_pen else ())
         self.rep_prompt.append(row.prompt_token_ids if uses_rep else ())
         self.suppressed.append(_suppressed_ids(row))
-        self.generators.append(None if is_greedy else row.generator)
+        self.noise_seeds.append(None if is_greedy else row.noise_seed)
         self.greedy.append(is_greedy)
         if p.logprobs is not None:
             self.logprobs.append(p.logprobs)
@@ -212,7 +214,7 @@ def build_sampling_metadata(
         logit_bias=_logit_bias(rows, vocab_size, device),
         suppress_mask=(_token_mask(c.suppressed, vocab_size, device)
                        if any(c.suppressed) else None),
-        generators=c.generators,
+        noise_seeds=c.noise_seeds,
         max_num_logprobs=max(c.logprobs) if c.logprobs else None,
         all_greedy=all(c.greedy),
         all_random=not any(c.greedy),

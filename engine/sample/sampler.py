@@ -25,11 +25,13 @@ Processing order for logits [B, V] (all vectorized over the batch):
  10. sample with the exponential race: argmax(probs / q), q ~ Exp(1) i.i.d.
      This equals a draw from Categorical(probs) and needs no host sync.
 
-Randomness: rows with a seeded generator draw their own q row (a Python loop
-over seeded rows only - each is one kernel launch); all other random rows
-share one batched draw from the global RNG. A seeded row therefore consumes
-exactly V exponentials from its own generator per step, whatever the batch
-around it, so the same seed gives the same tokens alone or batched.
+Randomness: a seeded row draws its q row from a generator seeded with its
+`noise_seed` = position_seed(request seed, output position) (a Python loop over
+seeded rows only - each is one kernel launch); all other random rows share one
+batched draw from the global RNG. The noise of a seeded token is thus a pure
+function of (seed, position): the same seed gives the same tokens alone or
+batched, after a retried step, and whether a speculative step samples one
+position of the request or k + 1 of them (engine/spec/verify.py).
 
 No .item()/.tolist() here: every decision that needs host knowledge comes
 from the host-side fields of SamplingMetadata.
@@ -153,14 +155,28 @@ def apply_min_p(probs: Tensor, min_p: Tensor) -> Tensor:
     return probs.masked_fill_(probs < threshold, 0.0)
 
 
-def exponential_noise(shape_like: Tensor, generators: list[torch.Generator | None]) -> Tensor:
-    """q [B, V] ~ Exp(1): seeded rows from their own generator, rest batched."""
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed for token `position` of a request seeded with `seed`
+    (splitmix64 of the pair: nearby pairs give unrelated seeds)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
+
+
+def exponential_noise(shape_like: Tensor, noise_seeds: list[int | None]) -> Tensor:
+    """q [B, V] ~ Exp(1): seeded rows from their own keyed generator, rest batched."""
     q = torch.empty_like(shape_like)  # [B, V]
-    if any(g is None for g in generators):
+    if any(s is None for s in noise_seeds):
         q.exponential_()  # one batched draw from the global RNG
-    for i, g in enumerate(generators):  # loop over seeded rows only
-        if g is not None:
-            q[i].exponential_(generator=g)  # exactly V draws from row i's generator
+    gen = None
+    for i, seed in enumerate(noise_seeds):  # loop over seeded rows only
+        if seed is not None:
+            gen = gen or torch.Generator(device=q.device)
+            q[i].exponential_(generator=gen.manual_seed(seed))  # V draws keyed by (seed, position)
     # Exp(1) draws are > 0 in theory; guard 0 so probs / q is never 0 / 0 = nan.
     return q.clamp_min_(torch.finfo(q.dtype).tiny)
 
@@ -179,7 +195,7 @@ def sample_random(logits: Tensor, meta: SamplingMetadata, greedy: Tensor) -> Ten
     probs = logits.softmax(dim=-1)  # [B, V]
     if not meta.no_min_p:
         probs = apply_min_p(probs, meta.min_p)
-    q = exponential_noise(probs, meta.generators)  # [B, V]
+    q = exponential_noise(probs, meta.noise_seeds)  # [B, V]
     return probs.div_(q).argmax(dim=-1)  # [B]
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from engine.sample import (
+    position_seed,
     Sampler,
     SamplingRow,
     apply_penalties,
@@ -22,17 +23,13 @@ def make_logits(batch: int, vocab: int = V, seed: int = 0, scale: float = 2.0) -
     return torch.randn(batch, vocab, generator=g) * scale  # [B, V]
 
 
-def row(prompt=(), output=(), generator=None, eos=(), **kw) -> SamplingRow:
-    return SamplingRow(SamplingParams(**kw), list(prompt), list(output), generator, list(eos))
+def row(prompt=(), output=(), noise_seed=None, eos=(), **kw) -> SamplingRow:
+    return SamplingRow(SamplingParams(**kw), list(prompt), list(output), noise_seed, list(eos))
 
 
 def run(rows, logits):
     meta = build_sampling_metadata(rows, logits.shape[-1], "cpu")
     return Sampler()(logits.clone(), meta)
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def empirical(tokens: torch.Tensor, vocab: int = V) -> torch.Tensor:
@@ -55,14 +52,14 @@ def tv(p: torch.Tensor, q: torch.Tensor) -> float:
 
 def test_greedy_is_argmax_and_consumes_no_randomness():
     logits = make_logits(6, 50)
-    gens = [seeded(i) for i in range(6)]
-    gen_states = [g.get_state() for g in gens]
     global_state = torch.get_rng_state()
-    out = run([row(temperature=0.0, generator=g, seed=1) for g in gens], logits)
+    rows = [row(temperature=0.0, noise_seed=position_seed(1, i), seed=1) for i in range(6)]
+    meta = build_sampling_metadata(rows, logits.shape[-1], "cpu")
+    assert meta.noise_seeds == [None] * 6  # greedy rows draw no noise
+    out = Sampler()(logits.clone(), meta)
     assert torch.equal(out.sampled_token_ids, logits.argmax(-1))
     assert out.logprobs is None and out.topk_token_ids is None and out.sampled_ranks is None
     assert torch.equal(torch.get_rng_state(), global_state)
-    assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, gen_states))
 
 
 def reference_penalties(logits, prompt, output, params: SamplingParams):
@@ -131,16 +128,16 @@ def test_builder_ignores_out_of_range_ids_and_large_top_k():
 # ----------------------------------------------------------------- seeds
 
 
-def mixed_batch(target_gen: torch.Generator):
+def mixed_batch(target_seed: int):
     """8 rows: row 3 is the seeded row under test, the rest are distractors."""
     return [
         row(temperature=0.0),
-        row(temperature=1.0, generator=seeded(11), seed=11),
+        row(temperature=1.0, noise_seed=11, seed=11),
         row(temperature=0.8, top_k=5),
-        row(temperature=1.3, top_p=0.95, generator=target_gen, seed=7),
-        row(temperature=0.0, generator=seeded(5), seed=5),
+        row(temperature=1.3, top_p=0.95, noise_seed=target_seed, seed=7),
+        row(temperature=0.0, noise_seed=5, seed=5),
         row(temperature=0.5, min_p=0.05),
-        row(temperature=1.0, generator=seeded(12), seed=12, top_k=3),
+        row(temperature=1.0, noise_seed=12, seed=12, top_k=3),
         row(temperature=2.0, frequency_penalty=0.5, output=[1, 2]),
     ]
 
@@ -148,21 +145,21 @@ def mixed_batch(target_gen: torch.Generator):
 def test_same_seed_same_tokens_alone_and_in_batch():
     vocab, steps = 64, 12
     logits = make_logits(steps * 8, vocab, seed=9, scale=1.0).view(steps, 8, vocab)
-    gen_alone, gen_batch = seeded(7), seeded(7)
     alone, batched = [], []
     for s in range(steps):
+        key = position_seed(7, s)
         torch.manual_seed(1000 + s)  # unseeded rows see different global noise
-        alone.append(run([mixed_batch(gen_alone)[3]], logits[s, 3:4]).sampled_token_ids[0])
+        alone.append(run([mixed_batch(key)[3]], logits[s, 3:4]).sampled_token_ids[0])
         torch.manual_seed(2000 + s)
-        batched.append(run(mixed_batch(gen_batch), logits[s]).sampled_token_ids[3])
+        batched.append(run(mixed_batch(key), logits[s]).sampled_token_ids[3])
     assert torch.equal(torch.stack(alone), torch.stack(batched))
 
 
 def test_different_seeds_differ():
     logits = torch.zeros(1, 1000)  # uniform: collisions are very unlikely
-    a = [run([row(generator=g, seed=1)], logits).sampled_token_ids[0] for g in [seeded(1)] * 10]
-    b = [run([row(generator=g, seed=2)], logits).sampled_token_ids[0] for g in [seeded(2)] * 10]
-    c = [run([row(generator=g, seed=1)], logits).sampled_token_ids[0] for g in [seeded(1)] * 10]
+    a = [run([row(noise_seed=position_seed(1, i), seed=1)], logits).sampled_token_ids[0] for i in range(10)]
+    b = [run([row(noise_seed=position_seed(2, i), seed=2)], logits).sampled_token_ids[0] for i in range(10)]
+    c = [run([row(noise_seed=position_seed(1, i), seed=1)], logits).sampled_token_ids[0] for i in range(10)]
     assert torch.stack(a).tolist() != torch.stack(b).tolist()
     assert torch.stack(a).tolist() == torch.stack(c).tolist()
 
@@ -298,7 +295,7 @@ def test_logprobs_are_raw_topk_sorted_and_ranked():
     low = int(logits[3].argmin())  # least likely raw token of row 3
     rows = [
         row(temperature=0.0, logprobs=5),
-        row(temperature=0.7, top_k=4, logprobs=2, generator=seeded(1), seed=1),
+        row(temperature=0.7, top_k=4, logprobs=2, noise_seed=1, seed=1),
         row(temperature=1.5, repetition_penalty=1.5, prompt=[0, 1, 2], logprobs=0),
         row(temperature=1.0, logit_bias={low: 60.0}, logprobs=3),  # forces a rank-40 token
         row(temperature=0.0, frequency_penalty=2.0, output=[int(logits[4].argmax())] * 3),
