@@ -60,6 +60,7 @@ class EngineCore:
         self._finished_stats: list[FinishedRequestStats] = []
         self._ttfts: list[float] = []
         self._itls: list[float] = []
+        self.spec = parts.spec  # SpeculativeDecoder or None
 
     # ---- intake ------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -151,6 +152,8 @@ class EngineCore:
     def step(self) -> tuple[list[RequestOutput], StepStats]:
         outputs, self._pending_outputs = self._pending_outputs, []
         start = time.monotonic()
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         produced: list[tuple[Request, list[int]]] = []
         lp_by_id: dict = {}
@@ -159,6 +162,9 @@ class EngineCore:
             if result is not None:
                 produced = self.scheduler.update(sched, result)
                 lp_by_id = dict(zip(result.request_ids, result.logprobs)) if result.logprobs else {}
+        if self.spec is not None and produced:
+            self.spec.observe(sched.scheduled, {r.request_id: len(t) for r, t in produced},
+                              sched.num_batched_tokens, time.monotonic() - start)
         outputs.extend(self._process(produced, lp_by_id))
         duration = 0.0 if sched.is_empty else time.monotonic() - start
         return outputs, self._stats(sched, sum(len(t) for _, t in produced), duration)
@@ -294,6 +300,8 @@ class EngineCore:
         self.groups.pop(group.request_id, None)
         for req in group.seqs:
             self.seq_to_group.pop(req.request_id, None)
+            if self.spec is not None:
+                self.spec.forget(req.request_id)
 
     def _stats(self, sched, num_generated: int, duration: float) -> StepStats:
         running, waiting, usage = self.scheduler.stats()

@@ -48,6 +48,9 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
+    # Speculative tokens proposed for the next step (outside token_ids: committed tokens only);
+    # written by the engine's speculative decoder before each schedule().
+    draft_token_ids: list[int] = field(default_factory=list)
     # Chained prefix-cache keys of this request's full blocks, filled lazily by the KV manager.
     block_hashes: list[bytes] = field(default_factory=list)
 

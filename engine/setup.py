@@ -30,6 +30,7 @@ class EngineParts:
     scheduler: Scheduler
     runner: ModelRunner
     eos_token_ids: tuple[int, ...]
+    spec: Any = None  # engine.spec.decoder.SpeculativeDecoder when speculation is on
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,4 +116,38 @@ def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | 
     eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s: %d layers, %d KV blocks x %d tokens, max_model_len %d, %s on %s",
              args.model, cfg.num_layers, num_blocks, args.block_size, max_len, loaded.dtype, loaded.device)
-    return EngineParts(args, cfg, tokenizer, Scheduler(sched_cfg, kv), runner, eos)
+    scheduler = Scheduler(sched_cfg, kv)
+    spec = build_speculative(args, scheduler, runner)
+    return EngineParts(args, cfg, tokenizer, scheduler, runner, eos, spec)
+
+
+def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunner) -> Any:
+    """The speculative decoder of `args`, its latency model measured on this runner; None if off."""
+    from engine.spec import DraftController, LatencyModel, create_drafter
+    from engine.spec.decoder import SpeculativeDecoder, measure_latency
+
+    method, k = args.resolved_speculative()
+    if method is None:
+        return None
+    drafter = create_drafter(method)
+    latency = (measure_latency(lambda n: _probe_step(scheduler, runner, n)) if args.speculative_adaptive
+               else LatencyModel(1.0, 0.0))
+    log.info("speculative decoding: %s, up to %d tokens, %s", method, k,
+             "adaptive" if args.speculative_adaptive else "fixed k")
+    return SpeculativeDecoder(drafter, DraftController(k, latency, args.speculative_adaptive))
+
+
+def _probe_step(scheduler: Scheduler, runner: ModelRunner, num_tokens: int) -> None:
+    """One model step of `num_tokens` prompt tokens on scratch KV blocks (freed after)."""
+    from engine.request import Request
+    from engine.sampling_params import SamplingParams
+    from engine.sched.output import ScheduledRequest, SchedulerOutput
+
+    req = Request("__latency_probe__", [i % 1000 for i in range(num_tokens)], SamplingParams(max_tokens=1))
+    if not scheduler.kv.allocate(req, num_tokens):
+        return
+    try:
+        entry = ScheduledRequest(req, 0, num_tokens, tuple(scheduler.kv.block_table(req.request_id)), True)
+        runner.execute(SchedulerOutput((entry,), num_tokens))
+    finally:
+        scheduler.kv.free(req)

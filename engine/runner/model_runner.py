@@ -3,11 +3,14 @@
 Per step: build input ids, positions, slot mapping and the CSR page table once;
 `plan()` the attention backend once; run every layer; compute logits only at
 rows that sample; sample on the device. The one host sync of the step is the
-`.tolist()` of sampled ids (and their logprobs) at the end of `execute()`.
+`.tolist()` of sampled ids (and their logprobs) at the end of `execute()`;
+speculative requests (1 + k sampled rows each) are verified there, on the
+host, by `accept_drafts` (a loop over at most k + 1 ids per request).
 """
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +20,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.errors import RequestFault
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata, position_seed
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
+from engine.spec.verify import accept_drafts
 from engine.structured.bitmask import BitmaskFiller
 
 
@@ -41,8 +45,32 @@ class _Batch:
     layout: BatchLayout
     sample_index: torch.Tensor  # [num_sampled] row of the flattened batch whose logits are sampled
     rows: list[SamplingRow]
-    sampled_ids: list[str]
+    sampled_ids: list[str]  # per sampling request
     matchers: list  # GrammarMatcher or None per sampled row
+    drafts: list[tuple[int, ...]]  # per sampling request; it owns 1 + len(drafts) rows
+
+
+class _WithDrafts(Sequence):
+    """output ids + the drafts before a position, without copying the output (penalties
+    at draft position i count the i drafts before it)."""
+
+    def __init__(self, base: Sequence[int], extra: Sequence[int]):
+        self.base, self.extra = base, extra
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.extra)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(self)[i]
+        n = len(self.base)
+        if i < 0:
+            i += len(self)
+        return self.base[i] if i < n else self.extra[i - n]
+
+    def __iter__(self):
+        yield from self.base
+        yield from self.extra
 
 
 def noise_seed(req, offset: int) -> int | None:
@@ -78,7 +106,7 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         batch = self._prepare(sched)
         # Grammar masks are filled on a helper thread while the forward pass runs.
-        pending = self.bitmasks.start(batch.matchers, batch.sampled_ids)
+        pending = self.bitmasks.start(batch.matchers, [r.request_id for r in batch.rows])
         try:
             hidden = self._forward(batch)
         except BaseException:
@@ -94,7 +122,14 @@ class ModelRunner:
         # The step's single host sync: sampled ids (and logprobs) come back here.
         ids = out.sampled_token_ids.tolist()
         logprobs = self._logprobs_to_host(out, batch.rows)
-        return ModelRunnerOutput(tuple(batch.sampled_ids), tuple([t] for t in ids), logprobs)
+        produced, per_request_lp, row = [], [], 0
+        for drafts, lp in zip(batch.drafts, self._group_logprobs(logprobs, batch.drafts)):
+            kept = accept_drafts(drafts, ids[row:row + len(drafts) + 1]) if drafts else [ids[row]]
+            produced.append(kept)
+            per_request_lp.append(None if lp is None else tuple(x[:len(kept)] for x in lp))
+            row += len(drafts) + 1
+        return ModelRunnerOutput(tuple(batch.sampled_ids), tuple(produced),
+                                 tuple(per_request_lp) if logprobs else ())
 
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
         """Per-request scalars are gathered in Python; per-token arrays are built with
@@ -102,26 +137,32 @@ class ModelRunner:
         page = self.cfg.cache.block_size
         tokens: list[int] = []
         starts, q_lens, kv_lens, kvp, indices = [], [], [], [0], []
-        sample_index, rows, sampled_ids, matchers = [], [], [], []
+        sample_index, rows, sampled_ids, matchers, all_drafts = [], [], [], [], []
         for s in sched.scheduled:
             req, start, n = s.request, s.start, s.num_tokens
             num_pages = -(-(start + n) // page)
-            if len(s.block_ids) < num_pages or start + n > req.num_tokens:
+            if len(s.block_ids) < num_pages or start + n - s.num_draft_tokens > req.num_tokens:
                 raise RequestFault(req.request_id, ValueError(
                     f"scheduled tokens [{start}, {start + n}) exceed its {req.num_tokens} tokens "
                     f"or {len(s.block_ids)} blocks"))
-            tokens.extend(req.token_ids[start:start + n])
+            drafts = s.draft_token_ids
+            tokens.extend(req.token_ids[start:start + n - len(drafts)])
+            tokens.extend(drafts)
             indices.extend(s.block_ids[:num_pages])
             kvp.append(kvp[-1] + num_pages)
             starts.append(start)
             q_lens.append(n)
             kv_lens.append(start + n)
             if s.sample:
-                sample_index.append(len(tokens) - 1)
-                rows.append(SamplingRow(req.params, req.prompt_token_ids, req.output_token_ids,
-                                        noise_seed(req, 0), req.eos_token_ids, req.request_id))
+                k = len(drafts)
+                for i in range(k + 1):  # the committed token's position, then each draft's
+                    sample_index.append(len(tokens) - 1 - k + i)
+                    out_ids = _WithDrafts(req.output_token_ids, drafts[:i]) if i else req.output_token_ids
+                    rows.append(SamplingRow(req.params, req.prompt_token_ids, out_ids,
+                                            noise_seed(req, i), req.eos_token_ids, req.request_id))
+                    matchers.append(req.matcher if k == 0 else None)  # drafted requests: unconstrained
                 sampled_ids.append(req.request_id)
-                matchers.append(req.matcher)
+                all_drafts.append(drafts)
         q_len_t = torch.tensor(q_lens)
         qo = torch.zeros(len(q_lens) + 1, dtype=torch.long)
         qo[1:] = q_len_t.cumsum(0)
@@ -135,7 +176,21 @@ class ModelRunner:
         layout = BatchLayout(qo.to(**i32), kv_indptr.to(**i32), kv_indices.to(**i32), last.to(**i32),
                              slots.to(dev), q_lens, kv_lens, page)
         return _Batch(torch.tensor(tokens, dtype=torch.long, device=dev), positions.to(dev), layout,
-                      torch.tensor(sample_index, dtype=torch.long, device=dev), rows, sampled_ids, matchers)
+                      torch.tensor(sample_index, dtype=torch.long, device=dev), rows, sampled_ids, matchers,
+                      all_drafts)
+
+    @staticmethod
+    def _group_logprobs(per_row: tuple, drafts: list[tuple[int, ...]]) -> list:
+        """Per-row logprob tuples -> per request: the 1 + k rows' lists concatenated."""
+        if not per_row:
+            return [None] * len(drafts)
+        grouped, row = [], 0
+        for d in drafts:
+            rows = per_row[row:row + len(d) + 1]
+            row += len(d) + 1
+            grouped.append(None if rows[0] is None else
+                           tuple(sum((list(r[j]) for r in rows), []) for j in range(4)))
+        return grouped
 
     @staticmethod
     def _logprobs_to_host(out, rows: list[SamplingRow]):

@@ -13,12 +13,21 @@ class ScheduledRequest:
     """One request's share of a step: tokens [start, start + num_tokens) of
     `request.token_ids` are computed; a token is sampled when `sample` is set
     (the step brings num_computed_tokens up to num_tokens). The runner only
-    reads `request` (params, token ids, generator)."""
+    reads `request` (params, token ids, seed).
+
+    Speculative step: the last `len(draft_token_ids)` of the `num_tokens` are
+    the drafts (they follow the request's one uncomputed committed token), and
+    the runner samples at all 1 + k positions."""
     request: Request
     start: int
     num_tokens: int
     block_ids: tuple[int, ...]
     sample: bool
+    draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return len(self.draft_token_ids)
 
     @property
     def request_id(self) -> str:
@@ -42,8 +51,9 @@ class SchedulerOutput:
 @dataclass(frozen=True)
 class ModelRunnerOutput:
     """Per scheduled request that sampled, in `SchedulerOutput.scheduled` order
-    restricted to `sample=True`: the token ids it produced this step (a list so a
-    speculative step can emit several) and, when asked, their logprobs."""
+    restricted to `sample=True`: the token ids it produced this step (a list: a
+    speculative step emits its accepted drafts plus one) and, when asked, their
+    logprobs."""
     request_ids: tuple[str, ...]
     sampled_token_ids: tuple[list[int], ...]
     # Per request, None when not asked, else parallel per-token lists in the form

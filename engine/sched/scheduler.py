@@ -67,16 +67,29 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING or budget == 0:
                 continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(req, num_new, preempted):
+            drafts = self._drafts(req, num_new, budget)
+            if drafts and not self.kv.allocate(req, num_new + len(drafts)):
+                drafts = ()  # no room to speculate: decode plainly rather than preempt anyone
+            if not self._allocate_or_preempt(req, num_new + len(drafts), preempted):
                 continue
-            scheduled.append(self._entry(req, num_new))
-            budget -= num_new
+            scheduled.append(self._entry(req, num_new, drafts))
+            budget -= num_new + len(drafts)
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
         num_batched = self.config.max_num_batched_tokens - budget
         prefill = sum(min(s.num_tokens, max(0, s.request.num_prompt_tokens - s.start)) for s in scheduled)
         return SchedulerOutput(tuple(scheduled), num_batched, tuple(preempted), prefill,
                                self.kv.queried_tokens - queried, self.kv.hit_tokens - hits)
+
+    def _drafts(self, req: Request, num_new: int, budget: int) -> tuple[int, ...]:
+        """The request's drafts that fit: decoding only, within the token budget, and never
+        past max_model_len or max_tokens (a fully accepted run commits k + 1 tokens)."""
+        if not req.draft_token_ids or num_new != 1 or req.num_computed_tokens + 1 != req.num_tokens:
+            return ()
+        k = min(len(req.draft_token_ids), budget - 1, self.config.max_model_len - req.num_tokens - 1)
+        if req.params.max_tokens is not None:
+            k = min(k, req.params.max_tokens - req.num_output_tokens - 1)
+        return tuple(req.draft_token_ids[:max(k, 0)])
 
     def _allocate_or_preempt(self, req: Request, num_new: int, preempted: list[str]) -> bool:
         while not self.kv.allocate(req, num_new):
@@ -132,27 +145,36 @@ class Scheduler:
             return True
         return False
 
-    def _entry(self, req: Request, num_new: int) -> ScheduledRequest:
+    def _entry(self, req: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
         start = req.num_computed_tokens
-        return ScheduledRequest(req, start, num_new, tuple(self.kv.block_table(req.request_id)),
-                                sample=start + num_new == req.num_tokens)
+        return ScheduledRequest(req, start, num_new + len(drafts),
+                                tuple(self.kv.block_table(req.request_id)),
+                                sample=start + num_new == req.num_tokens, draft_token_ids=drafts)
 
     # ---- results -------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, list[int]]]:
         """Advance computed counts, append sampled tokens, register full blocks.
-        Returns (request, new token ids) for requests that got tokens this step."""
+        Returns (request, new token ids) for requests that got tokens this step.
+
+        Speculative entries: of the 1 + k computed positions, the committed token's and
+        the a accepted drafts' KV is kept (a = produced - 1); the k - a rejected slots
+        are rolled back (overwritten later) and blocks holding only them are released."""
         sampled = dict(zip(result.request_ids, result.sampled_token_ids))
         produced: list[tuple[Request, list[int]]] = []
         for entry in sched.scheduled:
             req = entry.request
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            req.num_computed_tokens += entry.num_tokens
-            self.kv.cache_full_blocks(req)
             new_ids = sampled.get(req.request_id)
+            k = entry.num_draft_tokens
+            accepted = max(len(new_ids) - 1, 0) if k and new_ids else 0
+            req.num_computed_tokens += entry.num_tokens - k + accepted
             if new_ids:
-                req.append_output(new_ids)
+                req.append_output(new_ids)  # before hashing: accepted drafts are in full blocks
                 produced.append((req, new_ids))
+            self.kv.cache_full_blocks(req)
+            if k:
+                self.kv.truncate(req)
         return produced
 
     def stats(self) -> tuple[int, int, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Callable
 
 import pytest
 
@@ -19,6 +20,7 @@ from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
 from engine.sched.scheduler import Scheduler
+from engine.spec.verify import accept_drafts
 
 
 def token_for(request_id: str, position: int) -> int:
@@ -30,11 +32,15 @@ def expected_output(req: Request) -> list[int]:
 
 
 def fake_runner(sched_out: SchedulerOutput) -> ModelRunnerOutput:
+    """The target's token at each sampled position; drafts verified as the real runner does."""
     ids, toks = [], []
     for e in sched_out.scheduled:
         if e.sample:
             ids.append(e.request_id)
-            toks.append([token_for(e.request_id, e.start + e.num_tokens)])
+            k = e.num_draft_tokens
+            first = e.start + e.num_tokens - k  # position of the first sampled token
+            toks.append(accept_drafts(e.draft_token_ids,
+                                      [token_for(e.request_id, first + i) for i in range(k + 1)]))
     return ModelRunnerOutput(tuple(ids), tuple(toks))
 
 
@@ -42,7 +48,9 @@ class Harness:
     """A scheduler + KV manager, a fake runner, and per-step checks of the scheduler's contract."""
 
     def __init__(self, num_blocks: int = 64, block_size: int = 16, max_num_seqs: int = 8,
-                 max_num_batched_tokens: int = 64, enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int = 64, enable_prefix_caching: bool = True,
+                 draft: "Callable[[Request], list[int]] | None" = None):
+        self.draft = draft  # speculation: drafts for a decoding request before each step
         self.bs = block_size
         self.total = num_blocks
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
@@ -61,19 +69,23 @@ class Harness:
         return req
 
     # -- fake KV contents: position p of a sequence holds a hash of its tokens [0, p]
-    def _chain(self, req: Request) -> list[int]:
+    def _chain(self, req: Request, drafts=()) -> list[int]:
         chain = self.chains.setdefault(req.request_id, [])
         prev = chain[-1] if chain else 0x1234
         for p in range(len(chain), req.num_tokens):
             prev = hash((prev, req.token_ids[p]))
             chain.append(prev)
-        return chain
+        extra = []  # the drafts' positions: written this step, kept only if accepted
+        for tok in drafts:
+            prev = hash((prev, tok))
+            extra.append(prev)
+        return chain + extra
 
     def _check_kv(self, out: SchedulerOutput) -> None:
         bs, pool = self.bs, self.kv.pool
         writes: dict[tuple[int, int], int] = {}
         for e in out.scheduled:
-            chain = self._chain(e.request)
+            chain = self._chain(e.request, e.draft_token_ids)
             for p in range(e.start):  # reads, including prefix-cache hits
                 assert self.store.get((e.block_ids[p // bs], p % bs)) == chain[p], (e.request_id, p)
             for p in range(e.start, e.start + e.num_tokens):
@@ -99,8 +111,12 @@ class Harness:
             assert req.status is RequestStatus.RUNNING and req in sched.running
             assert e.num_tokens >= 1
             assert e.start == req.num_computed_tokens
-            assert e.sample == (e.start + e.num_tokens == req.num_tokens)
-            assert e.start + e.num_tokens <= req.num_tokens
+            committed_end = e.start + e.num_tokens - e.num_draft_tokens
+            assert e.sample == (committed_end == req.num_tokens)
+            assert committed_end <= req.num_tokens
+            if e.num_draft_tokens:
+                assert e.num_draft_tokens + 1 == e.num_tokens and committed_end == req.num_tokens
+                assert req.num_output_tokens + e.num_tokens <= req.params.max_tokens
             assert len(e.block_ids) >= cdiv(e.start + e.num_tokens, self.bs)
             assert tuple(self.kv.block_table(e.request_id)) == e.block_ids
             if not was_running[ids.index(e.request_id)]:
@@ -121,6 +137,10 @@ class Harness:
             assert all(was_running), "no admission in a step that preempted"
 
     def step(self) -> SchedulerOutput:
+        if self.draft is not None:
+            for req in self.sched.running:
+                decoding = req.num_computed_tokens + 1 == req.num_tokens
+                req.draft_token_ids = self.draft(req) if decoding else []
         running_before = list(self.sched.running)
         outputs_before = {r.request_id: list(r.output_token_ids) for r in running_before}
         out = self.sched.schedule()
@@ -128,8 +148,13 @@ class Harness:
         self._check_kv(out)
         self.history.append(out)
         produced = self.sched.update(out, fake_runner(out))
+        drafted = {e.request_id: e.num_draft_tokens for e in out.scheduled}
         for req, new_ids in produced:
-            assert len(new_ids) == 1
+            assert 1 <= len(new_ids) <= drafted[req.request_id] + 1
+            assert req.num_output_tokens <= req.params.max_tokens
+            if drafted[req.request_id]:  # rollback: no block beyond what the computed tokens need
+                assert len(self.kv.block_table(req.request_id)) == cdiv(req.num_computed_tokens, self.bs)
+                assert req.num_computed_tokens + 1 == req.num_tokens
             if req.num_output_tokens >= req.params.max_tokens:
                 assert self.sched.finish_request(req.request_id, "length") is req
         self.kv.pool.check_invariants()
@@ -504,13 +529,60 @@ def test_fcfs_within_priority_after_preemption():
     assert [(r.priority, r.arrival_time) for r in waiting] == sorted((r.priority, r.arrival_time) for r in waiting)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_workload_with_preemption_and_aborts(seed):
+def noisy_drafter(rng: random.Random, max_k: int = 6) -> Callable[[Request], list[int]]:
+    """Drafts the true next tokens, each wrong with probability 0.3 (rejections at any position)."""
+    def draft(req: Request) -> list[int]:
+        return [token_for(req.request_id, req.num_tokens + i) if rng.random() < 0.7 else 99_999
+                for i in range(rng.randint(0, max_k))]
+    return draft
+
+
+def test_speculation_same_outputs_under_preemption_and_releases_rejected_blocks():
+    plain = Harness(num_blocks=12, block_size=4, max_num_seqs=6, max_num_batched_tokens=64)
+    _preemption_workload(plain)
+    plain.run()
+    spec = Harness(num_blocks=12, block_size=4, max_num_seqs=6, max_num_batched_tokens=64,
+                   draft=noisy_drafter(random.Random(5)))
+    _preemption_workload(spec)
+    spec_steps = spec.run()  # every step: drafts within budget / max_tokens, rollback, no leak
+    assert spec.outputs() == plain.outputs()
+    drafted = [e for o in spec.history for e in o.scheduled if e.num_draft_tokens]
+    assert drafted and spec.sched.num_preemptions > 0
+    assert spec_steps < len(plain.history)  # accepted drafts commit several tokens a step
+
+
+def test_drafts_are_capped_by_budget_max_tokens_and_model_len():
+    h = Harness(max_num_batched_tokens=8)
+    req = h.add("a", prompt(1, 5), max_tokens=3)
+    h.step()  # prefill, first token
+    req.draft_token_ids = [1, 2, 3, 4, 5, 6]
+    out = h.sched.schedule()
+    assert out.scheduled[0].draft_token_ids == (1,)  # 1 + k <= max_tokens - outputs (3 - 1)
+    h.sched.update(out, fake_runner(out))
+    h2 = Harness(max_num_batched_tokens=3)
+    r2 = h2.add("b", prompt(2, 2), max_tokens=50)
+    h2.step()
+    r2.draft_token_ids = [7] * 10
+    assert h2.sched.schedule().scheduled[0].num_tokens == 3  # budget: 1 + 2 drafts
+    h3 = Harness()
+    h3.sched.config = SchedulerConfig(8, 64, max_model_len=8)
+    r3 = h3.add("c", prompt(3, 5), max_tokens=50)
+    h3.sched.schedule()
+    r3.num_computed_tokens = 5
+    r3.append_output([11])
+    r3.draft_token_ids = [7] * 10
+    # 6 tokens now; a full run commits k + 1 more, so k <= 8 - 6 - 1
+    assert h3.sched.schedule().scheduled[0].draft_token_ids == (7,)
+
+
+@pytest.mark.parametrize("seed,spec", [(s, False) for s in range(6)] + [(s, True) for s in range(4)])
+def test_random_workload_with_preemption_and_aborts(seed, spec):
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8])
     max_prompt, max_out = 40, 12
     h = Harness(num_blocks=cdiv(max_prompt + max_out, bs) + rng.randint(0, 12), block_size=bs,
-                max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(8, 64))
+                max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(8, 64),
+                draft=noisy_drafter(random.Random(seed + 100)) if spec else None)
     systems = [prompt(1000 * seed + i, rng.randint(1, 24)) for i in range(3)]
     aborted: set[str] = set()
     n_added, steps = 0, 0

@@ -1,0 +1,154 @@
+"""Per-step choice of each request's draft length k from a measured cost model.
+
+Expected goodput of a step = sum_r E[committed tokens of r | k_r, a_r] / T(N),
+N = tokens computed this step (1 + k_r per decoding request plus prefill).
+With a per-position acceptance rate a_r (EMA with a prior, per request),
+E[committed | k] = 1 + a + a^2 + ... + a^k, so adding the j-th draft to r adds
+a_r^j to the numerator and one token to N. The controller adds drafts in
+decreasing order of a_r^j while goodput grows (the marginal gains are sorted,
+so this greedy is optimal for a T linear in N); k = 0 for every request is the
+non-speculative step.
+
+T(N) = fixed + per_token * N is fitted at start-up from a few timed forward
+passes (`LatencyModel.fit`) and refined online from every step's measured time
+(exponentially weighted least squares). Hysteresis: a request keeps last
+step's k unless the new plan's goodput beats the old plan's (both under the
+current estimates) by `switch_margin`, so k does not flicker on a stationary
+input.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LatencyModel:
+    """T(N) = fixed + per_token * N seconds; weighted least squares over (N, T) samples."""
+    fixed: float
+    per_token: float
+    decay: float = 0.98  # weight of the past per new sample (online refinement)
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wN, wT, wNN, wNT
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, float]], decay: float = 0.98) -> "LatencyModel":
+        model = cls(0.0, 0.0, decay)
+        for n, t in samples:
+            model._add(n, t, 1.0)
+        model._solve()
+        return model
+
+    def predict(self, num_tokens: int) -> float:
+        return max(self.fixed + self.per_token * num_tokens, 1e-6)
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        self._sums = [s * self.decay for s in self._sums]
+        self._add(num_tokens, seconds, 1.0)
+        self._solve()
+
+    def _add(self, n: int, t: float, w: float) -> None:
+        s = self._sums
+        s[0] += w
+        s[1] += w * n
+        s[2] += w * t
+        s[3] += w * n * n
+        s[4] += w * n * t
+
+    def _solve(self) -> None:
+        w, sn, st, snn, snt = self._sums
+        det = w * snn - sn * sn
+        if w <= 0:
+            return
+        if abs(det) < 1e-12 * max(w * snn, 1.0):  # one distinct N so far: keep the slope
+            self.fixed = st / w - self.per_token * sn / w
+            return
+        slope = (w * snt - sn * st) / det
+        self.per_token = max(slope, 0.0)
+        self.fixed = max((st - self.per_token * sn) / w, 0.0)
+
+
+@dataclass
+class _Acceptance:
+    rate: float
+    k: int = 0
+
+
+class DraftController:
+    """Chooses k per request per step; `adaptive=False` gives every request max_k."""
+
+    def __init__(self, max_k: int, latency: LatencyModel, adaptive: bool = True,
+                 prior: float = 0.6, ema: float = 0.15, switch_margin: float = 0.02):
+        self.max_k, self.latency, self.adaptive = max_k, latency, adaptive
+        self.prior, self.ema, self.switch_margin = prior, ema, switch_margin
+        self._acc: dict[str, _Acceptance] = {}
+
+    def acceptance(self, request_id: str) -> float:
+        state = self._acc.get(request_id)
+        return self.prior if state is None else state.rate
+
+    def choose(self, candidates: dict[str, int], other_tokens: int) -> dict[str, int]:
+        """candidates: request id -> drafts available (<= max_k); other_tokens: tokens of the
+        step besides the decoding requests' 1 + k (prefill chunks). Returns id -> k."""
+        if not self.adaptive:
+            return {rid: min(n, self.max_k) for rid, n in candidates.items()}
+        base = other_tokens + len(candidates)
+        new = self._greedy(candidates, base)
+        old = {rid: min(self._acc[rid].k, n) if rid in self._acc else 0
+               for rid, n in candidates.items()}
+        if new != old and self._goodput(new, base) < (1 + self.switch_margin) * self._goodput(old, base):
+            new = old
+        for rid, k in new.items():
+            self._acc.setdefault(rid, _Acceptance(self.prior)).k = k
+        return new
+
+    def _greedy(self, candidates: dict[str, int], base: int) -> dict[str, int]:
+        gains = sorted(((self.acceptance(rid) ** j, rid) for rid, n in candidates.items()
+                        for j in range(1, min(n, self.max_k) + 1)), reverse=True)
+        plan = dict.fromkeys(candidates, 0)
+        committed = float(len(candidates))
+        tokens = base
+        best = committed / self.latency.predict(tokens)
+        for gain, rid in gains:
+            value = (committed + gain) / self.latency.predict(tokens + 1)
+            if value <= best:
+                break
+            plan[rid] += 1
+            committed, tokens, best = committed + gain, tokens + 1, value
+        return plan
+
+    def _goodput(self, plan: dict[str, int], base: int) -> float:
+        committed = sum(self._expected(self.acceptance(rid), k) for rid, k in plan.items())
+        return committed / self.latency.predict(base + sum(plan.values()))
+
+    @staticmethod
+    def _expected(a: float, k: int) -> float:
+        """E[committed tokens] = 1 + a + ... + a^k."""
+        if a >= 1.0 - 1e-9:
+            return k + 1.0
+        return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        """Update a_r from one verification: accepted of drafted (a run, stops at a miss)."""
+        if num_drafts <= 0:
+            return
+        state = self._acc.setdefault(request_id, _Acceptance(self.prior))
+        # Per-position rate from a truncated-geometric run: accepted / (accepted + 1 miss).
+        tries = num_accepted + (1 if num_accepted < num_drafts else 0)
+        sample = num_accepted / tries if tries else state.rate
+        weight = 1.0 - (1.0 - self.ema) ** max(tries, 1)
+        state.rate = min(max(state.rate + weight * (sample - state.rate), 0.0), 0.99)
+
+    def forget(self, request_id: str) -> None:
+        self._acc.pop(request_id, None)
+
+
+def describe(model: LatencyModel) -> str:
+    return (f"step latency model: T(N) = {model.fixed * 1e3:.2f} ms + "
+            f"{model.per_token * 1e3:.3f} ms x N tokens")
+
+
+def fit_quality(model: LatencyModel, samples: Sequence[tuple[int, float]]) -> float:
+    """Root-mean-square relative error of the model on `samples`."""
+    errs = [(model.predict(n) - t) / t for n, t in samples if t > 0]
+    return math.sqrt(sum(e * e for e in errs) / len(errs)) if errs else 0.0

@@ -1,0 +1,116 @@
+"""The engine's speculative decoder: drafts before each schedule, learns after each step.
+
+Owned by EngineCore (engine thread only). Before `schedule()` it writes each
+running, decoding request's `draft_token_ids` (the one writer of that field):
+the drafter proposes up to max_k tokens and the controller picks k per request
+(k = 0 leaves the request on the plain decode path). After the step it feeds
+the acceptance of every verified request to the controller, the step's
+(tokens, seconds) to the latency model, and counts the spec metrics.
+
+Constrained (grammar) requests are not drafted: their masks are filled for
+one position per step.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engine.request import Request
+from engine.sched.output import ScheduledRequest
+from engine.spec.base import Drafter
+from engine.spec.controller import DraftController, LatencyModel, describe, fit_quality
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SpecStats:
+    """Counts since the last drain (one step's worth, reported in StepStats)."""
+    num_drafts: int = 0  # requests verified with k > 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)
+
+
+class SpeculativeDecoder:
+    def __init__(self, drafter: Drafter, controller: DraftController):
+        self.drafter, self.controller = drafter, controller
+        self.stats = SpecStats()
+
+    @property
+    def max_k(self) -> int:
+        return self.controller.max_k
+
+    def propose(self, running: Sequence[Request]) -> None:
+        candidates: dict[str, list[int]] = {}
+        prefill = 0
+        for req in running:
+            req.draft_token_ids = []
+            if req.num_computed_tokens + 1 != req.num_tokens:
+                prefill += req.num_tokens - req.num_computed_tokens
+                continue
+            if req.matcher is not None:
+                continue
+            drafts = self.drafter.propose(req.request_id, req.token_ids, self.max_k)
+            if drafts:
+                candidates[req.request_id] = drafts
+        if not candidates:
+            return
+        decoding = sum(1 for r in running if r.num_computed_tokens + 1 == r.num_tokens) - len(candidates)
+        chosen = self.controller.choose({rid: len(d) for rid, d in candidates.items()},
+                                        prefill + decoding)
+        for req in running:
+            k = chosen.get(req.request_id, 0)
+            if k:
+                req.draft_token_ids = candidates[req.request_id][:k]
+
+    def observe(self, scheduled: Sequence[ScheduledRequest], produced: dict[str, int],
+                num_tokens: int, seconds: float) -> None:
+        """produced: request id -> tokens committed this step; the step computed
+        `num_tokens` tokens in `seconds`."""
+        st = self.stats
+        for entry in scheduled:
+            k = entry.num_draft_tokens
+            if not k or entry.request_id not in produced:
+                continue
+            accepted = produced[entry.request_id] - 1
+            self.controller.observe(entry.request_id, k, accepted)
+            st.num_drafts += 1
+            st.num_draft_tokens += k
+            st.num_accepted_tokens += accepted
+            st.draft_lengths.append(k)
+            if len(st.accepted_per_position) < k:
+                st.accepted_per_position.extend([0] * (k - len(st.accepted_per_position)))
+            for pos in range(accepted):
+                st.accepted_per_position[pos] += 1
+        if num_tokens and seconds > 0:
+            self.controller.latency.observe(num_tokens, seconds)
+
+    def drain(self) -> SpecStats:
+        stats, self.stats = self.stats, SpecStats()
+        return stats
+
+    def forget(self, request_id: str) -> None:
+        self.drafter.forget(request_id)
+        self.controller.forget(request_id)
+
+
+def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), repeats: int = 2
+                    ) -> LatencyModel:
+    """Fit T(N) from timed forward passes: `run_tokens(n)` runs one step of n tokens."""
+    samples = []
+    run_tokens(token_counts[0])  # warm-up
+    for n in token_counts:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run_tokens(n)
+            best = min(best, time.perf_counter() - t0)
+        samples.append((n, best))
+    model = LatencyModel.fit(samples)
+    log.info("%s (fit rms error %.1f%% over N = %s)", describe(model),
+             100 * fit_quality(model, samples), list(token_counts))
+    return model
