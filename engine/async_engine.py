@@ -73,6 +73,7 @@ class AsyncEngine:
         self.args = args
         self.model_name = args.served_model_name or args.model
         self.max_model_len = core.max_model_len
+        self.num_speculative_tokens = core.spec.max_k if core.spec is not None else 0
         self.vocab_size = core.vocab_size  # the model's: token ids must be below it
         # The event-loop side's tokenizer: a private copy used only on `_tok_pool`'s thread.
         self.tokenizer = copy.deepcopy(core.tokenizer)

@@ -313,4 +313,4 @@ class EngineCore:
         return StepStats(running, waiting, usage, sched.num_prefill_tokens, num_generated,
                          len(sched.preempted_ids), sched.prefix_cache_queries, sched.prefix_cache_hits,
                          ttfts, itls, finished, aborted, kinds, forced, duration,
-                         len(sched.scheduled))
+                         len(sched.scheduled), self.spec.drain() if self.spec is not None else None)

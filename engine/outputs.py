@@ -11,6 +11,8 @@ with finish_reason "error".
 """
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass, field
 
 from engine.sampling_params import OutputKind
@@ -114,3 +116,4 @@ class StepStats:
     num_fast_forward_tokens: int = 0  # tokens appended without sampling (sole allowed by a grammar)
     step_duration: float = 0.0  # seconds from schedule() to outputs ready; 0 for an empty step
     batch_size: int = 0  # sequences computed this step (prefill chunks and decodes)
+    spec: Any = None  # engine.spec.decoder.SpecStats of this step when speculation is on

@@ -104,7 +104,8 @@ class APIKeyMiddleware:
 
 def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
-    metrics = ServerMetrics(engine.model_name, engine.max_model_len)
+    metrics = ServerMetrics(engine.model_name, engine.max_model_len,
+                            num_spec_positions=getattr(engine, "num_speculative_tokens", 0))
     engine.add_stats_listener(metrics.on_step)
 
     @asynccontextmanager

@@ -52,7 +52,7 @@ def length_buckets(max_len: int) -> list[float]:
 
 class ServerMetrics:
     def __init__(self, model_name: str, max_model_len: int,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, num_spec_positions: int = 0):
         self.registry = registry or CollectorRegistry()
         if registry is None:  # process_cpu_seconds_total, process_resident_memory_bytes, ...
             ProcessCollector(registry=self.registry)
@@ -107,6 +107,17 @@ class ServerMetrics:
                                     BATCH_BUCKETS)
         self.tpot = histogram("time_per_output_token_seconds", "Per request: (last token - "
                               "first token) / (output tokens - 1).", TPOT_BUCKETS)
+        self.spec_drafts = counter("spec_decode_num_drafts", "Requests verified with drafts.")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self._spec_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted, by draft position (0 = first).",
+                                     ["model_name", "position"], registry=reg)
+        for pos in range(num_spec_positions):
+            self._spec_per_pos.labels(model_name, str(pos))
+        self.spec_draft_len = histogram("spec_decode_draft_length", "Draft tokens per verified "
+                                        "request per step (the controller's k).",
+                                        [float(k) for k in range(1, 17)] + [24.0, 32.0, 64.0])
         lb = length_buckets(max(max_model_len, 1))
         self.prompt_len = histogram("request_prompt_tokens", "Prompt length per request.", lb)
         self.generation_len = histogram("request_generation_tokens", "Generated tokens per "
@@ -133,6 +144,8 @@ class ServerMetrics:
         if stats.batch_size:
             self.step_time.observe(stats.step_duration)
             self.batch_size.observe(stats.batch_size)
+        if stats.spec is not None and stats.spec.num_drafts:
+            self._on_spec(stats.spec)
         for fin in stats.finished:
             self._success.labels(self.model_name, fin.finish_reason).inc()
             self.e2e.observe(fin.e2e_latency)
@@ -141,6 +154,16 @@ class ServerMetrics:
             self.generation_len.observe(fin.num_generation_tokens)
             if fin.time_per_output_token is not None:
                 self.tpot.observe(fin.time_per_output_token)
+
+    def _on_spec(self, spec: Any) -> None:
+        self._inc(self.spec_drafts, spec.num_drafts)
+        self._inc(self.spec_draft_tokens, spec.num_draft_tokens)
+        self._inc(self.spec_accepted, spec.num_accepted_tokens)
+        for pos, count in enumerate(spec.accepted_per_position):
+            if count:
+                self._spec_per_pos.labels(self.model_name, str(pos)).inc(count)
+        for k in spec.draft_lengths:
+            self.spec_draft_len.observe(k)
 
     @staticmethod
     def _inc(counter: Any, amount: int) -> None:

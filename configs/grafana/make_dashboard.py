@@ -86,6 +86,17 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
          [("compile errors", rate("strix:grammar_compile_errors_total")),
           ("fast-forward tokens", rate("strix:fast_forward_tokens_total"))]),
     ]),
+    ("Speculative decoding", [
+        ("Draft acceptance rate", "percentunit",
+         [("accepted / drafted", f"{rate('strix:spec_decode_num_accepted_tokens_total')} / "
+                                 f"{rate('strix:spec_decode_num_draft_tokens_total')}")]),
+        ("Draft and accepted tokens/s", "short",
+         [("drafted", rate("strix:spec_decode_num_draft_tokens_total")),
+          ("accepted", rate("strix:spec_decode_num_accepted_tokens_total")),
+          ("verified requests", rate("strix:spec_decode_num_drafts_total"))]),
+        ("Draft length (controller's k)", "short",
+         [mean("strix:spec_decode_draft_length")] + quantiles("strix:spec_decode_draft_length")[2:]),
+    ]),
 ]
 
 

@@ -78,7 +78,7 @@ class DraftController:
     """Chooses k per request per step; `adaptive=False` gives every request max_k."""
 
     def __init__(self, max_k: int, latency: LatencyModel, adaptive: bool = True,
-                 prior: float = 0.6, ema: float = 0.15, switch_margin: float = 0.02):
+                 prior: float = 0.6, ema: float = 0.05, switch_margin: float = 0.05):
         self.max_k, self.latency, self.adaptive = max_k, latency, adaptive
         self.prior, self.ema, self.switch_margin = prior, ema, switch_margin
         self._acc: dict[str, _Acceptance] = {}

@@ -27,18 +27,29 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SpecStats:
-    """Counts since the last drain (one step's worth, reported in StepStats)."""
+    """Verification counts: one step's (drained into StepStats) or the engine's totals."""
     num_drafts: int = 0  # requests verified with k > 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts accepted at i
     draft_lengths: list[int] = field(default_factory=list)
+
+    def add(self, k: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += k
+        self.num_accepted_tokens += accepted
+        self.draft_lengths.append(k)
+        if len(self.accepted_per_position) < k:
+            self.accepted_per_position.extend([0] * (k - len(self.accepted_per_position)))
+        for pos in range(accepted):
+            self.accepted_per_position[pos] += 1
 
 
 class SpeculativeDecoder:
     def __init__(self, drafter: Drafter, controller: DraftController):
         self.drafter, self.controller = drafter, controller
-        self.stats = SpecStats()
+        self.stats = SpecStats()  # since the last drain
+        self.totals = SpecStats()  # since start-up (draft_lengths not kept)
 
     @property
     def max_k(self) -> int:
@@ -71,21 +82,15 @@ class SpeculativeDecoder:
                 num_tokens: int, seconds: float) -> None:
         """produced: request id -> tokens committed this step; the step computed
         `num_tokens` tokens in `seconds`."""
-        st = self.stats
         for entry in scheduled:
             k = entry.num_draft_tokens
             if not k or entry.request_id not in produced:
                 continue
             accepted = produced[entry.request_id] - 1
             self.controller.observe(entry.request_id, k, accepted)
-            st.num_drafts += 1
-            st.num_draft_tokens += k
-            st.num_accepted_tokens += accepted
-            st.draft_lengths.append(k)
-            if len(st.accepted_per_position) < k:
-                st.accepted_per_position.extend([0] * (k - len(st.accepted_per_position)))
-            for pos in range(accepted):
-                st.accepted_per_position[pos] += 1
+            self.stats.add(k, accepted)
+            self.totals.add(k, accepted)
+            self.totals.draft_lengths.clear()
         if num_tokens and seconds > 0:
             self.controller.latency.observe(num_tokens, seconds)
 

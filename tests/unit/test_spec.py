@@ -1,0 +1,173 @@
+"""Speculative decoding parts without a model: ngram drafter, verification, controller,
+and the statistical exactness of verifying drafts with the real sampler."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.sample import Sampler, SamplingRow, build_sampling_metadata
+from engine.sampling_params import SamplingParams
+from engine.spec import DraftController, LatencyModel, accept_drafts, create_drafter
+from engine.spec.controller import fit_quality
+from engine.spec.ngram import NgramDrafter
+
+
+def chisquare_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's chi-square goodness of fit; p = P(chi2_{k-1} >= statistic)."""
+    stat = ((observed.double() - expected.double()) ** 2 / expected.double()).sum()
+    dof = torch.tensor(float(observed.numel() - 1), dtype=torch.float64)
+    return float(torch.special.gammaincc(dof / 2, stat / 2))
+
+
+# ----------------------------------------------------------------- ngram drafter
+
+
+def reference_ngram(tokens: list[int], k: int, max_n: int = 4) -> list[int]:
+    """Brute force: longest suffix (n = max_n..1) with an earlier occurrence, most recent one."""
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), 0, -1):
+        suffix = tokens[length - n:]
+        for end in range(length - 1, n - 1, -1):  # occurrence tokens[end - n:end], end < length
+            if tokens[end - n:end] == suffix:
+                return tokens[end:end + k]
+    return []
+
+
+def test_ngram_incremental_index_matches_brute_force():
+    rng = random.Random(0)
+    drafter = NgramDrafter()
+    for trial in range(20):
+        tokens = [rng.randrange(6) for _ in range(rng.randint(1, 5))]
+        for _ in range(60):  # grow one or a few tokens at a time, as requests do
+            k = rng.randint(1, 8)
+            assert drafter.propose(f"r{trial}", tokens, k) == reference_ngram(tokens, k)
+            tokens += [rng.randrange(6) for _ in range(rng.randint(1, 3))]
+        drafter.forget(f"r{trial}")
+    assert drafter._state == {}
+
+
+def test_ngram_prefers_longest_match_and_recent_occurrence():
+    d = create_drafter("ngram")
+    #        0  1  2  3  4  5  6  7  8  9
+    toks = [1, 2, 3, 9, 5, 2, 3, 7, 1, 2, 3]
+    assert d.propose("a", toks, 3) == [9, 5, 2]  # "1 2 3" (n=3) beats the later "2 3"
+    assert d.propose("b", [4, 5, 6], 3) == []  # no earlier occurrence of any suffix
+    assert d.propose("c", [7, 7, 7, 7], 2) == [7]  # capped at the end of the tokens
+    with pytest.raises(ValueError, match="unknown speculative method"):
+        create_drafter("nope")
+
+
+# ----------------------------------------------------------------- verification
+
+
+def test_accept_drafts_longest_matching_prefix_plus_one():
+    assert accept_drafts([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]  # all accepted + bonus
+    assert accept_drafts([5, 6, 7], [5, 9, 7, 8]) == [5, 9]  # correction at the first miss
+    assert accept_drafts([5, 6, 7], [4, 6, 7, 8]) == [4]
+    assert accept_drafts([], [3]) == [3]
+
+
+def _first_token_counts(logits: torch.Tensor, draft: int, params: SamplingParams, n: int,
+                        residual_is_p: bool = False) -> torch.Tensor:
+    """n verifications of a one-token draft with the real sampler; counts of the committed
+    first token. `residual_is_p` is the deliberate bug: on rejection draw again from p."""
+    rows = [SamplingRow(params, [], [])] * n
+    meta = build_sampling_metadata(rows, logits.shape[-1], "cpu")
+    target = Sampler()(logits.expand(n, -1).clone(), meta).sampled_token_ids.tolist()
+    fresh = Sampler()(logits.expand(n, -1).clone(), meta).sampled_token_ids.tolist()
+    first = []
+    for x, y in zip(target, fresh):
+        kept = accept_drafts([draft], [x, 0])[0]
+        first.append(y if residual_is_p and kept != draft else kept)
+    return torch.bincount(torch.tensor(first), minlength=logits.shape[-1])
+
+
+def _target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    x = logits[0] / params.temperature
+    if params.top_k:
+        x = x.masked_fill(x < x.topk(params.top_k).values[-1], float("-inf"))
+    probs = x.softmax(-1)
+    if params.top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < params.top_p
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+        probs /= probs.sum()
+    return probs
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
+                                    SamplingParams(temperature=0.7, top_k=5),
+                                    SamplingParams(temperature=1.3, top_p=0.8)])
+def test_verification_is_exact_and_the_wrong_residual_is_caught(params):
+    torch.manual_seed(123)
+    vocab, n = 12, 40_000
+    logits = torch.randn(1, vocab) * 1.5
+    probs = _target_probs(logits, params)
+    draft = int(probs.argmax())  # the draft most often accepted: the wrong residual shows most
+    support = probs > 0
+    expected = probs[support] * n
+    ok = _first_token_counts(logits, draft, params, n)
+    assert chisquare_pvalue(ok[support], expected) > 1e-3
+    assert ok[~support].sum() == 0
+    bad = _first_token_counts(logits, draft, params, n, residual_is_p=True)
+    assert chisquare_pvalue(bad[support], expected) < 1e-6
+
+
+# ----------------------------------------------------------------- controller
+
+
+def cpu_like() -> LatencyModel:
+    """Synthetic: 50 ms per step plus 3 ms per token (memory-bound at small N)."""
+    return LatencyModel(0.050, 0.003)
+
+
+def test_latency_model_fit_and_online_refinement():
+    samples = [(n, 0.02 + 0.001 * n) for n in (1, 4, 16, 64)]
+    model = LatencyModel.fit(samples)
+    assert model.fixed == pytest.approx(0.02, rel=1e-6) and model.per_token == pytest.approx(0.001)
+    assert fit_quality(model, samples) < 1e-6
+    for _ in range(300):  # the machine got twice as slow per token
+        for n in (2, 30):
+            model.observe(n, 0.02 + 0.002 * n)
+    assert model.per_token == pytest.approx(0.002, rel=0.05)
+
+
+def test_controller_speculates_at_batch_1_with_high_acceptance():
+    ctl = DraftController(8, cpu_like())
+    for _ in range(20):
+        ctl.observe("a", 8, 8)  # everything accepted
+    assert ctl.choose({"a": 8}, other_tokens=0) == {"a": 8}
+
+
+def test_controller_no_drafts_at_low_acceptance_or_large_batch():
+    ctl = DraftController(8, cpu_like())
+    for _ in range(100):
+        ctl.observe("a", 4, 0)
+    assert ctl.choose({"a": 8}, other_tokens=0) == {"a": 0}
+    compute_bound = DraftController(8, LatencyModel(0.005, 0.004))
+    plan = compute_bound.choose({f"r{i}": 8 for i in range(64)}, other_tokens=0)
+    assert set(plan.values()) == {0}  # at prior acceptance a draft costs more than it brings
+
+
+def test_fixed_k_when_not_adaptive():
+    ctl = DraftController(4, cpu_like(), adaptive=False)
+    assert ctl.choose({"a": 8, "b": 2}, other_tokens=100) == {"a": 4, "b": 2}
+
+
+def test_controller_k_is_stable_on_a_stationary_input():
+    rng = random.Random(1)
+    ctl = DraftController(8, cpu_like())
+    changes, last = 0, None
+    for _ in range(100):
+        plan = ctl.choose({"a": 8, "b": 8}, other_tokens=0)
+        for rid, k in plan.items():  # stationary: each position accepted with probability 0.7
+            accepted = 0
+            while accepted < k and rng.random() < 0.7:
+                accepted += 1
+            ctl.observe(rid, k, accepted)
+        changes += last is not None and plan != last
+        last = plan
+    assert changes <= 10
+    assert all(k > 0 for k in last.values())
