@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import time
 
-
 from engine.errors import ContextLengthError, ParamError
 from engine.output import make_logprob_dicts
 from engine.outputs import FinishedRequestStats, RequestOutput, StepStats

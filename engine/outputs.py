@@ -11,9 +11,8 @@ with finish_reason "error".
 """
 from __future__ import annotations
 
-from typing import Any
-
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import OutputKind
 

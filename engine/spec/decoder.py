@@ -34,11 +34,12 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts accepted at i
     draft_lengths: list[int] = field(default_factory=list)
 
-    def add(self, k: int, accepted: int) -> None:
+    def add(self, k: int, accepted: int, keep_length: bool = True) -> None:
         self.num_drafts += 1
         self.num_draft_tokens += k
         self.num_accepted_tokens += accepted
-        self.draft_lengths.append(k)
+        if keep_length:
+            self.draft_lengths.append(k)
         if len(self.accepted_per_position) < k:
             self.accepted_per_position.extend([0] * (k - len(self.accepted_per_position)))
         for pos in range(accepted):
@@ -57,22 +58,21 @@ class SpeculativeDecoder:
 
     def propose(self, running: Sequence[Request]) -> None:
         candidates: dict[str, list[int]] = {}
-        prefill = 0
+        other = 0  # tokens of the step besides the candidates' 1 + k: prefill, plain decodes
         for req in running:
             req.draft_token_ids = []
             if req.num_computed_tokens + 1 != req.num_tokens:
-                prefill += req.num_tokens - req.num_computed_tokens
+                other += req.num_tokens - req.num_computed_tokens
                 continue
-            if req.matcher is not None:
-                continue
-            drafts = self.drafter.propose(req.request_id, req.token_ids, self.max_k)
+            drafts = [] if req.matcher is not None else \
+                self.drafter.propose(req.request_id, req.token_ids, self.max_k)
             if drafts:
                 candidates[req.request_id] = drafts
+            else:
+                other += 1
         if not candidates:
             return
-        decoding = sum(1 for r in running if r.num_computed_tokens + 1 == r.num_tokens) - len(candidates)
-        chosen = self.controller.choose({rid: len(d) for rid, d in candidates.items()},
-                                        prefill + decoding)
+        chosen = self.controller.choose({rid: len(d) for rid, d in candidates.items()}, other)
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
@@ -89,8 +89,7 @@ class SpeculativeDecoder:
             accepted = produced[entry.request_id] - 1
             self.controller.observe(entry.request_id, k, accepted)
             self.stats.add(k, accepted)
-            self.totals.add(k, accepted)
-            self.totals.draft_lengths.clear()
+            self.totals.add(k, accepted, keep_length=False)
         if num_tokens and seconds > 0:
             self.controller.latency.observe(num_tokens, seconds)
 
