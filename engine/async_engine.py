@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator, Callable, TypeVar
 from engine.config import EngineArgs
 from engine.core import EngineCore
 from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, ParamError
+from engine.memory_trim import HeapTrimmer
 from engine.outputs import RequestOutput, StepStats
 from engine.sampling_params import SamplingParams, check_text
 from engine.setup import LoadedModel, build_parts
@@ -85,6 +86,7 @@ class AsyncEngine:
         self._death_listeners: list[Callable[[BaseException], None]] = []
         self._error: BaseException | None = None
         self._stopping = False
+        self._trimmer = HeapTrimmer()
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
         self._thread.start()
         if args.step_watchdog_s:
@@ -192,7 +194,9 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while True:
-                if not self._drain_commands(block=not self.core.has_unfinished()):
+                idle = not self.core.has_unfinished()
+                self._trimmer.maybe_trim(idle)
+                if not self._drain_commands(block=idle):
                     return
                 if not self.core.has_unfinished():
                     continue
