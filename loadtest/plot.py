@@ -3,12 +3,14 @@
     python loadtest/plot.py loadtest/results/http_load_cpu_c*.json -o loadtest/results/http_load_cpu.png
     python loadtest/plot.py loadtest/results/structured_cpu.json -o loadtest/results/structured_cpu.png
     python loadtest/plot.py loadtest/results/soak_cpu.json -o loadtest/results/soak_cpu.png
+    python loadtest/plot.py loadtest/results/spec_cpu.json -o loadtest/results/spec_cpu.png
 
 The kind of each file is read from its keys: `http_load.py` results (one per
 concurrency: output tokens/s and TTFT/ITL p50/p90/p99 vs concurrency, files with
 the same `--label` prefix drawn as one series), `structured_bench.py` results
 (coverage/compliance per split against the published best, TPOT constrained
-vs unconstrained) and `soak.py` results (RSS over the run).
+vs unconstrained), `soak.py` results (RSS over the run) and `spec_bench.py`
+results (tokens/s vs batch size, one line per configuration, per workload).
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ def kind_of(data: dict) -> str:
         return "structured"
     if "summary" in data and "concurrency" in data.get("config", {}):
         return "http_load"
+    if "rows" in data and "summary" in data and "linear_path" in data:
+        return "spec"
     if "rss_samples_kib" in json.dumps(data)[:10 ** 7]:
         return "soak"
     raise ValueError(f"unknown results file (keys: {sorted(data)})")
@@ -101,6 +105,26 @@ def plot_soak(data: dict, out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
+def plot_spec(data: dict, out: Path | str) -> None:
+    """Tokens/s vs batch size per configuration; one panel per (mode, workload)."""
+    panels = sorted({(r["mode"], r["workload"]) for r in data["rows"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (mode, workload) in zip(axes[0], panels):
+        rows = [r for r in data["rows"] if (r["mode"], r["workload"]) == (mode, workload)]
+        labels = list(dict.fromkeys(r["config"] for r in rows))
+        for color, label in zip(COLORS, labels):
+            points = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["config"] == label)
+            ax.plot([b for b, _ in points], [t for _, t in points], marker="o", color=color, label=label,
+                    linewidth=2.5 if label.endswith("adaptive") else 1.2)
+        ax.set(xscale="log", xlabel="batch size", ylabel="output tokens/s", title=f"{mode}: {workload}")
+        ax.set_xticks(sorted({r["batch"] for r in rows}), [str(b) for b in sorted({r["batch"] for r in rows})])
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"speculative decoding ({data.get('linear_path', '')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def _find(data: object, key: str) -> object:
     """The first value under `key` anywhere in nested dicts."""
     if isinstance(data, dict):
@@ -128,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_http_load(loaded, out)
     elif kind == "structured":
         plot_structured(loaded[0][1], out)
+    elif kind == "spec":
+        plot_spec(loaded[0][1], out)
     else:
         plot_soak(loaded[0][1], out)
     print(out)

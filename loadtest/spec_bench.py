@@ -1,0 +1,227 @@
+"""Speculative decoding benchmark: tokens/s by batch size, no speculation vs fixed k vs adaptive.
+
+Workloads (loadtest/workloads/*.jsonl): grounded (summarise / edit / extract over
+stdlib source and docs) and open chat. For each workload, batch size B and
+configuration, B requests run concurrently (`max_num_seqs=B`) over
+`prompts_for(B)` prompts, greedy, `--max-tokens` each, EOS allowed; tokens/s =
+completion tokens / wall time. All configurations of one (workload, B) run back
+to back in the same process on the same weights, so the baseline is measured
+in the same run; the outputs are compared with the no-speculation run token for
+token (greedy speculation is lossless). `--server` also measures through HTTP
+(`python -m server`, chat completions, B concurrent clients) for no speculation
+and adaptive.
+
+    python loadtest/spec_bench.py --json loadtest/results/spec_cpu.json \
+        --plot loadtest/results/spec_cpu.png --server
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+
+@dataclass(frozen=True)
+class Config:
+    label: str
+    method: str | None = None
+    k: int = 0
+    adaptive: bool = False
+
+    def engine_args(self) -> dict:
+        if self.method is None:
+            return {}
+        return {"speculative_method": self.method, "num_speculative_tokens": self.k,
+                "speculative_adaptive": self.adaptive}
+
+    def server_args(self) -> list[str]:
+        if self.method is None:
+            return []
+        out = ["--speculative-method", self.method, "--num-speculative-tokens", str(self.k)]
+        return out + ([] if self.adaptive else ["--no-speculative-adaptive"])
+
+
+def configs(method: str, fixed: list[int], max_k: int) -> list[Config]:
+    return [Config("no spec"), *(Config(f"{method} k={k}", method, k) for k in fixed),
+            Config(f"{method} adaptive", method, max_k, adaptive=True)]
+
+
+def load_workload(name: str) -> list[list[dict]]:
+    with open(HERE / "workloads" / f"{name}.jsonl") as f:
+        return [json.loads(line)["messages"] for line in f if line.strip()]
+
+
+def prompts_for(batch: int) -> int:
+    return max(4, 2 * batch) if batch < 64 else batch
+
+
+def run_offline(loaded, cfg: Config, prompts: list[str], batch: int, args) -> dict:
+    from engine import LLM, SamplingParams
+    llm = LLM(loaded=loaded, max_num_seqs=batch, kv_cache_memory=args.kv_cache_mib << 20,
+              **cfg.engine_args())
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    llm.generate(["Warm up: say hi."], SamplingParams(temperature=0.0, max_tokens=8))
+    before = _spec_totals(llm)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - t0
+    after = _spec_totals(llm)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    n = sum(map(len, tokens))
+    drafted = after[1] - before[1]
+    return {"tokens_per_s": n / seconds, "tokens": n, "seconds": seconds,
+            "verifications": after[0] - before[0], "draft_tokens": drafted,
+            "accepted_tokens": after[2] - before[2],
+            "acceptance": (after[2] - before[2]) / drafted if drafted else None,
+            "mean_k": drafted / max(after[0] - before[0], 1), "_outputs": tokens}
+
+
+def _spec_totals(llm) -> tuple[int, int, int]:
+    spec = llm.core.spec
+    if spec is None:
+        return 0, 0, 0
+    t = spec.totals
+    return t.num_drafts, t.num_draft_tokens, t.num_accepted_tokens
+
+
+def mismatches(ref: list[list[int]], got: list[list[int]]) -> int:
+    return sum(a != b for a, b in zip(ref, got))
+
+
+async def _http_batch(url: str, model: str, chats: list[list[dict]], batch: int, max_tokens: int) -> tuple[int, float]:
+    import httpx
+    queue = list(chats)
+    total = 0
+
+    async def client(http):
+        nonlocal total
+        while queue:
+            messages = queue.pop(0)
+            r = await http.post("/v1/chat/completions", json={
+                "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0})
+            r.raise_for_status()
+            total += r.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(base_url=url, timeout=1800) as http:
+        await client_once(http, model)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(batch)))
+        return total, time.perf_counter() - t0
+
+
+async def client_once(http, model: str) -> None:
+    r = await http.post("/v1/chat/completions", json={
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    r.raise_for_status()
+
+
+def run_server(cfg: Config, workloads: dict, batches: list[int], args) -> list[dict]:
+    from local_server import Server
+    server = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB",
+                                      "--max-num-seqs", str(max(batches)), *cfg.server_args()], 600)
+    rows = []
+    try:
+        for name, chats in workloads.items():
+            for batch in batches:
+                n, secs = asyncio.run(_http_batch(server.url, "smollm2-135m", chats[:prompts_for(batch)],
+                                                  batch, args.max_tokens))
+                rows.append({"mode": "server", "workload": name, "batch": batch, "config": cfg.label,
+                             "tokens": n, "seconds": secs, "tokens_per_s": n / secs})
+                print(f"  server {name:9s} B={batch:2d} {cfg.label:15s} {n / secs:7.1f} tok/s", flush=True)
+    finally:
+        server.stop()
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (mode, workload, batch): adaptive vs no spec and vs the best fixed configuration."""
+    out = []
+    keys = sorted({(r["mode"], r["workload"], r["batch"]) for r in rows})
+    for mode, wl, b in keys:
+        group = {r["config"]: r["tokens_per_s"] for r in rows
+                 if (r["mode"], r["workload"], r["batch"]) == (mode, wl, b)}
+        adaptive = next((v for k, v in group.items() if k.endswith("adaptive")), None)
+        if adaptive is None or "no spec" not in group:
+            continue
+        best_label = max((k for k in group if not k.endswith("adaptive")), key=group.get)
+        out.append({"mode": mode, "workload": wl, "batch": b, "adaptive_tok_s": adaptive,
+                    "no_spec_tok_s": group["no spec"], "speedup_vs_no_spec": adaptive / group["no spec"],
+                    "best_other": best_label, "ratio_vs_best_other": adaptive / group[best_label]})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="grounded,open_chat")
+    ap.add_argument("--batches", default="1,4,16,64")
+    ap.add_argument("--method", default="ngram")
+    ap.add_argument("--fixed-k", default="2,4,8")
+    ap.add_argument("--max-k", type=int, default=8, help="adaptive: most drafts per request")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--kv-cache-mib", type=int, default=2048)
+    ap.add_argument("--server", action="store_true", help="also measure through HTTP")
+    ap.add_argument("--server-batches", default="1,16")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args()
+    from engine.models.cpu_linear import packing_available
+    from engine.setup import load_model
+    from engine.config import EngineArgs
+
+    loaded = load_model(EngineArgs())
+    tok = loaded.tokenizer
+    workloads = {name: load_workload(name) for name in args.workloads.split(",")}
+    batches = [int(b) for b in args.batches.split(",")]
+    cfgs = configs(args.method, [int(k) for k in args.fixed_k.split(",")], args.max_k)
+    rows: list[dict] = []
+    t_start = time.perf_counter()
+    for name, chats in workloads.items():
+        texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chats]
+        for batch in batches:
+            prompts = texts[:prompts_for(batch)]
+            ref = None
+            for cfg in cfgs:
+                r = run_offline(loaded, cfg, prompts, batch, args)
+                outputs = r.pop("_outputs")
+                ref = outputs if ref is None else ref
+                r.update(mode="offline", workload=name, batch=batch, config=cfg.label,
+                         prompts=len(prompts), mismatched_outputs=mismatches(ref, outputs))
+                rows.append(r)
+                acc = "" if r["acceptance"] is None else f"  accept {r['acceptance']:.2f}  mean k {r['mean_k']:.2f}"
+                print(f"offline {name:9s} B={batch:2d} {cfg.label:15s} {r['tokens_per_s']:7.1f} tok/s"
+                      f"{acc}  diff outputs {r['mismatched_outputs']}  [{time.perf_counter() - t_start:.0f} s]",
+                      flush=True)
+    if args.server:
+        server_batches = [int(b) for b in args.server_batches.split(",")]
+        for cfg in (cfgs[0], cfgs[-1]):
+            rows += run_server(cfg, workloads, server_batches, args)
+    summary = summarise(rows)
+    print("\nadaptive vs no spec and vs the best other configuration:")
+    for s in summary:
+        print(f"  {s['mode']:7s} {s['workload']:9s} B={s['batch']:2d}: {s['adaptive_tok_s']:7.1f} tok/s = "
+              f"{s['speedup_vs_no_spec']:.2f}x no spec, {s['ratio_vs_best_other']:.2f}x {s['best_other']}")
+    result = {"command": " ".join(sys.argv), "device": platform.processor() or platform.machine(),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "linear_path": "fp32 dequantized GGUF, oneDNN packed" if packing_available() else "fp32 dequantized GGUF, F.linear",
+              "max_tokens": args.max_tokens, "elapsed_s": time.perf_counter() - t_start,
+              "rows": rows, "summary": summary}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        from plot import plot_spec
+        plot_spec(result, args.plot)
+
+
+if __name__ == "__main__":
+    main()
