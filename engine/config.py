@@ -36,26 +36,41 @@ class EngineArgs:
     structured_outputs_backend: str = "llguidance"  # grammar backend (engine/structured registry)
     grammar_compile_timeout_s: float = 10.0  # a grammar taking longer to compile is refused (400)
     enable_fast_forward: bool = True  # append tokens a grammar allows alone without sampling them
-    speculative_method: str | None = None  # drafter (engine/spec registry): ngram; None = off
+    speculative_method: str | None = None  # drafter (engine/spec registry): ngram, layerskip, draft; None = off
     num_speculative_tokens: int = 4  # most drafts per request per step
     speculative_adaptive: bool = True  # choose k per step from the cost model (False: always the most)
     # vLLM's form, JSON text or dict: {"method": ..., "num_speculative_tokens": ...}; overrides the two above.
     speculative_config: str | None = None
+    speculative_model: str | None = None  # method "draft": the draft model (alias or path; same tokenizer)
+    speculative_layerskip_keep: float = 0.5  # method "layerskip": fraction of the layers the draft runs
+
+    def _speculative_dict(self) -> dict:
+        """speculative_config parsed and checked ({} when unset)."""
+        if not self.speculative_config:
+            return {}
+        import json
+
+        cfg = self.speculative_config
+        cfg = json.loads(cfg) if isinstance(cfg, str) else dict(cfg)
+        if not isinstance(cfg, dict) or not set(cfg) <= {"method", "num_speculative_tokens", "model"}:
+            raise ValueError("speculative_config takes {\"method\": ..., \"num_speculative_tokens\": ..., "
+                             "\"model\": ...}")
+        return cfg
 
     def resolved_speculative(self) -> tuple[str | None, int]:
         """(method, num_speculative_tokens), speculative_config applied and checked."""
-        method, k = self.speculative_method, self.num_speculative_tokens
-        if self.speculative_config:
-            import json
-
-            cfg = self.speculative_config
-            cfg = json.loads(cfg) if isinstance(cfg, str) else dict(cfg)
-            if not isinstance(cfg, dict) or not set(cfg) <= {"method", "num_speculative_tokens"}:
-                raise ValueError("speculative_config takes {\"method\": ..., \"num_speculative_tokens\": ...}")
-            method, k = cfg.get("method", method), cfg.get("num_speculative_tokens", k)
+        cfg = self._speculative_dict()
+        method = cfg.get("method", self.speculative_method)
+        k = cfg.get("num_speculative_tokens", self.num_speculative_tokens)
         if method is not None and (type(k) is not int or not 1 <= k <= 64):
             raise ValueError("num_speculative_tokens must be an integer in [1, 64]")
+        if not 0.0 < self.speculative_layerskip_keep <= 1.0:
+            raise ValueError("speculative_layerskip_keep must be in (0, 1]")
         return method, k
+
+    def resolved_speculative_model(self) -> str | None:
+        """The draft model of method "draft" (speculative_config's "model" wins)."""
+        return self._speculative_dict().get("model", self.speculative_model)
 
     @classmethod
     def field_names(cls) -> list[str]:

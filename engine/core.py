@@ -156,6 +156,7 @@ class EngineCore:
         sched = self.scheduler.schedule()
         produced: list[tuple[Request, list[int]]] = []
         lp_by_id: dict = {}
+        result = None
         if not sched.is_empty:
             sched, result = self._execute(sched)
             if result is not None:
@@ -163,7 +164,8 @@ class EngineCore:
                 lp_by_id = dict(zip(result.request_ids, result.logprobs)) if result.logprobs else {}
         if self.spec is not None and produced:
             self.spec.observe(sched.scheduled, {r.request_id: len(t) for r, t in produced},
-                              sched.num_batched_tokens, time.monotonic() - start)
+                              sched.num_batched_tokens, time.monotonic() - start,
+                              result.draft_passes if result is not None else ())
         outputs.extend(self._process(produced, lp_by_id))
         duration = 0.0 if sched.is_empty else time.monotonic() - start
         return outputs, self._stats(sched, sum(len(t) for _, t in produced), duration)

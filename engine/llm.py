@@ -13,10 +13,12 @@ from engine.setup import LoadedModel, build_parts
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, loaded: LoadedModel | None = None, **engine_args):
-        """`loaded` (from engine.setup.load_model) reuses weights already in memory."""
+    def __init__(self, model: str = DEFAULT_MODEL, loaded: LoadedModel | None = None,
+                 draft_loaded: LoadedModel | None = None, **engine_args):
+        """`loaded` (from engine.setup.load_model) reuses weights already in memory, and
+        `draft_loaded` the draft model's (speculative_method="draft")."""
         self.args = EngineArgs(model=model, **engine_args)
-        self.core = EngineCore(build_parts(self.args, loaded=loaded))
+        self.core = EngineCore(build_parts(self.args, loaded=loaded, draft=draft_loaded))
         self._ids = itertools.count()
 
     @property

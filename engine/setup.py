@@ -47,10 +47,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _num_blocks(args: EngineArgs, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
+def _num_blocks(args: EngineArgs, cfgs: list[ModelConfig], dtype: torch.dtype, device: torch.device) -> int:
+    """Blocks that fit the KV budget; a block holds KV for every model in `cfgs` (target, draft)."""
     if args.num_kv_blocks:
         return args.num_kv_blocks
-    per_block = kv_bytes_per_block(cfg, args.block_size, dtype)
+    per_block = sum(kv_bytes_per_block(cfg, args.block_size, dtype) for cfg in cfgs)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         budget = free - (1 - args.gpu_memory_utilization) * total
@@ -100,14 +101,17 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     return LoadedModel(cfg, load_tokenizer(src), model, dtype, device, max_positions)
 
 
-def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | None = None) -> EngineParts:
-    """Everything the engine core needs; `loaded` reuses weights already in memory."""
+def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | None = None,
+                draft: LoadedModel | None = None) -> EngineParts:
+    """Everything the engine core needs; `loaded` (and `draft`, the draft model of method
+    "draft") reuse weights already in memory."""
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)
     loaded = loaded or load_model(args, progress)
     cfg, tokenizer = loaded.config, loaded.tokenizer
-    num_blocks = _num_blocks(args, cfg, loaded.dtype, loaded.device)
+    draft = _draft_model(args, loaded, draft)
+    num_blocks = _num_blocks(args, [cfg] + ([draft.config] if draft else []), loaded.dtype, loaded.device)
     max_len = min(_max_model_len(args, cfg, num_blocks), loaded.max_positions)
     cache = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
     kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -117,24 +121,55 @@ def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | 
     log.info("model %s: %d layers, %d KV blocks x %d tokens, max_model_len %d, %s on %s",
              args.model, cfg.num_layers, num_blocks, args.block_size, max_len, loaded.dtype, loaded.device)
     scheduler = Scheduler(sched_cfg, kv)
-    spec = build_speculative(args, scheduler, runner)
+    spec = build_speculative(args, scheduler, runner, draft)
     return EngineParts(args, cfg, tokenizer, scheduler, runner, eos, spec)
 
 
-def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunner) -> Any:
-    """The speculative decoder of `args`, its latency model measured on this runner; None if off."""
+def _draft_model(args: EngineArgs, target: LoadedModel, draft: LoadedModel | None) -> LoadedModel | None:
+    """The draft model of method "draft" (loaded like the target), checked against it; else None."""
+    method, _ = args.resolved_speculative()
+    if method != "draft":
+        return None
+    if draft is None:
+        name = args.resolved_speculative_model()
+        if not name:
+            raise UnsupportedModelError('speculative method "draft" needs --speculative-model')
+        draft = load_model(args.replace(model=name, max_model_len=max(target.max_positions, 1)))
+    if draft.config.vocab_size != target.config.vocab_size or draft.device != target.device:
+        raise UnsupportedModelError(f"draft model vocabulary {draft.config.vocab_size} / device {draft.device} "
+                                    f"differ from the target's ({target.config.vocab_size} / {target.device})")
+    if draft.max_positions < target.max_positions:
+        raise UnsupportedModelError("the draft model supports fewer positions than the target")
+    return draft
+
+
+def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunner,
+                      draft: LoadedModel | None = None) -> Any:
+    """The speculative decoder of `args`, its latency models measured on this runner; None if off."""
     from engine.spec import DraftController, LatencyModel, create_drafter
     from engine.spec.decoder import SpeculativeDecoder, measure_latency
 
     method, k = args.resolved_speculative()
     if method is None:
         return None
-    drafter = create_drafter(method)
-    latency = (measure_latency(lambda n: _probe_step(scheduler, runner, n)) if args.speculative_adaptive
-               else LatencyModel(1.0, 0.0))
+    kwargs: dict[str, Any] = {}
+    if method == "layerskip":
+        kwargs = {"keep": args.speculative_layerskip_keep}
+    elif method == "draft":
+        kwargs = {"model": draft.model, "model_config": draft.config}
+    drafter = create_drafter(method, **kwargs)
+    if drafter.needs_runner:
+        drafter.attach(runner)
+        runner.model_drafter = drafter
+    latency, draft_latency = LatencyModel(1.0, 0.0), None
+    if args.speculative_adaptive:
+        latency = measure_latency(lambda n: _probe_step(scheduler, runner, n))
+        if drafter.needs_runner:
+            draft_latency = measure_latency(lambda n: _probe_draft(scheduler, drafter, n), what="draft pass")
     log.info("speculative decoding: %s, up to %d tokens, %s", method, k,
              "adaptive" if args.speculative_adaptive else "fixed k")
-    return SpeculativeDecoder(drafter, DraftController(k, latency, args.speculative_adaptive))
+    return SpeculativeDecoder(drafter, DraftController(k, latency, args.speculative_adaptive,
+                                                       draft_latency=draft_latency))
 
 
 def _probe_step(scheduler: Scheduler, runner: ModelRunner, num_tokens: int) -> None:
@@ -149,5 +184,25 @@ def _probe_step(scheduler: Scheduler, runner: ModelRunner, num_tokens: int) -> N
     try:
         entry = ScheduledRequest(req, 0, num_tokens, tuple(scheduler.kv.block_table(req.request_id)), True)
         runner.execute(SchedulerOutput((entry,), num_tokens))
+    finally:
+        scheduler.kv.free(req)
+
+
+def _probe_draft(scheduler: Scheduler, drafter: Any, num_rows: int) -> None:
+    """One draft pass of `num_rows` one-token rows on scratch KV blocks (freed after)."""
+    from engine.request import Request
+    from engine.sampling_params import SamplingParams
+    from engine.spec.model_drafter import decode_layout
+
+    req = Request("__draft_probe__", [i % 1000 for i in range(num_rows)], SamplingParams(max_tokens=1))
+    if not scheduler.kv.allocate(req, num_rows):
+        return
+    try:
+        blocks = tuple(scheduler.kv.block_table(req.request_id))
+        runner = drafter.runner
+        layout, pos = decode_layout([(blocks, i, 1) for i in range(num_rows)], runner.cfg.cache.block_size,
+                                    runner.cfg.device)
+        with torch.inference_mode():
+            drafter.forward(torch.tensor(req.token_ids, device=runner.cfg.device), pos, layout)
     finally:
         scheduler.kv.free(req)

@@ -5,7 +5,9 @@ Per step: build input ids, positions, slot mapping and the CSR page table once;
 rows that sample; sample on the device. The one host sync of the step is the
 `.tolist()` of sampled ids (and their logprobs) at the end of `execute()`;
 speculative requests (1 + k sampled rows each) are verified there, on the
-host, by `accept_drafts` (a loop over at most k + 1 ids per request).
+host, by `accept_drafts` (a loop over at most k + 1 ids per request). A model
+drafter (`engine.spec.model_drafter`) first runs its draft passes and brings
+the drafted ids to the host (its own documented sync) before the batch is built.
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ class ModelRunner:
         self.attn = create_backend(cfg.attention_backend, shape)
         self.sampler = Sampler()
         self.bitmasks = BitmaskFiller(m.vocab_size, cfg.device)
+        self.model_drafter = None  # engine.spec.model_drafter.ModelDrafter, set by attach()
 
     @torch.inference_mode()
     def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor:
@@ -104,6 +107,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        draft_passes = ()
+        if self.model_drafter is not None:  # fill the PENDING drafts first
+            sched, draft_passes = self.model_drafter.draft(sched)
         batch = self._prepare(sched)
         # Grammar masks are filled on a helper thread while the forward pass runs.
         pending = self.bitmasks.start(batch.matchers, [r.request_id for r in batch.rows])
@@ -128,8 +134,13 @@ class ModelRunner:
             produced.append(kept)
             per_request_lp.append(None if lp is None else tuple(x[:len(kept)] for x in lp))
             row += len(drafts) + 1
+        if self.model_drafter is not None:
+            sampled = [e for e in sched.scheduled if e.sample]
+            for entry, kept in zip(sampled, produced):
+                if entry.num_draft_tokens:
+                    self.model_drafter.committed(entry, len(kept) - 1)
         return ModelRunnerOutput(tuple(batch.sampled_ids), tuple(produced),
-                                 tuple(per_request_lp) if logprobs else ())
+                                 tuple(per_request_lp) if logprobs else (), draft_passes)
 
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
         """Per-request scalars are gathered in Python; per-token arrays are built with

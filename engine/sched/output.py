@@ -59,3 +59,5 @@ class ModelRunnerOutput:
     # Per request, None when not asked, else parallel per-token lists in the form
     # `make_logprob_dicts` takes: (sampled logprobs, sampled ranks, top-n ids, top-n logprobs).
     logprobs: tuple[TokenLogprobs | None, ...] = ()
+    # A model drafter's passes this step (engine.spec.model_drafter.DraftPass: tokens, seconds).
+    draft_passes: tuple = ()

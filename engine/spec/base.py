@@ -22,6 +22,7 @@ _REGISTRY: dict[str, type["Drafter"]] = {}
 class Drafter(abc.ABC):
     name: str = ""
     deterministic: bool = True  # q one-hot: exact-match verification applies
+    needs_runner: bool = False  # drafts inside the runner's step (engine.spec.model_drafter)
 
     @abc.abstractmethod
     def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
@@ -39,8 +40,13 @@ def register_drafter(name: str) -> Callable[[type], type]:
     return wrap
 
 
+def _register_builtins() -> None:
+    import engine.spec.model_drafter  # noqa: F401  (layerskip, draft)
+    import engine.spec.ngram  # noqa: F401
+
+
 def create_drafter(name: str, **kwargs: Any) -> Drafter:
-    import engine.spec.ngram  # noqa: F401  (registers the built-in drafters)
+    _register_builtins()
 
     if name not in _REGISTRY:
         raise ValueError(f"unknown speculative method {name!r}; known: {sorted(_REGISTRY)}")
@@ -48,6 +54,6 @@ def create_drafter(name: str, **kwargs: Any) -> Drafter:
 
 
 def drafter_names() -> list[str]:
-    import engine.spec.ngram  # noqa: F401
+    _register_builtins()
 
     return sorted(_REGISTRY)

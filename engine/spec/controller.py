@@ -4,10 +4,10 @@ Expected goodput of a step = sum_r E[committed tokens of r | k_r, a_r] / T(N),
 N = tokens computed this step (1 + k_r per decoding request plus prefill).
 With a per-position acceptance rate a_r (EMA with a prior, per request),
 E[committed | k] = 1 + a + a^2 + ... + a^k, so adding the j-th draft to r adds
-a_r^j to the numerator and one token to N. The controller adds drafts in
-decreasing order of a_r^j while goodput grows (the marginal gains are sorted,
-so this greedy is optimal for a T linear in N); k = 0 for every request is the
-non-speculative step.
+a_r^j to the numerator and one token to N. The controller takes drafts in
+decreasing order of a_r^j and keeps the prefix of that order with the best
+goodput (for a T linear in N and free drafts this is the optimum); k = 0 for
+every request is the non-speculative step.
 
 T(N) = fixed + per_token * N is fitted at start-up from a few timed forward
 passes (`LatencyModel.fit`) and refined online from every step's measured time
@@ -15,6 +15,12 @@ passes (`LatencyModel.fit`) and refined online from every step's measured time
 step's k unless the new plan's goodput beats the old plan's (both under the
 current estimates) by `switch_margin`, so k does not flicker on a stationary
 input.
+
+A model drafter adds its passes to the step: pass j runs B_j requests (those
+with k >= j) at D(B) = fixed + per_token * B (`draft_latency`, measured the
+same way), so a step costs T(N) + sum_j D(B_j): the j-th draft of a request
+adds one verify token, one row to pass j and, for the first request to reach
+j, pass j's fixed cost.
 """
 from __future__ import annotations
 
@@ -78,8 +84,10 @@ class DraftController:
     """Chooses k per request per step; `adaptive=False` gives every request max_k."""
 
     def __init__(self, max_k: int, latency: LatencyModel, adaptive: bool = True,
-                 prior: float = 0.6, ema: float = 0.05, switch_margin: float = 0.05):
+                 prior: float = 0.6, ema: float = 0.05, switch_margin: float = 0.05,
+                 draft_latency: LatencyModel | None = None):
         self.max_k, self.latency, self.adaptive = max_k, latency, adaptive
+        self.draft_latency = draft_latency  # a model drafter's per-pass cost; None: free drafts
         self.prior, self.ema, self.switch_margin = prior, ema, switch_margin
         self._acc: dict[str, _Acceptance] = {}
 
@@ -105,21 +113,43 @@ class DraftController:
     def _greedy(self, candidates: dict[str, int], base: int) -> dict[str, int]:
         gains = sorted(((self.acceptance(rid) ** j, rid) for rid, n in candidates.items()
                         for j in range(1, min(n, self.max_k) + 1)), reverse=True)
+        # Walk the gains in order and keep the best prefix (not the first local maximum: a
+        # model drafter's pass has a fixed cost that only pays once several rows share it).
         plan = dict.fromkeys(candidates, 0)
         committed = float(len(candidates))
-        tokens = base
-        best = committed / self.latency.predict(tokens)
+        tokens, passes, draft_cost = base, 0, 0.0
+        best, best_len = committed / self.latency.predict(tokens), 0
+        taken: list[str] = []
         for gain, rid in gains:
-            value = (committed + gain) / self.latency.predict(tokens + 1)
-            if value <= best:
-                break
-            plan[rid] += 1
-            committed, tokens, best = committed + gain, tokens + 1, value
-        return plan
+            j = plan[rid] + 1  # this gain is the request's j-th draft
+            draft_cost += self._draft_increment(j > passes)
+            plan[rid], passes = j, max(passes, j)
+            committed, tokens = committed + gain, tokens + 1
+            taken.append(rid)
+            value = committed / (self.latency.predict(tokens) + draft_cost)
+            if value > best:
+                best, best_len = value, len(taken)
+        chosen = dict.fromkeys(candidates, 0)
+        for rid in taken[:best_len]:
+            chosen[rid] += 1
+        return chosen
+
+    def _draft_increment(self, new_pass: bool) -> float:
+        d = self.draft_latency
+        if d is None:
+            return 0.0
+        return d.per_token + (d.fixed if new_pass else 0.0)
+
+    def _draft_cost(self, plan: dict[str, int]) -> float:
+        d = self.draft_latency
+        if d is None:
+            return 0.0
+        ks = [k for k in plan.values() if k]
+        return sum(d.fixed + d.per_token * sum(k >= j for k in ks) for j in range(1, max(ks, default=0) + 1))
 
     def _goodput(self, plan: dict[str, int], base: int) -> float:
         committed = sum(self._expected(self.acceptance(rid), k) for rid, k in plan.items())
-        return committed / self.latency.predict(base + sum(plan.values()))
+        return committed / (self.latency.predict(base + sum(plan.values())) + self._draft_cost(plan))
 
     @staticmethod
     def _expected(a: float, k: int) -> float:
@@ -144,7 +174,7 @@ class DraftController:
 
 
 def describe(model: LatencyModel) -> str:
-    return (f"step latency model: T(N) = {model.fixed * 1e3:.2f} ms + "
+    return (f"latency model: T(N) = {model.fixed * 1e3:.2f} ms + "
             f"{model.per_token * 1e3:.3f} ms x N tokens")
 
 

@@ -79,9 +79,10 @@ class SpeculativeDecoder:
                 req.draft_token_ids = candidates[req.request_id][:k]
 
     def observe(self, scheduled: Sequence[ScheduledRequest], produced: dict[str, int],
-                num_tokens: int, seconds: float) -> None:
+                num_tokens: int, seconds: float, draft_passes: Sequence = ()) -> None:
         """produced: request id -> tokens committed this step; the step computed
-        `num_tokens` tokens in `seconds`."""
+        `num_tokens` tokens in `seconds`, of which `draft_passes` (a model drafter's
+        DraftPass records) took their own share."""
         for entry in scheduled:
             k = entry.num_draft_tokens
             if not k or entry.request_id not in produced:
@@ -90,6 +91,10 @@ class SpeculativeDecoder:
             self.controller.observe(entry.request_id, k, accepted)
             self.stats.add(k, accepted)
             self.totals.add(k, accepted, keep_length=False)
+        for p in draft_passes:
+            if self.controller.draft_latency is not None:
+                self.controller.draft_latency.observe(p.num_tokens, p.seconds)
+            seconds -= p.seconds
         if num_tokens and seconds > 0:
             self.controller.latency.observe(num_tokens, seconds)
 
@@ -102,8 +107,8 @@ class SpeculativeDecoder:
         self.controller.forget(request_id)
 
 
-def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), repeats: int = 2
-                    ) -> LatencyModel:
+def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), repeats: int = 2,
+                    what: str = "step") -> LatencyModel:
     """Fit T(N) from timed forward passes: `run_tokens(n)` runs one step of n tokens."""
     samples = []
     run_tokens(token_counts[0])  # warm-up
@@ -115,6 +120,6 @@ def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), re
             best = min(best, time.perf_counter() - t0)
         samples.append((n, best))
     model = LatencyModel.fit(samples)
-    log.info("%s (fit rms error %.1f%% over N = %s)", describe(model),
+    log.info("%s %s (fit rms error %.1f%% over N = %s)", what, describe(model),
              100 * fit_quality(model, samples), list(token_counts))
     return model

@@ -171,3 +171,23 @@ def test_controller_k_is_stable_on_a_stationary_input():
         last = plan
     assert changes <= 10
     assert all(k > 0 for k in last.values())
+
+
+def test_controller_counts_model_draft_passes():
+    cheap = DraftController(8, cpu_like(), draft_latency=LatencyModel(0.001, 0.0001))
+    for _ in range(20):
+        cheap.observe("a", 8, 8)
+    assert cheap.choose({"a": 8}, other_tokens=0)["a"] > 0
+    # A draft pass costing as much as a target step: (1 + k) tokens for T(1 + k) + k T(1) never pays.
+    step = cpu_like()
+    costly = DraftController(8, step, draft_latency=LatencyModel(step.fixed, step.per_token))
+    for _ in range(20):
+        costly.observe("a", 8, 8)
+    assert costly.choose({"a": 8}, other_tokens=0) == {"a": 0}
+    # A pass's fixed cost is shared by its rows: one draft alone does not pay for it, eight do.
+    shared = DraftController(4, cpu_like(), draft_latency=LatencyModel(0.02, 0.0005))
+    for r in range(8):
+        for _ in range(20):
+            shared.observe(f"r{r}", 4, 3)
+    batch = shared.choose({f"r{r}": 4 for r in range(8)}, other_tokens=0)
+    assert all(k > 0 for k in batch.values()), batch

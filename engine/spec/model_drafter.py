@@ -1,0 +1,214 @@
+"""Drafters that run a model inside the step: `layerskip` (the target with layers skipped)
+and `draft` (a separate model with the same tokenizer).
+
+Before scheduling they propose k PENDING placeholders per decoding request (the
+controller picks k, the scheduler budgets and allocates 1 + k slots as for any
+drafter). At the start of the runner's step, `draft()` replaces the
+placeholders: pass 0 feeds each drafting request's last committed token, pass
+j its draft j - 1, each a one-token-per-request decode through the draft model
+writing its KV into the slots the scheduler allocated for this step; draft j
+is the argmax of pass j's logits (q one-hot, so verification is the exact match
+of `engine.spec.verify`, lossless whatever the draft model computes). The
+drafted ids come to the host once, after the last pass (the verify batch needs
+them for its penalties): the step's one extra sync with a model drafter.
+
+layerskip: the draft reads and writes the target's own KV in the layers it
+keeps; the verify pass then rewrites every drafted slot in every layer, so
+nothing the draft wrote survives. draft: the draft model has its own KV
+tensors, indexed by the target's block ids (one allocation covers both). Its
+KV must cover every committed token, so pass 0 also catches up on the tokens
+it has not seen yet (the prompt, and the last accepted draft after a step that
+accepted all k): `_computed[request]` is where the draft model's valid KV ends.
+Stale draft KV only lowers acceptance, never changes outputs.
+"""
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from engine.attention import AttentionShape, BatchLayout, create_backend
+from engine.sched.output import ScheduledRequest, SchedulerOutput
+from engine.spec.base import Drafter, register_drafter
+
+PENDING = -1  # a draft the runner's draft model fills in this step
+
+
+@dataclass(frozen=True)
+class DraftPass:
+    num_tokens: int
+    seconds: float
+
+
+def decode_layout(rows: Sequence[tuple[tuple[int, ...], int, int]], page: int, device: torch.device
+                  ) -> tuple[BatchLayout, torch.Tensor]:
+    """rows: (block ids, first position, num tokens) per request, the tokens at positions
+    [first, first + n) attending causally to everything before -> (layout, positions)."""
+    q_lens = [n for _, _, n in rows]
+    kv_lens = [first + n for _, first, n in rows]
+    kvp, indices, positions = [0], [], []
+    for (blocks, first, n), kv_len in zip(rows, kv_lens):
+        pages = -(-kv_len // page)
+        indices.extend(blocks[:pages])
+        kvp.append(kvp[-1] + pages)
+        positions.extend(range(first, first + n))  # per drafting request: 1 token (or its catch-up)
+    pos = torch.tensor(positions, dtype=torch.long)
+    q_len_t = torch.tensor(q_lens)
+    row = torch.repeat_interleave(torch.arange(len(rows)), q_len_t)
+    kv_indptr, kv_indices = torch.tensor(kvp), torch.tensor(indices, dtype=torch.long)
+    slots = kv_indices[kv_indptr[row] + pos // page] * page + pos % page
+    qo = torch.zeros(len(rows) + 1, dtype=torch.long)
+    qo[1:] = q_len_t.cumsum(0)
+    last = torch.tensor(kv_lens) - (kv_indptr[1:] - kv_indptr[:-1] - 1) * page
+    i32 = dict(dtype=torch.int32, device=device)
+    layout = BatchLayout(qo.to(**i32), kv_indptr.to(**i32), kv_indices.to(**i32), last.to(**i32),
+                         slots.to(device), q_lens, kv_lens, page)
+    return layout, pos.to(device)
+
+
+class ModelDrafter(Drafter):
+    """Base of the in-step drafters; `attach(runner)` binds it to the target's runner."""
+    needs_runner = True
+
+    def __init__(self) -> None:
+        self.runner = None
+
+    def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
+        return [PENDING] * k
+
+    def attach(self, runner) -> None:
+        self.runner = runner
+
+    @abstractmethod
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
+        """One draft pass: ids/positions [n] -> fp32 logits [n, vocab]."""
+
+    def first_rows(self, entries: Sequence[ScheduledRequest]) -> list[tuple[int, int]]:
+        """Per drafting request, (first position, num tokens) of pass 0: its last committed token."""
+        return [(e.start, 1) for e in entries]
+
+    def committed(self, entry: ScheduledRequest, accepted: int) -> None:
+        """After verification: `accepted` of the entry's drafts were kept."""
+
+    def scheduled(self, entries: Sequence[ScheduledRequest]) -> None:
+        """Sees every scheduled request of every step, drafting or not."""
+
+    @torch.inference_mode()
+    def draft(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, tuple[DraftPass, ...]]:
+        """sched with every PENDING draft replaced by the draft model's tokens."""
+        self.scheduled(sched.scheduled)
+        idx = [i for i, e in enumerate(sched.scheduled) if e.draft_token_ids[:1] == (PENDING,)]
+        if not idx:
+            return sched, ()
+        entries = [sched.scheduled[i] for i in idx]
+        ks = torch.tensor([e.num_draft_tokens for e in entries])  # [R]
+        page, dev = self.runner.cfg.cache.block_size, self.runner.cfg.device
+        drafts = torch.zeros(len(entries), int(ks.max()), dtype=torch.long, device=dev)  # [R, K]
+        passes = []
+        rows0 = self.first_rows(entries)
+        ids0 = torch.tensor([t for e, (first, n) in zip(entries, rows0)
+                             for t in e.request.token_ids[first:first + n]], dtype=torch.long, device=dev)
+        last0 = torch.tensor(rows0)[:, 1].cumsum(0) - 1  # [R] row of each request's last pass-0 token
+        t0 = time.perf_counter()
+        layout, pos = decode_layout([(e.block_ids, f, n) for e, (f, n) in zip(entries, rows0)], page, dev)
+        drafts[:, 0] = self.forward(ids0, pos, layout)[last0.to(dev)].argmax(-1)
+        passes.append(DraftPass(len(ids0), time.perf_counter() - t0))
+        for j in range(1, drafts.shape[1]):
+            t0 = time.perf_counter()
+            active = (ks > j).nonzero().flatten().tolist()  # host: ks is a host tensor
+            rows = [(entries[r].block_ids, entries[r].start + j, 1) for r in active]
+            layout, pos = decode_layout(rows, page, dev)
+            sel = torch.tensor(active, device=dev)
+            drafts[sel, j] = self.forward(drafts[sel, j - 1], pos, layout).argmax(-1)
+            passes.append(DraftPass(len(active), time.perf_counter() - t0))
+        host = drafts.tolist()  # the model drafter's sync: drafted ids to the host
+        scheduled = list(sched.scheduled)
+        for i, e, row in zip(idx, entries, host):
+            scheduled[i] = replace(e, draft_token_ids=tuple(row[:e.num_draft_tokens]))
+        return replace(sched, scheduled=tuple(scheduled)), tuple(passes)
+
+
+def _run_layers(model, layer_ids: Sequence[int], input_ids, positions, attn, caches) -> torch.Tensor:
+    x = model.embed_tokens(input_ids)
+    rope = model.rotary.lookup(positions, x.dtype)
+    for i in layer_ids:
+        x = model.layers[i](x, rope, attn, caches[i])
+    return model.compute_logits(x)
+
+
+def kept_layers(num_layers: int, keep: float) -> list[int]:
+    """`keep` of the layers, evenly spread, always the first and the last."""
+    n = max(2, min(num_layers, round(num_layers * keep)))
+    if n >= num_layers:
+        return list(range(num_layers))
+    return sorted({round(i * (num_layers - 1) / (n - 1)) for i in range(n)})
+
+
+@register_drafter("layerskip")
+class LayerSkipDrafter(ModelDrafter):
+    """The target with a subset of its layers (SWIFT-style self-speculation, no extra weights)."""
+
+    def __init__(self, keep: float = 0.5):
+        super().__init__()
+        self.keep = keep
+        self.layers: list[int] = []
+
+    def attach(self, runner) -> None:
+        super().attach(runner)
+        self.layers = kept_layers(len(runner.kv_caches), self.keep)
+
+    def forward(self, input_ids, positions, layout):
+        self.runner.attn.plan(layout)
+        return _run_layers(self.runner.model, self.layers, input_ids, positions, self.runner.attn,
+                           self.runner.kv_caches)
+
+
+@register_drafter("draft")
+class DraftModelDrafter(ModelDrafter):
+    """A separate draft model (same tokenizer); its KV tensors use the target's block ids."""
+
+    def __init__(self, model=None, model_config=None):
+        super().__init__()
+        self.model, self.model_config = model, model_config
+        self.kv_caches: list[torch.Tensor] = []
+        self.attn = None
+        self._computed: dict[str, int] = {}  # request id -> tokens with valid draft KV
+
+    def attach(self, runner) -> None:
+        super().attach(runner)
+        m, c = self.model_config, runner.cfg.cache
+        self.kv_caches = [torch.zeros(c.num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim,
+                                      dtype=runner.cfg.dtype, device=runner.cfg.device)
+                          for _ in range(m.num_layers)]
+        shape = AttentionShape(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim ** -0.5,
+                               runner.cfg.dtype, runner.cfg.device)
+        self.attn = create_backend(runner.cfg.attention_backend, shape)
+
+    def first_rows(self, entries):
+        # Catch up from where this request's draft KV ends (never past the target's start:
+        # after a preemption the target recomputes, and so does the draft).
+        return [(f, e.start + 1 - f) for e in entries
+                for f in (min(self._computed.get(e.request_id, 0), e.start),)]
+
+    def forward(self, input_ids, positions, layout):
+        self.attn.plan(layout)
+        return _run_layers(self.model, range(len(self.kv_caches)), input_ids, positions, self.attn,
+                           self.kv_caches)
+
+    def scheduled(self, entries) -> None:
+        # The target recomputing below our mark (after a preemption, into fresh blocks)
+        # invalidates the draft KV from there on.
+        for e in entries:
+            mark = self._computed.get(e.request_id)
+            if mark is not None and e.start < mark:
+                self._computed[e.request_id] = e.start
+
+    def committed(self, entry: ScheduledRequest, accepted: int) -> None:
+        # Pass j wrote position start + j (j < k); the accepted ones hold committed tokens.
+        self._computed[entry.request_id] = entry.start + 1 + min(accepted, entry.num_draft_tokens - 1)
+
+    def forget(self, request_id: str) -> None:
+        self._computed.pop(request_id, None)

@@ -1,0 +1,100 @@
+"""Model drafters (layerskip, draft) on the real SmolLM2: lossless against the plain path.
+
+The target as its own draft accepts (nearly) every greedy draft, through
+preemption and prefix hits; a tiny random draft model with the same tokenizer
+is lossless for greedy and seeded sampling; layerskip is lossless; every KV
+block comes back and the draft model's per-request state is dropped.
+"""
+from __future__ import annotations
+
+import pytest
+
+from engine.sampling_params import SamplingParams
+from engine.spec.model_drafter import kept_layers
+from tests.unit.test_spec_engine import PROMPTS, assert_same_or_near_tie, run
+
+NEW = 24
+BATCH = PROMPTS[:6] + [PROMPTS[1]]  # the repeated prompt hits the prefix cache
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(smol_loaded):
+    from engine.llm import LLM
+
+    llm = LLM(loaded=smol_loaded, num_kv_blocks=16)
+    return llm, run(llm, BATCH, params())
+
+
+@pytest.fixture(scope="module")
+def tiny_draft(tmp_path_factory):
+    from engine.config import EngineArgs
+    from engine.setup import load_model
+    from tests.e2e.tiny_model import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+    return load_model(EngineArgs(model=str(path), max_model_len=8192))
+
+
+def params(n: int = len(BATCH)) -> list[SamplingParams]:
+    return [SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)] * n
+
+
+def test_kept_layers_spread_and_bounds():
+    assert kept_layers(30, 0.5) == sorted(set(kept_layers(30, 0.5)))
+    assert len(kept_layers(30, 0.5)) == 15 and kept_layers(30, 0.5)[0] == 0 and kept_layers(30, 0.5)[-1] == 29
+    assert kept_layers(4, 1.0) == [0, 1, 2, 3] and kept_layers(4, 0.01) == [0, 3]
+
+
+def test_target_as_its_own_draft_accepts_greedy_drafts(make_llm, smol_loaded, hf_smol, plain_greedy):
+    base, ref = plain_greedy
+    llm = make_llm(num_kv_blocks=16, speculative_method="draft", num_speculative_tokens=4,
+                   speculative_adaptive=False, draft_loaded=smol_loaded)
+    run(llm, [PROMPTS[1]], params(1))  # leaves its prompt blocks in the prefix cache
+    outs = run(llm, BATCH, params())
+    stats = llm.core.spec.totals
+    assert stats.num_draft_tokens > 40
+    # Same weights: a draft differs from the target only on a numerical near-tie.
+    assert stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens, stats
+    assert llm.core.scheduler.num_preemptions > 0 and llm.core.scheduler.kv.hit_tokens > 0
+    for prompt, r, o in zip(BATCH, ref, outs):
+        assert_same_or_near_tie(hf_smol, base, prompt, r.outputs[0], o.outputs[0])
+    assert llm.core.runner.model_drafter._computed == {}
+
+
+def test_tiny_random_draft_model_is_lossless(make_llm, hf_smol, plain_greedy, tiny_draft):
+    base, ref = plain_greedy
+    llm = make_llm(num_kv_blocks=16, speculative_method="draft", num_speculative_tokens=3,
+                   speculative_adaptive=False, draft_loaded=tiny_draft)
+    outs = run(llm, BATCH, params())
+    assert llm.core.spec.totals.num_draft_tokens > 40
+    for prompt, r, o in zip(BATCH, ref, outs):
+        assert_same_or_near_tie(hf_smol, base, prompt, r.outputs[0], o.outputs[0])
+
+
+def test_seeded_sampling_same_with_model_drafters(make_llm, smol_loaded, tiny_draft):
+    sp = [SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=3 + i, ignore_eos=True) for i in range(3)]
+    prompts = [PROMPTS[0], PROMPTS[6], PROMPTS[4]]
+    ref = [o.outputs[0].token_ids for o in run(make_llm(), prompts, sp)]
+    for extra in (dict(speculative_method="draft", draft_loaded=tiny_draft),
+                  dict(speculative_method="layerskip", speculative_layerskip_keep=0.7)):
+        llm = make_llm(num_speculative_tokens=3, speculative_adaptive=False, **extra)
+        assert [o.outputs[0].token_ids for o in run(llm, prompts, sp)] == ref, extra["speculative_method"]
+        assert llm.core.spec.totals.num_draft_tokens > 0
+
+
+def test_layerskip_greedy_is_lossless(make_llm, hf_smol, plain_greedy):
+    base, ref = plain_greedy
+    llm = make_llm(num_kv_blocks=16, speculative_method="layerskip", num_speculative_tokens=2,
+                   speculative_adaptive=False, speculative_layerskip_keep=0.8)
+    outs = run(llm, BATCH, params())
+    assert llm.core.spec.totals.num_draft_tokens > 40
+    for prompt, r, o in zip(BATCH, ref, outs):
+        assert_same_or_near_tie(hf_smol, base, prompt, r.outputs[0], o.outputs[0])
+
+
+def test_draft_method_needs_a_model(smol_loaded):
+    from engine.errors import UnsupportedModelError
+    from engine.llm import LLM
+
+    with pytest.raises(UnsupportedModelError, match="speculative-model"):
+        LLM(loaded=smol_loaded, speculative_method="draft")
