@@ -49,6 +49,7 @@ class _Batch:
     rows: list[SamplingRow]
     sampled_ids: list[str]  # per sampling request
     matchers: list  # GrammarMatcher or None per sampled row
+    row_drafts: list  # per sampled row: the request's drafts on its first row, else ()
     drafts: list[tuple[int, ...]]  # per sampling request; it owns 1 + len(drafts) rows
 
 
@@ -112,7 +113,7 @@ class ModelRunner:
             sched, draft_passes = self.model_drafter.draft(sched)
         batch = self._prepare(sched)
         # Grammar masks are filled on a helper thread while the forward pass runs.
-        pending = self.bitmasks.start(batch.matchers, [r.request_id for r in batch.rows])
+        pending = self.bitmasks.start(batch.matchers, [r.request_id for r in batch.rows], batch.row_drafts)
         try:
             hidden = self._forward(batch)
         except BaseException:
@@ -148,7 +149,7 @@ class ModelRunner:
         page = self.cfg.cache.block_size
         tokens: list[int] = []
         starts, q_lens, kv_lens, kvp, indices = [], [], [], [0], []
-        sample_index, rows, sampled_ids, matchers, all_drafts = [], [], [], [], []
+        sample_index, rows, sampled_ids, matchers, all_drafts, row_drafts = [], [], [], [], [], []
         for s in sched.scheduled:
             req, start, n = s.request, s.start, s.num_tokens
             num_pages = -(-(start + n) // page)
@@ -171,7 +172,8 @@ class ModelRunner:
                     out_ids = _WithDrafts(req.output_token_ids, drafts[:i]) if i else req.output_token_ids
                     rows.append(SamplingRow(req.params, req.prompt_token_ids, out_ids,
                                             noise_seed(req, i), req.eos_token_ids, req.request_id))
-                    matchers.append(req.matcher if k == 0 else None)  # drafted requests: unconstrained
+                    matchers.append(req.matcher)  # drafted: row i masked after drafts[:i]
+                    row_drafts.append(drafts if i == 0 else ())
                 sampled_ids.append(req.request_id)
                 all_drafts.append(drafts)
         q_len_t = torch.tensor(q_lens)
@@ -188,7 +190,7 @@ class ModelRunner:
                              slots.to(dev), q_lens, kv_lens, page)
         return _Batch(torch.tensor(tokens, dtype=torch.long, device=dev), positions.to(dev), layout,
                       torch.tensor(sample_index, dtype=torch.long, device=dev), rows, sampled_ids, matchers,
-                      all_drafts)
+                      row_drafts, all_drafts)
 
     @staticmethod
     def _group_logprobs(per_row: tuple, drafts: list[tuple[int, ...]]) -> list:

@@ -7,8 +7,10 @@ the drafter proposes up to max_k tokens and the controller picks k per request
 the acceptance of every verified request to the controller, the step's
 (tokens, seconds) to the latency model, and counts the spec metrics.
 
-Constrained (grammar) requests are not drafted: their masks are filled for
-one position per step.
+Constrained (grammar) requests keep only the drafts their grammar accepts (the
+matcher validates them; the runner then masks each of the 1 + k positions with
+the grammar advanced through the drafts before it). Model drafters (drafts
+drawn inside the step) do not draft constrained requests.
 """
 from __future__ import annotations
 
@@ -64,8 +66,7 @@ class SpeculativeDecoder:
             if req.num_computed_tokens + 1 != req.num_tokens:
                 other += req.num_tokens - req.num_computed_tokens
                 continue
-            drafts = [] if req.matcher is not None else \
-                self.drafter.propose(req.request_id, req.token_ids, self.max_k)
+            drafts = self._drafts(req)
             if drafts:
                 candidates[req.request_id] = drafts
             else:
@@ -77,6 +78,14 @@ class SpeculativeDecoder:
             k = chosen.get(req.request_id, 0)
             if k:
                 req.draft_token_ids = candidates[req.request_id][:k]
+
+    def _drafts(self, req: Request) -> list[int]:
+        if req.matcher is None:
+            return self.drafter.propose(req.request_id, req.token_ids, self.max_k)
+        if self.drafter.needs_runner:
+            return []
+        drafts = self.drafter.propose(req.request_id, req.token_ids, self.max_k)
+        return drafts[:req.matcher.validate_tokens(drafts)] if drafts else drafts
 
     def observe(self, scheduled: Sequence[ScheduledRequest], produced: dict[str, int],
                 num_tokens: int, seconds: float, draft_passes: Sequence = ()) -> None:

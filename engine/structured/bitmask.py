@@ -74,24 +74,40 @@ class BitmaskFiller:
         self.device = device
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitmask")
 
-    def start(self, matchers: Sequence[GrammarMatcher | None], request_ids: Sequence[str]
-              ) -> concurrent.futures.Future | None:
-        """matchers[i] constrains sampled row i (None: unconstrained). None if no row is."""
+    def start(self, matchers: Sequence[GrammarMatcher | None], request_ids: Sequence[str],
+              drafts: Sequence[Sequence[int]] = ()) -> concurrent.futures.Future | None:
+        """matchers[i] constrains sampled row i (None: unconstrained). A speculating request
+        has the same matcher on its 1 + k rows and `drafts[i]` (its k drafts) on the first:
+        row i + j is masked after the grammar consumed drafts[:j]. None if no row is constrained."""
         index = [i for i, m in enumerate(matchers) if m is not None]
         if not index:
             return None
-        return self._pool.submit(self._fill, [matchers[i] for i in index], [request_ids[i] for i in index], index)
+        drafts = list(drafts) or [()] * len(matchers)
+        return self._pool.submit(self._fill, list(matchers), list(request_ids), drafts, index)
 
-    def _fill(self, matchers: list[GrammarMatcher], ids: list[str], index: list[int]) -> GrammarBitmask:
-        for m, rid in zip(matchers, ids):
-            err = m.error()
+    def _fill(self, matchers: list, ids: list[str], drafts: list, index: list[int]) -> GrammarBitmask:
+        for i in index:
+            err = matchers[i].error()
             if err is not None:
-                raise RequestFault(rid, GrammarError(err))
-        bitmask = torch.empty((len(matchers), self.width), dtype=torch.int32)  # CPU: the backend writes it
-        type(matchers[0]).fill_many(matchers, bitmask)
+                raise RequestFault(ids[i], GrammarError(err))
+        bitmask = torch.empty((len(index), self.width), dtype=torch.int32)  # CPU: the backend writes it
+        plain, j = [], 0
+        while j < len(index):
+            row = index[j]
+            k = len(drafts[row])
+            if k:  # rows j..j+k: one matcher stepped through the drafts (then rolled back)
+                matchers[row].fill_bitmask(bitmask[j:j + 1 + k], drafts[row])
+            else:
+                plain.append(j)
+            j += 1 + k
+        if plain:
+            rows = bitmask if len(plain) == len(index) else torch.empty((len(plain), self.width), dtype=torch.int32)
+            type(matchers[index[plain[0]]]).fill_many([matchers[index[j]] for j in plain], rows)
+            if rows is not bitmask:
+                bitmask[torch.tensor(plain)] = rows
         empty = (bitmask == 0).all(dim=1)  # host-side CPU tensor: no device sync
         if bool(empty.any()):
-            i = int(empty.nonzero()[0])
+            i = index[int(empty.nonzero()[0])]
             raise RequestFault(ids[i], GrammarError(matchers[i].error() or "the grammar allows no token here"))
         return GrammarBitmask(bitmask.to(self.device, non_blocking=True),
                               torch.tensor(index, dtype=torch.long, device=self.device))

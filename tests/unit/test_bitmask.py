@@ -97,3 +97,39 @@ def test_triton_kernel_matches_torch_reference_in_interpreter():
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert proc.returncode == 0 and "KERNEL_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+class _CountingMatcher:
+    """Fake matcher: its mask allows token (state + step) only; drafts advance the state."""
+
+    def __init__(self, state: int, vocab: int):
+        self.state, self.vocab = state, vocab
+
+    def error(self):
+        return None
+
+    def _row(self, row: torch.Tensor, state: int) -> None:
+        row.copy_(_mask_allowing(self.vocab, [state % self.vocab])[0])
+
+    def fill_bitmask(self, rows: torch.Tensor, draft=()) -> None:
+        for i in range(1 + len(draft)):
+            self._row(rows[i], self.state + sum(draft[:i]))
+
+    @classmethod
+    def fill_many(cls, matchers, bitmask) -> None:
+        for i, m in enumerate(matchers):
+            m._row(bitmask[i], m.state)
+
+
+def test_filler_masks_each_draft_row_after_the_drafts_before_it():
+    from engine.structured.bitmask import BitmaskFiller
+
+    vocab = 64
+    a, b, c = _CountingMatcher(5, vocab), _CountingMatcher(9, vocab), _CountingMatcher(20, vocab)
+    # rows: plain a | b with drafts (1, 2) on 3 rows | unconstrained | plain c
+    matchers = [a, b, b, b, None, c]
+    drafts = [(), (1, 2), (), (), (), ()]
+    mask = BitmaskFiller(vocab, torch.device("cpu")).start(matchers, list("abbbxc"), drafts).result()
+    assert mask.rows.tolist() == [0, 1, 2, 3, 5]
+    allowed = unpack_bitmask(mask.bitmask, vocab)  # [R, V] bool
+    assert [row.nonzero().flatten().tolist() for row in allowed] == [[5], [9], [10], [12], [20]]

@@ -200,3 +200,27 @@ def test_structure_complete_at_admission_finishes_without_sampling(llm):
     assert out.finished and [c.text for c in out.outputs] == ["only", "only"]
     assert all(c.finish_reason == "stop" for c in out.outputs) and stats.num_generation_tokens == 0
     assert llm.core.scheduler.kv.usage() == 0
+
+
+def test_speculative_drafts_on_constrained_requests_keep_greedy_output(llm, smol_loaded):
+    """ngram drafts ride along constrained requests (each of the 1 + k positions masked with
+    the grammar advanced through the drafts before it): same greedy tokens, still valid."""
+    from engine.llm import LLM
+
+    schema = {"type": "array", "minItems": 3, "maxItems": 3,
+              "items": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                                         "age": {"type": "integer"}},
+                        "required": ["name", "age"], "additionalProperties": False}}
+    prompt = PROMPT.replace("Reply with one short JSON object.", "List three people with name and age as JSON.")
+    params = [SamplingParams(temperature=0, max_tokens=70, structured_outputs=S(json=schema)),
+              SamplingParams(temperature=0, max_tokens=24, structured_outputs=S(regex=r"(ab ){4}[a-z]+"))]
+    prompts = [prompt, "Say ab four times:"]  # constrained only: every accepted draft is theirs
+    plain = llm.generate(prompts, params)
+    spec = LLM(loaded=smol_loaded, speculative_method="ngram", num_speculative_tokens=4, speculative_adaptive=False)
+    outs = spec.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    check_valid(schema, outs[0].outputs[0].text)
+    stats = spec.core.spec.totals
+    assert stats.num_accepted_tokens > 5, stats
+    kv = spec.core.scheduler.kv
+    assert kv.num_free_blocks == len(kv.pool.blocks)
