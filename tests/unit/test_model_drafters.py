@@ -13,7 +13,7 @@ from engine.sampling_params import SamplingParams
 from engine.spec.model_drafter import kept_layers
 from tests.unit.test_spec_engine import PROMPTS, assert_same_or_near_tie, run
 
-NEW = 24
+NEW = 16
 BATCH = PROMPTS[:6] + [PROMPTS[1]]  # the repeated prompt hits the prefix cache
 
 
