@@ -31,12 +31,12 @@ COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 def kind_of(data: dict) -> str:
     if "splits" in data and "tpot_c16" in data:
         return "structured"
-    if "summary" in data and "concurrency" in data.get("config", {}):
-        return "http_load"
+    if "rss_samples_kib" in data or "rss_samples_kib" in data.get("summary", {}):
+        return "soak"  # before http_load: a soak's config has a concurrency too
     if "rows" in data and "summary" in data and "linear_path" in data:
         return "spec"
-    if "rss_samples_kib" in json.dumps(data)[:10 ** 7]:
-        return "soak"
+    if "summary" in data and "concurrency" in data.get("config", {}):
+        return "http_load"
     raise ValueError(f"unknown results file (keys: {sorted(data)})")
 
 

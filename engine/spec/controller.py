@@ -2,7 +2,9 @@
 
 Expected goodput of a step = sum_r E[committed tokens of r | k_r, a_r] / T(N),
 N = tokens computed this step (1 + k_r per decoding request plus prefill).
-With a per-position acceptance rate a_r (EMA with a prior, per request),
+With a per-position acceptance rate a_r (EMA per request, starting from the
+drafter-wide EMA over every request's verifications, itself starting at `prior`:
+short requests on a workload the drafter does not suit start pessimistic),
 E[committed | k] = 1 + a + a^2 + ... + a^k, so adding the j-th draft to r adds
 a_r^j to the numerator and one token to N. The controller takes drafts in
 decreasing order of a_r^j and keeps the prefix of that order with the best
@@ -89,11 +91,12 @@ class DraftController:
         self.max_k, self.latency, self.adaptive = max_k, latency, adaptive
         self.draft_latency = draft_latency  # a model drafter's per-pass cost; None: free drafts
         self.prior, self.ema, self.switch_margin = prior, ema, switch_margin
+        self.shared_rate = prior  # drafter-wide acceptance: a new request's starting estimate
         self._acc: dict[str, _Acceptance] = {}
 
     def acceptance(self, request_id: str) -> float:
         state = self._acc.get(request_id)
-        return self.prior if state is None else state.rate
+        return self.shared_rate if state is None else state.rate
 
     def choose(self, candidates: dict[str, int], other_tokens: int) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: tokens of the
@@ -107,7 +110,7 @@ class DraftController:
         if new != old and self._goodput(new, base) < (1 + self.switch_margin) * self._goodput(old, base):
             new = old
         for rid, k in new.items():
-            self._acc.setdefault(rid, _Acceptance(self.prior)).k = k
+            self._acc.setdefault(rid, _Acceptance(self.shared_rate)).k = k
         return new
 
     def _greedy(self, candidates: dict[str, int], base: int) -> dict[str, int]:
@@ -162,12 +165,13 @@ class DraftController:
         """Update a_r from one verification: accepted of drafted (a run, stops at a miss)."""
         if num_drafts <= 0:
             return
-        state = self._acc.setdefault(request_id, _Acceptance(self.prior))
+        state = self._acc.setdefault(request_id, _Acceptance(self.shared_rate))
         # Per-position rate from a truncated-geometric run: accepted / (accepted + 1 miss).
         tries = num_accepted + (1 if num_accepted < num_drafts else 0)
         sample = num_accepted / tries if tries else state.rate
         weight = 1.0 - (1.0 - self.ema) ** max(tries, 1)
         state.rate = min(max(state.rate + weight * (sample - state.rate), 0.0), 0.99)
+        self.shared_rate = min(max(self.shared_rate + weight * (sample - self.shared_rate), 0.0), 0.99)
 
     def forget(self, request_id: str) -> None:
         self._acc.pop(request_id, None)

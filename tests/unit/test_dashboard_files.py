@@ -34,10 +34,21 @@ def test_dashboard_panels_have_unique_ids_and_targets():
 
 @pytest.mark.parametrize("files", [["http_load_cpu_c1.json", "http_load_cpu_c8.json",
                                     "http_load_cpu_c16.json"],
-                                   ["structured_cpu.json"], ["soak_cpu.json"]])
+                                   ["structured_cpu.json"], ["soak_cpu.json"], ["spec_cpu.json"]])
 def test_plot_renders_png(tmp_path, files):
     out = tmp_path / "plot.png"
     paths = [str(REPO / "loadtest" / "results" / f) for f in files]
     subprocess.run([sys.executable, str(REPO / "loadtest" / "plot.py"), *paths, "-o", str(out)],
                    check=True, cwd=REPO, capture_output=True, timeout=120)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("name,kind", [("http_load_cpu_c8.json", "http_load"), ("structured_cpu.json", "structured"),
+                                       ("soak_cpu.json", "soak"), ("spec_cpu.json", "spec")])
+def test_plot_recognises_each_results_kind(name, kind):
+    sys.path.insert(0, str(REPO / "loadtest"))
+    try:
+        from plot import kind_of
+    finally:
+        sys.path.pop(0)
+    assert kind_of(json.loads((REPO / "loadtest" / "results" / name).read_text())) == kind

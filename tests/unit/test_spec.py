@@ -191,3 +191,12 @@ def test_controller_counts_model_draft_passes():
             shared.observe(f"r{r}", 4, 3)
     batch = shared.choose({f"r{r}": 4 for r in range(8)}, other_tokens=0)
     assert all(k > 0 for k in batch.values()), batch
+
+
+def test_new_requests_start_from_the_drafters_observed_acceptance():
+    ctl = DraftController(8, cpu_like())
+    assert ctl.acceptance("new") == ctl.prior
+    for i in range(60):  # a workload the drafter does not suit: nothing accepted
+        ctl.observe(f"old{i % 6}", 4, 0)
+    assert ctl.acceptance("new") < 0.1
+    assert ctl.choose({"new": 8}, other_tokens=0) == {"new": 0}  # a fresh request is not drafted blindly
