@@ -31,6 +31,25 @@ class BatchLayout:
     page_size: int
 
 
+def build_layout(q_lens: list[int], kv_lens: list[int], kv_indptr: list[int], kv_indices: list[int],
+                 page: int, device: torch.device) -> tuple[BatchLayout, torch.Tensor]:
+    """The layout of requests whose q_lens[i] new tokens end their kv_lens[i]-token KV
+    (pages kv_indices[kv_indptr[i]:kv_indptr[i+1]]) -> (layout, positions [num_tokens])."""
+    q_len_t = torch.tensor(q_lens, dtype=torch.long)
+    qo = torch.zeros(len(q_lens) + 1, dtype=torch.long)
+    qo[1:] = q_len_t.cumsum(0)
+    row = torch.repeat_interleave(torch.arange(len(q_lens)), q_len_t)  # [num_tokens] request row
+    start = torch.tensor(kv_lens, dtype=torch.long) - q_len_t  # [batch] first new position
+    positions = torch.arange(int(qo[-1])) - qo[row] + start[row]
+    indptr, indices = torch.tensor(kv_indptr, dtype=torch.long), torch.tensor(kv_indices, dtype=torch.long)
+    slots = indices[indptr[row] + positions // page] * page + positions % page
+    last = torch.tensor(kv_lens, dtype=torch.long) - (indptr[1:] - indptr[:-1] - 1) * page
+    i32 = dict(dtype=torch.int32, device=device)
+    layout = BatchLayout(qo.to(**i32), indptr.to(**i32), indices.to(**i32), last.to(**i32),
+                         slots.to(device), list(q_lens), list(kv_lens), page)
+    return layout, positions.to(device)
+
+
 @dataclass(frozen=True)
 class AttentionShape:
     num_heads: int

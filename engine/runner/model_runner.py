@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionShape, BatchLayout, create_backend
+from engine.attention import AttentionShape, BatchLayout, build_layout, create_backend
 from engine.config import CacheConfig, ModelConfig
 from engine.errors import RequestFault
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata, position_seed
@@ -148,7 +148,7 @@ class ModelRunner:
         tensor ops (no per-token Python loop)."""
         page = self.cfg.cache.block_size
         tokens: list[int] = []
-        starts, q_lens, kv_lens, kvp, indices = [], [], [], [0], []
+        q_lens, kv_lens, kvp, indices = [], [], [0], []
         sample_index, rows, sampled_ids, matchers, all_drafts, row_drafts = [], [], [], [], [], []
         for s in sched.scheduled:
             req, start, n = s.request, s.start, s.num_tokens
@@ -162,7 +162,6 @@ class ModelRunner:
             tokens.extend(drafts)
             indices.extend(s.block_ids[:num_pages])
             kvp.append(kvp[-1] + num_pages)
-            starts.append(start)
             q_lens.append(n)
             kv_lens.append(start + n)
             if s.sample:
@@ -176,19 +175,9 @@ class ModelRunner:
                     row_drafts.append(drafts if i == 0 else ())
                 sampled_ids.append(req.request_id)
                 all_drafts.append(drafts)
-        q_len_t = torch.tensor(q_lens)
-        qo = torch.zeros(len(q_lens) + 1, dtype=torch.long)
-        qo[1:] = q_len_t.cumsum(0)
-        row = torch.repeat_interleave(torch.arange(len(q_lens)), q_len_t)  # [num_tokens] request row
-        positions = torch.arange(len(tokens)) - qo[row] + torch.tensor(starts)[row]
-        kv_indptr, kv_indices = torch.tensor(kvp), torch.tensor(indices, dtype=torch.long)
-        slots = kv_indices[kv_indptr[row] + positions // page] * page + positions % page
-        last = torch.tensor(kv_lens) - (kv_indptr[1:] - kv_indptr[:-1] - 1) * page
         dev = self.cfg.device
-        i32 = dict(dtype=torch.int32, device=dev)
-        layout = BatchLayout(qo.to(**i32), kv_indptr.to(**i32), kv_indices.to(**i32), last.to(**i32),
-                             slots.to(dev), q_lens, kv_lens, page)
-        return _Batch(torch.tensor(tokens, dtype=torch.long, device=dev), positions.to(dev), layout,
+        layout, positions = build_layout(q_lens, kv_lens, kvp, indices, page, dev)
+        return _Batch(torch.tensor(tokens, dtype=torch.long, device=dev), positions, layout,
                       torch.tensor(sample_index, dtype=torch.long, device=dev), rows, sampled_ids, matchers,
                       row_drafts, all_drafts)
 

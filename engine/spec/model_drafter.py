@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.attention import AttentionShape, BatchLayout, create_backend
+from engine.attention import AttentionShape, BatchLayout, build_layout, create_backend
 from engine.sched.output import ScheduledRequest, SchedulerOutput
 from engine.spec.base import Drafter, register_drafter
 
@@ -49,24 +49,12 @@ def decode_layout(rows: Sequence[tuple[tuple[int, ...], int, int]], page: int, d
     [first, first + n) attending causally to everything before -> (layout, positions)."""
     q_lens = [n for _, _, n in rows]
     kv_lens = [first + n for _, first, n in rows]
-    kvp, indices, positions = [0], [], []
-    for (blocks, first, n), kv_len in zip(rows, kv_lens):
+    kvp, indices = [0], []
+    for (blocks, _, _), kv_len in zip(rows, kv_lens):
         pages = -(-kv_len // page)
         indices.extend(blocks[:pages])
         kvp.append(kvp[-1] + pages)
-        positions.extend(range(first, first + n))  # per drafting request: 1 token (or its catch-up)
-    pos = torch.tensor(positions, dtype=torch.long)
-    q_len_t = torch.tensor(q_lens)
-    row = torch.repeat_interleave(torch.arange(len(rows)), q_len_t)
-    kv_indptr, kv_indices = torch.tensor(kvp), torch.tensor(indices, dtype=torch.long)
-    slots = kv_indices[kv_indptr[row] + pos // page] * page + pos % page
-    qo = torch.zeros(len(rows) + 1, dtype=torch.long)
-    qo[1:] = q_len_t.cumsum(0)
-    last = torch.tensor(kv_lens) - (kv_indptr[1:] - kv_indptr[:-1] - 1) * page
-    i32 = dict(dtype=torch.int32, device=device)
-    layout = BatchLayout(qo.to(**i32), kv_indptr.to(**i32), kv_indices.to(**i32), last.to(**i32),
-                         slots.to(device), q_lens, kv_lens, page)
-    return layout, pos.to(device)
+    return build_layout(q_lens, kv_lens, kvp, indices, page, device)
 
 
 class ModelDrafter(Drafter):

@@ -9,14 +9,9 @@ from pathlib import Path
 import torch
 
 from engine.spec.rejection import DraftBatch, rejection_sample_torch
+from tests.unit.test_spec import chisquare_pvalue
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def chisquare_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
-    stat = ((observed.double() - expected.double()) ** 2 / expected.double()).sum()
-    dof = torch.tensor(float(observed.numel() - 1), dtype=torch.float64)
-    return float(torch.special.gammaincc(dof / 2, stat / 2))
 
 
 def random_batch(gen, num_drafts: list[int], vocab: int, one_hot: bool = False, sharp: float = 1.0) -> DraftBatch:
