@@ -36,7 +36,7 @@ class EngineArgs:
     structured_outputs_backend: str = "llguidance"  # grammar backend (engine/structured registry)
     grammar_compile_timeout_s: float = 10.0  # a grammar taking longer to compile is refused (400)
     enable_fast_forward: bool = True  # append tokens a grammar allows alone without sampling them
-    speculative_method: str | None = None  # drafter (engine/spec registry): ngram, layerskip, draft; None = off
+    speculative_method: str | None = None  # drafter (engine/spec registry): ngram, recycling, layerskip, draft; None = off
     num_speculative_tokens: int = 4  # most drafts per request per step
     speculative_adaptive: bool = True  # choose k per step from the cost model (False: always the most)
     # vLLM's form, JSON text or dict: {"method": ..., "num_speculative_tokens": ...}; overrides the two above.

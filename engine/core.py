@@ -165,7 +165,8 @@ class EngineCore:
         if self.spec is not None and produced:
             self.spec.observe(sched.scheduled, {r.request_id: len(t) for r, t in produced},
                               sched.num_batched_tokens, time.monotonic() - start,
-                              result.draft_passes if result is not None else ())
+                              result.draft_passes if result is not None else (),
+                              result.logit_topk if result is not None else None)
         outputs.extend(self._process(produced, lp_by_id))
         duration = 0.0 if sched.is_empty else time.monotonic() - start
         return outputs, self._stats(sched, sum(len(t) for _, t in produced), duration)

@@ -51,6 +51,9 @@ class Request:
     # Speculative tokens proposed for the next step (outside token_ids: committed tokens only);
     # written by the engine's speculative decoder before each schedule().
     draft_token_ids: list[int] = field(default_factory=list)
+    # Parent of each draft when they form a tree (engine/spec/tree.py: -1 = the last
+    # committed token); empty = a chain. Same writer as draft_token_ids.
+    draft_parents: list[int] = field(default_factory=list)
     # Chained prefix-cache keys of this request's full blocks, filled lazily by the KV manager.
     block_hashes: list[bytes] = field(default_factory=list)
 

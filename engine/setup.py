@@ -157,7 +157,10 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
         kwargs = {"keep": args.speculative_layerskip_keep}
     elif method == "draft":
         kwargs = {"model": draft.model, "model_config": draft.config}
+    elif method == "recycling":
+        kwargs = {"vocab_size": runner.cfg.model.vocab_size}
     drafter = create_drafter(method, **kwargs)
+    runner.logit_topk = drafter.logit_topk
     if drafter.needs_runner:
         drafter.attach(runner)
         runner.model_drafter = drafter

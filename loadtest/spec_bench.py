@@ -66,12 +66,12 @@ def prompts_for(batch: int) -> int:
     return max(4, 2 * batch) if batch < 64 else batch
 
 
-def run_offline(loaded, cfg: Config, prompts: list[str], batch: int, args) -> dict:
+def run_offline(loaded, cfg: Config, prompts: list[str], batch: int, args, warmup: list[str] = ()) -> dict:
     from engine import LLM, SamplingParams
     llm = LLM(loaded=loaded, max_num_seqs=batch, kv_cache_memory=args.kv_cache_mib << 20,
               **cfg.engine_args())
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
-    llm.generate(["Warm up: say hi."], SamplingParams(temperature=0.0, max_tokens=8))
+    llm.generate(["Warm up: say hi."] + list(warmup), SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
     before = _spec_totals(llm)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--max-k", type=int, default=8, help="adaptive: most drafts per request")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-cache-mib", type=int, default=2048)
+    ap.add_argument("--warmup-prompts", type=int, default=0,
+                    help="run this many held-out prompts of the workload (its last ones) before timing")
     ap.add_argument("--server", action="store_true", help="also measure through HTTP")
     ap.add_argument("--server-batches", default="1,16")
     ap.add_argument("--json")
@@ -190,9 +192,13 @@ def main() -> None:
         texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chats]
         for batch in batches:
             prompts = texts[:prompts_for(batch)]
+            # Held-out prompts of the same workload, run before timing: a drafter that learns
+            # across requests (recycling) starts warm, as in a server that has run a while.
+            warmup = texts[len(texts) - args.warmup_prompts:] if args.warmup_prompts else []
+            assert not set(warmup) & set(prompts), "warm-up prompts must not be measured"
             ref = None
             for cfg in cfgs:
-                r = run_offline(loaded, cfg, prompts, batch, args)
+                r = run_offline(loaded, cfg, prompts, batch, args, warmup)
                 outputs = r.pop("_outputs")
                 ref = outputs if ref is None else ref
                 r.update(mode="offline", workload=name, batch=batch, config=cfg.label,

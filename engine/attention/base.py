@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from engine.spec.tree import ancestor_mask, depths
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -20,7 +22,13 @@ class BatchLayout:
     Query tokens of request i are rows qo_indptr[i]:qo_indptr[i+1] of the flattened
     batch; its KV pages are kv_indices[kv_indptr[i]:kv_indptr[i+1]], the last one
     holding kv_last_page_len[i] (1..page_size) tokens. Causality is aligned to the
-    end of each KV sequence (query j of request i sits at position kv_len - q_len + j)."""
+    end of each KV sequence (query j of request i sits at KV slot kv_len - q_len + j).
+
+    A request listed in `tree_masks` (speculative draft tree, engine/spec/tree.py) has
+    a [q_len, q_len] bool mask over its query tokens instead of causality among them:
+    query j attends to every KV slot before its first query token and to the query
+    tokens l with mask[j, l]. Every backend level that attends over query tokens
+    applies it."""
     qo_indptr: torch.Tensor  # [batch + 1] int32
     kv_indptr: torch.Tensor  # [batch + 1] int32
     kv_indices: torch.Tensor  # [total pages] int32
@@ -29,24 +37,36 @@ class BatchLayout:
     q_lens: list[int]  # host copies (built on the host anyway; no device sync needed)
     kv_lens: list[int]
     page_size: int
+    tree_masks: tuple[tuple[int, torch.Tensor], ...] = ()  # (request row, [q_len, q_len] bool) host
 
 
 def build_layout(q_lens: list[int], kv_lens: list[int], kv_indptr: list[int], kv_indices: list[int],
-                 page: int, device: torch.device) -> tuple[BatchLayout, torch.Tensor]:
+                 page: int, device: torch.device, trees: dict[int, list[int]] | None = None
+                 ) -> tuple[BatchLayout, torch.Tensor]:
     """The layout of requests whose q_lens[i] new tokens end their kv_lens[i]-token KV
-    (pages kv_indices[kv_indptr[i]:kv_indptr[i+1]]) -> (layout, positions [num_tokens])."""
+    (pages kv_indices[kv_indptr[i]:kv_indptr[i+1]]) -> (layout, positions [num_tokens]).
+    trees: request row -> parent query index of each of its query tokens (-1: none,
+    engine.spec.tree.query_parents); such a row's query j sits at position
+    first + depth(j) and gets a tree mask."""
     q_len_t = torch.tensor(q_lens, dtype=torch.long)
     qo = torch.zeros(len(q_lens) + 1, dtype=torch.long)
     qo[1:] = q_len_t.cumsum(0)
     row = torch.repeat_interleave(torch.arange(len(q_lens)), q_len_t)  # [num_tokens] request row
     start = torch.tensor(kv_lens, dtype=torch.long) - q_len_t  # [batch] first new position
-    positions = torch.arange(int(qo[-1])) - qo[row] + start[row]
+    offset = torch.arange(int(qo[-1])) - qo[row]  # [num_tokens] index among the row's queries
+    slot_pos = offset + start[row]  # [num_tokens] KV slot position of each new token
+    positions = slot_pos.clone()
+    masks = []
+    for i, qparents in sorted((trees or {}).items()):
+        assert len(qparents) == q_lens[i], "a tree names every query token's parent"
+        positions[int(qo[i]):int(qo[i + 1])] = int(start[i]) + torch.tensor(depths(qparents))
+        masks.append((i, ancestor_mask(qparents)))
     indptr, indices = torch.tensor(kv_indptr, dtype=torch.long), torch.tensor(kv_indices, dtype=torch.long)
-    slots = indices[indptr[row] + positions // page] * page + positions % page
+    slots = indices[indptr[row] + slot_pos // page] * page + slot_pos % page
     last = torch.tensor(kv_lens, dtype=torch.long) - (indptr[1:] - indptr[:-1] - 1) * page
     i32 = dict(dtype=torch.int32, device=device)
     layout = BatchLayout(qo.to(**i32), indptr.to(**i32), indices.to(**i32), last.to(**i32),
-                         slots.to(device), list(q_lens), list(kv_lens), page)
+                         slots.to(device), list(q_lens), list(kv_lens), page, tuple(masks))
     return layout, positions.to(device)
 
 

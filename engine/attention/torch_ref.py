@@ -2,7 +2,8 @@
 
 Exact for any mix of prefill chunks and decodes: each request's queries attend
 causally (aligned to the end of its KV sequence) to its cached prefix and to
-the new tokens. Requests are grouped by query length class (decodes, q_len == 1,
+the new tokens (a draft tree's queries to their ancestors only, by the
+layout's tree mask). Requests are grouped by query length class (decodes, q_len == 1,
 vs. chunks) and each group runs as one padded SDPA call over KV gathered from
 the pages, so a step costs two attention calls per layer at most.
 """
@@ -36,10 +37,12 @@ class TorchReferenceBackend(AttentionBackend):
         pages = layout.kv_indices.tolist()
         decode = [i for i, q in enumerate(layout.q_lens) if q == 1]
         chunk = [i for i, q in enumerate(layout.q_lens) if q > 1]
-        self.groups = [self._group(rows, layout, qo, kv_ptr, pages, device) for rows in (decode, chunk) if rows]
+        trees = dict(layout.tree_masks)
+        self.groups = [self._group(rows, layout, qo, kv_ptr, pages, trees, device)
+                       for rows in (decode, chunk) if rows]
 
     @staticmethod
-    def _group(rows, layout, qo, kv_ptr, pages, device) -> _Group:
+    def _group(rows, layout, qo, kv_ptr, pages, trees, device) -> _Group:
         page = layout.page_size
         max_q = max(layout.q_lens[i] for i in rows)
         max_kv = max(layout.kv_lens[i] for i in rows)
@@ -59,6 +62,8 @@ class TorchReferenceBackend(AttentionBackend):
             kv_offset[r, :kv_len] = pos % page
             q_pos = torch.arange(kv_len - q_len, kv_len)
             mask[r, :q_len, :kv_len] = pos[None, :] <= q_pos[:, None]
+            if i in trees:  # a draft tree: ancestors only among the query tokens
+                mask[r, :q_len, kv_len - q_len:kv_len] = trees[i]
             mask[r, q_len:, 0] = True  # padded queries attend to one key: no NaN rows
         k_rows = AttentionBackend.k_rows(kv_block, kv_offset, page).view(-1)
         return _Group(q_index.to(device), q_valid.to(device),

@@ -5,7 +5,10 @@ Per step: build input ids, positions, slot mapping and the CSR page table once;
 rows that sample; sample on the device. The one host sync of the step is the
 `.tolist()` of sampled ids (and their logprobs) at the end of `execute()`;
 speculative requests (1 + k sampled rows each) are verified there, on the
-host, by `accept_drafts` (a loop over at most k + 1 ids per request). A model
+host, by `accept_tree` (a walk over at most k + 1 ids per request; a chain is
+the one-child tree), and a tree's accepted path has its KV moved into place.
+When a drafter learns from the logits (`logit_topk` > 0: Token Recycling), each
+sampled row's top ids come back with the same sync. A model
 drafter (`engine.spec.model_drafter`) first runs its draft passes and brings
 the drafted ids to the host (its own documented sync) before the batch is built.
 """
@@ -22,7 +25,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.errors import RequestFault
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata, position_seed
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
-from engine.spec.verify import accept_drafts
+from engine.spec.tree import accept_tree, depths, is_chain, path_to, query_parents
 from engine.structured.bitmask import BitmaskFiller
 
 
@@ -51,6 +54,8 @@ class _Batch:
     matchers: list  # GrammarMatcher or None per sampled row
     row_drafts: list  # per sampled row: the request's drafts on its first row, else ()
     drafts: list[tuple[int, ...]]  # per sampling request; it owns 1 + len(drafts) rows
+    parents: list[tuple[int, ...]]  # per sampling request: its drafts' tree (() = chain)
+    q_starts: list[int]  # per sampling request: its first row in the flattened batch
 
 
 class _WithDrafts(Sequence):
@@ -94,6 +99,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.bitmasks = BitmaskFiller(m.vocab_size, cfg.device)
         self.model_drafter = None  # engine.spec.model_drafter.ModelDrafter, set by attach()
+        self.logit_topk = 0  # > 0: return each sampled row's top ids (a drafter learns from them)
 
     @torch.inference_mode()
     def forward_logits(self, sched: SchedulerOutput) -> torch.Tensor:
@@ -124,24 +130,45 @@ class ModelRunner:
         if not batch.rows:
             return ModelRunnerOutput((), ())
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [num_sampled, vocab] fp32
+        top = logits.topk(self.logit_topk, dim=-1).indices if self.logit_topk else None  # [S, K]
         meta = build_sampling_metadata(batch.rows, logits.shape[-1], logits.device)
         out = self.sampler(logits, meta, grammar)
-        # The step's single host sync: sampled ids (and logprobs) come back here.
+        # The step's single host sync: sampled ids (and logprobs, top ids) come back here.
         ids = out.sampled_token_ids.tolist()
         logprobs = self._logprobs_to_host(out, batch.rows)
-        produced, per_request_lp, row = [], [], 0
-        for drafts, lp in zip(batch.drafts, self._group_logprobs(logprobs, batch.drafts)):
-            kept = accept_drafts(drafts, ids[row:row + len(drafts) + 1]) if drafts else [ids[row]]
+        seen = None if top is None else (batch.input_ids[batch.sample_index].cpu(), top.cpu())
+        produced, used_rows, moves, row = [], [], [], 0
+        for drafts, parents, q_start in zip(batch.drafts, batch.parents, batch.q_starts):
+            kept, used = accept_tree(drafts, parents, ids[row:row + len(drafts) + 1])
             produced.append(kept)
-            per_request_lp.append(None if lp is None else tuple(x[:len(kept)] for x in lp))
+            used_rows.append([row + u for u in used])
+            moves.extend((q_start + u, q_start + depth) for depth, u in enumerate(used[1:], 1) if u != depth)
             row += len(drafts) + 1
+        if moves:
+            self._move_kv(batch.layout, moves)
+        per_request_lp = self._group_logprobs(logprobs, used_rows)
         if self.model_drafter is not None:
             sampled = [e for e in sched.scheduled if e.sample]
             for entry, kept in zip(sampled, produced):
                 if entry.num_draft_tokens:
                     self.model_drafter.committed(entry, len(kept) - 1)
-        return ModelRunnerOutput(tuple(batch.sampled_ids), tuple(produced),
-                                 tuple(per_request_lp) if logprobs else (), draft_passes)
+        return ModelRunnerOutput(tuple(batch.sampled_ids), tuple(produced), per_request_lp,
+                                 draft_passes, seen)
+
+    def _move_kv(self, layout: BatchLayout, moves: list[tuple[int, int]]) -> None:
+        """Copy the KV of flattened rows src to the slots of rows dst, in every layer (a
+        tree's accepted path into the slots a chain would have used). Every source is
+        read before any destination is written (one gather, then one scatter), so a
+        move's source may be another move's destination."""
+        index = torch.tensor(moves, dtype=torch.long, device=layout.slot_mapping.device)  # [M, 2]
+        slots = layout.slot_mapping[index]  # [M, 2]
+        page = layout.page_size
+        k_rows = self.attn.k_rows(torch.div(slots, page, rounding_mode="floor"), slots % page, page)
+        src, dst = k_rows[:, 0], k_rows[:, 1]
+        for cache in self.kv_caches:
+            flat = self.attn.flat_rows(cache)
+            flat[dst] = flat[src]  # K
+            flat[dst + page] = flat[src + page]  # V
 
     def _prepare(self, sched: SchedulerOutput) -> _Batch:
         """Per-request scalars are gathered in Python; per-token arrays are built with
@@ -150,6 +177,7 @@ class ModelRunner:
         tokens: list[int] = []
         q_lens, kv_lens, kvp, indices = [], [], [0], []
         sample_index, rows, sampled_ids, matchers, all_drafts, row_drafts = [], [], [], [], [], []
+        all_parents, q_starts, trees = [], [], {}
         for s in sched.scheduled:
             req, start, n = s.request, s.start, s.num_tokens
             num_pages = -(-(start + n) // page)
@@ -164,35 +192,47 @@ class ModelRunner:
             kvp.append(kvp[-1] + num_pages)
             q_lens.append(n)
             kv_lens.append(start + n)
+            parents = s.draft_parents if drafts and not is_chain(s.draft_parents) else ()
+            if parents:
+                trees[len(q_lens) - 1] = query_parents(parents, len(drafts))
             if s.sample:
-                k = len(drafts)
-                for i in range(k + 1):  # the committed token's position, then each draft's
-                    sample_index.append(len(tokens) - 1 - k + i)
-                    out_ids = _WithDrafts(req.output_token_ids, drafts[:i]) if i else req.output_token_ids
-                    rows.append(SamplingRow(req.params, req.prompt_token_ids, out_ids,
-                                            noise_seed(req, i), req.eos_token_ids, req.request_id))
-                    matchers.append(req.matcher)  # drafted: row i masked after drafts[:i]
-                    row_drafts.append(drafts if i == 0 else ())
+                q_starts.append(len(tokens) - 1 - len(drafts))
+                self._sampling_rows(req, drafts, parents, rows, matchers, row_drafts)
+                sample_index.extend(range(q_starts[-1], len(tokens)))  # the root, then each draft
                 sampled_ids.append(req.request_id)
                 all_drafts.append(drafts)
+                all_parents.append(parents)
         dev = self.cfg.device
-        layout, positions = build_layout(q_lens, kv_lens, kvp, indices, page, dev)
+        layout, positions = build_layout(q_lens, kv_lens, kvp, indices, page, dev, trees)
         return _Batch(torch.tensor(tokens, dtype=torch.long, device=dev), positions, layout,
                       torch.tensor(sample_index, dtype=torch.long, device=dev), rows, sampled_ids, matchers,
-                      row_drafts, all_drafts)
+                      row_drafts, all_drafts, all_parents, q_starts)
 
     @staticmethod
-    def _group_logprobs(per_row: tuple, drafts: list[tuple[int, ...]]) -> list:
-        """Per-row logprob tuples -> per request: the 1 + k rows' lists concatenated."""
+    def _sampling_rows(req, drafts, parents, rows, matchers, row_drafts) -> None:
+        """The request's 1 + k sampling rows: row i samples after the drafts on the path to
+        query i (penalties count them; seeded noise is keyed by the output position)."""
+        qparents = query_parents(parents, len(drafts))
+        for i, depth in enumerate(depths(qparents)):
+            path = [drafts[j - 1] for j in path_to(qparents, i)]
+            out_ids = _WithDrafts(req.output_token_ids, path) if i else req.output_token_ids
+            rows.append(SamplingRow(req.params, req.prompt_token_ids, out_ids,
+                                    noise_seed(req, depth), req.eos_token_ids, req.request_id))
+            matchers.append(req.matcher)  # drafted (chains only): row i masked after drafts[:i]
+            row_drafts.append(drafts if i == 0 else ())
+
+    @staticmethod
+    def _group_logprobs(per_row: tuple, used_rows: list[list[int]]) -> tuple:
+        """Per-row logprob tuples -> per request: the lists of the rows whose samples it
+        committed, concatenated (() when no row asked)."""
         if not per_row:
-            return [None] * len(drafts)
-        grouped, row = [], 0
-        for d in drafts:
-            rows = per_row[row:row + len(d) + 1]
-            row += len(d) + 1
+            return ()
+        grouped = []
+        for used in used_rows:
+            rows = [per_row[r] for r in used]
             grouped.append(None if rows[0] is None else
                            tuple(sum((list(r[j]) for r in rows), []) for j in range(4)))
-        return grouped
+        return tuple(grouped)
 
     @staticmethod
     def _logprobs_to_host(out, rows: list[SamplingRow]):

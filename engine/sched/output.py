@@ -17,13 +17,15 @@ class ScheduledRequest:
 
     Speculative step: the last `len(draft_token_ids)` of the `num_tokens` are
     the drafts (they follow the request's one uncomputed committed token), and
-    the runner samples at all 1 + k positions."""
+    the runner samples at all 1 + k positions. `draft_parents` (empty for a chain)
+    makes the drafts a tree (engine/spec/tree.py); any prefix of a tree's drafts is a tree."""
     request: Request
     start: int
     num_tokens: int
     block_ids: tuple[int, ...]
     sample: bool
     draft_token_ids: tuple[int, ...] = ()
+    draft_parents: tuple[int, ...] = ()
 
     @property
     def num_draft_tokens(self) -> int:
@@ -61,3 +63,6 @@ class ModelRunnerOutput:
     logprobs: tuple[TokenLogprobs | None, ...] = ()
     # A model drafter's passes this step (engine.spec.model_drafter.DraftPass: tokens, seconds).
     draft_passes: tuple = ()
+    # When the runner's logit_topk > 0: (input token of each sampled row [S], its logits'
+    # top ids [S, K]) on the host, for a drafter that learns from the target's logits.
+    logit_topk: tuple | None = None

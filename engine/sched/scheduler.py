@@ -147,9 +147,11 @@ class Scheduler:
 
     def _entry(self, req: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
         start = req.num_computed_tokens
+        parents = tuple(req.draft_parents[:len(drafts)]) if drafts else ()
         return ScheduledRequest(req, start, num_new + len(drafts),
                                 tuple(self.kv.block_table(req.request_id)),
-                                sample=start + num_new == req.num_tokens, draft_token_ids=drafts)
+                                sample=start + num_new == req.num_tokens, draft_token_ids=drafts,
+                                draft_parents=parents)
 
     # ---- results -------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, list[int]]]:

@@ -14,19 +14,49 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 _REGISTRY: dict[str, type["Drafter"]] = {}
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A request's drafts: a chain, or a tree when `parents` is set (engine/spec/tree.py).
+    `gains[i]`, when set, is the drafter's estimate of P(draft i is accepted); drafts
+    are then in decreasing gain order (so every prefix is the best tree of its size)."""
+    drafts: list[int]
+    parents: list[int] | None = None
+    gains: list[float] | None = None
+
+    def chain_prefix(self) -> list[int]:
+        """The drafts up to the first one that does not follow its predecessor."""
+        if self.parents is None:
+            return self.drafts
+        n = next((i for i, p in enumerate(self.parents) if p != i - 1), len(self.parents))
+        return self.drafts[:n]
 
 
 class Drafter(abc.ABC):
     name: str = ""
     deterministic: bool = True  # q one-hot: exact-match verification applies
     needs_runner: bool = False  # drafts inside the runner's step (engine.spec.model_drafter)
+    logit_topk: int = 0  # > 0: `learn` gets the top ids of every sampled row's logits
 
     @abc.abstractmethod
     def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
         """Up to k draft tokens to follow `token_ids` (the request's committed tokens)."""
+
+    def propose_tree(self, request_id: str, token_ids: Sequence[int], k: int) -> Proposal:
+        """Up to k drafts, as a chain unless the drafter builds trees."""
+        return Proposal(self.propose(request_id, token_ids, k))
+
+    def learn(self, committed: Sequence[tuple[Sequence[int], int]],
+              logit_topk: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """After a step: (token ids, how many are new) of each request that committed
+        tokens, and the step's (input token [S], top ids [S, K]) of its sampled rows."""
 
     def forget(self, request_id: str) -> None:
         """The request finished or was aborted: drop its state."""
@@ -43,6 +73,7 @@ def register_drafter(name: str) -> Callable[[type], type]:
 def _register_builtins() -> None:
     import engine.spec.model_drafter  # noqa: F401  (layerskip, draft)
     import engine.spec.ngram  # noqa: F401
+    import engine.spec.recycling  # noqa: F401
 
 
 def create_drafter(name: str, **kwargs: Any) -> Drafter:

@@ -9,7 +9,9 @@ E[committed | k] = 1 + a + a^2 + ... + a^k, so adding the j-th draft to r adds
 a_r^j to the numerator and one token to N. The controller takes drafts in
 decreasing order of a_r^j and keeps the prefix of that order with the best
 goodput (for a T linear in N and free drafts this is the optimum); k = 0 for
-every request is the non-speculative step.
+every request is the non-speculative step. A tree drafter (`recycling`) gives
+each node's acceptance probability itself (`gains`, decreasing), used in place
+of a_r^j.
 
 T(N) = fixed + per_token * N is fitted at start-up from a few timed forward
 passes (`LatencyModel.fit`) and refined online from every step's measured time
@@ -93,17 +95,22 @@ class DraftController:
         self.prior, self.ema, self.switch_margin = prior, ema, switch_margin
         self.shared_rate = prior  # drafter-wide acceptance: a new request's starting estimate
         self._acc: dict[str, _Acceptance] = {}
+        self._gains: dict[str, Sequence[float]] = {}  # this choose() call's drafter gains
 
     def acceptance(self, request_id: str) -> float:
         state = self._acc.get(request_id)
         return self.shared_rate if state is None else state.rate
 
-    def choose(self, candidates: dict[str, int], other_tokens: int) -> dict[str, int]:
+    def choose(self, candidates: dict[str, int], other_tokens: int,
+               gains: dict[str, Sequence[float]] | None = None) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: tokens of the
-        step besides the decoding requests' 1 + k (prefill chunks). Returns id -> k."""
+        step besides the decoding requests' 1 + k (prefill chunks); gains: request id ->
+        the drafter's P(draft i accepted), decreasing (a tree drafter; others: a_r^(i+1)).
+        Returns id -> k."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
+        self._gains = gains or {}
         new = self._greedy(candidates, base)
         old = {rid: min(self._acc[rid].k, n) if rid in self._acc else 0
                for rid, n in candidates.items()}
@@ -113,8 +120,13 @@ class DraftController:
             self._acc.setdefault(rid, _Acceptance(self.shared_rate)).k = k
         return new
 
+    def _gain(self, rid: str, j: int) -> float:
+        """Expected accepted tokens added by request rid's j-th draft (j >= 1)."""
+        g = self._gains.get(rid)
+        return g[j - 1] if g is not None else self.acceptance(rid) ** j
+
     def _greedy(self, candidates: dict[str, int], base: int) -> dict[str, int]:
-        gains = sorted(((self.acceptance(rid) ** j, rid) for rid, n in candidates.items()
+        gains = sorted(((self._gain(rid, j), rid) for rid, n in candidates.items()
                         for j in range(1, min(n, self.max_k) + 1)), reverse=True)
         # Walk the gains in order and keep the best prefix (not the first local maximum: a
         # model drafter's pass has a fixed cost that only pays once several rows share it).
@@ -151,7 +163,8 @@ class DraftController:
         return sum(d.fixed + d.per_token * sum(k >= j for k in ks) for j in range(1, max(ks, default=0) + 1))
 
     def _goodput(self, plan: dict[str, int], base: int) -> float:
-        committed = sum(self._expected(self.acceptance(rid), k) for rid, k in plan.items())
+        committed = sum(1.0 + sum(self._gains[rid][:k]) if rid in self._gains
+                        else self._expected(self.acceptance(rid), k) for rid, k in plan.items())
         return committed / (self.latency.predict(base + sum(plan.values())) + self._draft_cost(plan))
 
     @staticmethod

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from engine.request import Request
 from engine.sched.output import ScheduledRequest
-from engine.spec.base import Drafter
+from engine.spec.base import Drafter, Proposal
 from engine.spec.controller import DraftController, LatencyModel, describe, fit_quality
 
 log = logging.getLogger(__name__)
@@ -59,39 +59,47 @@ class SpeculativeDecoder:
         return self.controller.max_k
 
     def propose(self, running: Sequence[Request]) -> None:
-        candidates: dict[str, list[int]] = {}
+        candidates: dict[str, Proposal] = {}
         other = 0  # tokens of the step besides the candidates' 1 + k: prefill, plain decodes
         for req in running:
-            req.draft_token_ids = []
+            req.draft_token_ids, req.draft_parents = [], []
             if req.num_computed_tokens + 1 != req.num_tokens:
                 other += req.num_tokens - req.num_computed_tokens
                 continue
-            drafts = self._drafts(req)
-            if drafts:
-                candidates[req.request_id] = drafts
+            proposal = self._proposal(req)
+            if proposal.drafts:
+                candidates[req.request_id] = proposal
             else:
                 other += 1
         if not candidates:
             return
-        chosen = self.controller.choose({rid: len(d) for rid, d in candidates.items()}, other)
+        gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
+        chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains)
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
-                req.draft_token_ids = candidates[req.request_id][:k]
+                proposal = candidates[req.request_id]
+                req.draft_token_ids = proposal.drafts[:k]
+                req.draft_parents = proposal.parents[:k] if proposal.parents is not None else []
 
-    def _drafts(self, req: Request) -> list[int]:
+    def _proposal(self, req: Request) -> Proposal:
         if req.matcher is None:
-            return self.drafter.propose(req.request_id, req.token_ids, self.max_k)
+            return self.drafter.propose_tree(req.request_id, req.token_ids, self.max_k)
         if self.drafter.needs_runner:
-            return []
-        drafts = self.drafter.propose(req.request_id, req.token_ids, self.max_k)
-        return drafts[:req.matcher.validate_tokens(drafts)] if drafts else drafts
+            return Proposal([])
+        # Constrained: a chain only (the grammar masks rows after the drafts before them).
+        drafts = self.drafter.propose_tree(req.request_id, req.token_ids, self.max_k).chain_prefix()
+        return Proposal(drafts[:req.matcher.validate_tokens(drafts)] if drafts else drafts)
 
     def observe(self, scheduled: Sequence[ScheduledRequest], produced: dict[str, int],
-                num_tokens: int, seconds: float, draft_passes: Sequence = ()) -> None:
+                num_tokens: int, seconds: float, draft_passes: Sequence = (),
+                logit_topk=None) -> None:
         """produced: request id -> tokens committed this step; the step computed
         `num_tokens` tokens in `seconds`, of which `draft_passes` (a model drafter's
-        DraftPass records) took their own share."""
+        DraftPass records) took their own share; `logit_topk`: the runner's
+        (input token, top ids) of each sampled row, for a drafter that learns from them."""
+        self.drafter.learn([(e.request.token_ids, produced[e.request_id]) for e in scheduled
+                            if e.request_id in produced], logit_topk)
         for entry in scheduled:
             k = entry.num_draft_tokens
             if not k or entry.request_id not in produced:

@@ -12,19 +12,17 @@ conditioned on x_i != d_i, i.e. from norm(max(0, p_i - onehot(d_i))), which is
 rejection sampling with q = onehot(d_i). Greedy rows accept the longest prefix
 equal to the argmax. With noise keyed by (seed, position), x_i is the token the
 non-speculative path would have sampled, so the output is the same for every k.
+A draft tree (engine/spec/tree.py) is verified the same way along the path of
+drafts that equal the target's samples.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from engine.spec.tree import accept_tree
+
 
 def accept_drafts(drafts: Sequence[int], sampled: Sequence[int]) -> list[int]:
     """drafts [k], sampled [k + 1] (the target's samples) -> the tokens to commit [a + 1]."""
     assert len(sampled) == len(drafts) + 1
-    out: list[int] = []
-    for draft, target in zip(drafts, sampled):
-        out.append(target)
-        if draft != target:
-            return out
-    out.append(sampled[-1])
-    return out
+    return accept_tree(drafts, (), sampled)[0]

@@ -200,3 +200,20 @@ def test_new_requests_start_from_the_drafters_observed_acceptance():
         ctl.observe(f"old{i % 6}", 4, 0)
     assert ctl.acceptance("new") < 0.1
     assert ctl.choose({"new": 8}, other_tokens=0) == {"new": 0}  # a fresh request is not drafted blindly
+
+
+def test_controller_sizes_trees_from_the_drafters_node_gains():
+    """A tree drafter's per-node acceptance replaces a_r^j: the tree is cut where a node's
+    gain no longer pays for its verify token, and large batches get no tree."""
+    lat = LatencyModel(0.03, 0.001)  # a node costs 1 ms against a 31 ms step
+    gains = [0.5, 0.2, 0.1, 0.04, 0.02, 0.01, 0.005, 0.001]
+    ctl = DraftController(8, lat)
+    for _ in range(50):
+        ctl.observe("a", 1, 0)  # a_r ~ 0 would give no drafts without the tree's own gains
+    k = ctl.choose({"a": 8}, other_tokens=0, gains={"a": gains})["a"]
+    # With k nodes goodput is (1 + sum(gains[:k])) / (31 + k) ms; the best k is 3.
+    best = max(range(9), key=lambda n: (1 + sum(gains[:n])) / (0.031 + 0.001 * n))
+    assert k == best == 3
+    big = DraftController(8, LatencyModel(0.005, 0.004))
+    plan = big.choose({f"r{i}": 8 for i in range(64)}, 0, {f"r{i}": gains for i in range(64)})
+    assert set(plan.values()) == {0}

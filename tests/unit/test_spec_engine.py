@@ -64,11 +64,13 @@ def plain(smol_loaded):
     return llm, run(llm, PROMPTS, mixed_params())
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_greedy_mixed_batch_with_preemption_and_prefix_hits(make_llm, hf_smol, plain, adaptive):
+@pytest.mark.parametrize("method, adaptive", [("ngram", False), ("ngram", True), ("recycling", False)])
+def test_greedy_mixed_batch_with_preemption_and_prefix_hits(make_llm, hf_smol, plain, method, adaptive):
     base_llm, ref = plain
-    llm = make_llm(num_kv_blocks=16, speculative_method="ngram", num_speculative_tokens=8,
+    llm = make_llm(num_kv_blocks=16, speculative_method=method, num_speculative_tokens=8,
                    speculative_adaptive=adaptive)
+    if method == "recycling":  # learn the adjacency first (it is shared across requests)
+        run(llm, PROMPTS[4:], [greedy()] * 4)
     outs = run(llm, PROMPTS, mixed_params())
     stats = llm.core.spec.totals
     assert stats.num_accepted_tokens > 20, stats  # drafts were really verified and kept
@@ -96,18 +98,23 @@ def test_greedy_batch_1(make_llm, hf_smol, plain):
 
 
 def test_seeded_sampling_same_for_every_k(make_llm):
-    params = [SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=7 + i, ignore_eos=True)
-              for i in range(3)]
+    params = [SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=7 + i, ignore_eos=True,
+                             presence_penalty=0.3 * (i == 1)) for i in range(3)]
     prompts = [PROMPTS[0], PROMPTS[6], PROMPTS[4]]
     results = []
-    for k in (0, 2, 8):
-        extra = {} if k == 0 else dict(speculative_method="ngram", num_speculative_tokens=k,
+    for method, k in (("", 0), ("ngram", 2), ("ngram", 8), ("recycling", 8)):
+        extra = {} if k == 0 else dict(speculative_method=method, num_speculative_tokens=k,
                                        speculative_adaptive=False)
         llm = make_llm(**extra)
+        if method == "recycling":  # trees need a learned adjacency
+            run(llm, prompts, params)
+            before = llm.core.spec.totals.num_accepted_tokens
         results.append([o.outputs[0].token_ids for o in run(llm, prompts, params)])
         if k:
             assert llm.core.spec.totals.num_draft_tokens > 0
-    assert results[0] == results[1] == results[2]
+        if method == "recycling":
+            assert llm.core.spec.totals.num_accepted_tokens > before
+    assert results[0] == results[1] == results[2] == results[3]
 
 
 def test_abort_mid_speculation_frees_blocks(make_llm):
