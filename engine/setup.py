@@ -147,7 +147,7 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
                       draft: LoadedModel | None = None) -> Any:
     """The speculative decoder of `args`, its latency models measured on this runner; None if off."""
     from engine.spec import DraftController, LatencyModel, create_drafter
-    from engine.spec.decoder import SpeculativeDecoder, measure_latency
+    from engine.spec.decoder import SpeculativeDecoder, measure_latency, measure_step_latency
 
     method, k = args.resolved_speculative()
     if method is None:
@@ -166,7 +166,7 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
         runner.model_drafter = drafter
     latency, draft_latency = LatencyModel(1.0, 0.0), None
     if args.speculative_adaptive:
-        latency = measure_latency(lambda n: _probe_step(scheduler, runner, n))
+        latency = measure_step_latency(lambda *shape: _probe_step(scheduler, runner, *shape))
         if drafter.needs_runner:
             draft_latency = measure_latency(lambda n: _probe_draft(scheduler, drafter, n), what="draft pass")
     log.info("speculative decoding: %s, up to %d tokens, %s", method, k,
@@ -175,20 +175,33 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
                                                        draft_latency=draft_latency))
 
 
-def _probe_step(scheduler: Scheduler, runner: ModelRunner, num_tokens: int) -> None:
-    """One model step of `num_tokens` prompt tokens on scratch KV blocks (freed after)."""
+def _probe_step(scheduler: Scheduler, runner: ModelRunner, rows: int, per_row: int, sample_all: bool) -> bool:
+    """One model step on scratch KV blocks (freed after): `rows` requests of `per_row` new
+    tokens each. sample_all: each row is a decode of its token plus per_row - 1 drafts
+    after a 128-token context (every token samples, like a verification); else a prompt
+    (one sampled row). False when the KV pool has no room for it."""
     from engine.request import Request
     from engine.sampling_params import SamplingParams
     from engine.sched.output import ScheduledRequest, SchedulerOutput
 
-    req = Request("__latency_probe__", [i % 1000 for i in range(num_tokens)], SamplingParams(max_tokens=1))
-    if not scheduler.kv.allocate(req, num_tokens):
-        return
+    context = 128 if sample_all else 0
+    reqs = [Request(f"__latency_probe_{i}__", [j % 1000 for j in range(context + (1 if sample_all else per_row))],
+                    SamplingParams(max_tokens=1)) for i in range(rows)]
     try:
-        entry = ScheduledRequest(req, 0, num_tokens, tuple(scheduler.kv.block_table(req.request_id)), True)
-        runner.execute(SchedulerOutput((entry,), num_tokens))
+        entries = []
+        for req in reqs:
+            if not scheduler.kv.allocate(req, context + per_row):
+                return False
+            drafts = (7,) * (per_row - 1) if sample_all else ()
+            entries.append(ScheduledRequest(req, context, per_row, tuple(scheduler.kv.block_table(req.request_id)),
+                                            True, draft_token_ids=drafts))
+        runner.execute(SchedulerOutput(tuple(entries), rows * per_row))
+        return True
     finally:
-        scheduler.kv.free(req)
+        for req in reqs:
+            scheduler.kv.free(req)
+            if runner.model_drafter is not None:
+                runner.model_drafter.forget(req.request_id)
 
 
 def _probe_draft(scheduler: Scheduler, drafter: Any, num_rows: int) -> None:

@@ -3,9 +3,11 @@
 Exact for any mix of prefill chunks and decodes: each request's queries attend
 causally (aligned to the end of its KV sequence) to its cached prefix and to
 the new tokens (a draft tree's queries to their ancestors only, by the
-layout's tree mask). Requests are grouped by query length class (decodes, q_len == 1,
-vs. chunks) and each group runs as one padded SDPA call over KV gathered from
-the pages, so a step costs two attention calls per layer at most.
+layout's tree mask). Requests are grouped by query length class (powers of
+two: decodes, q_len == 1, then 2, 3-4, 5-8, ...) and each group runs as one
+padded SDPA call over KV gathered from the pages, so queries pad at most 2x
+(a verification of 1 + k queries never pads to a prefill chunk) and a step
+costs one attention call per class present per layer.
 """
 from __future__ import annotations
 
@@ -35,11 +37,14 @@ class TorchReferenceBackend(AttentionBackend):
         qo = layout.qo_indptr.tolist()  # host tensors at plan time; not a device sync on CPU
         kv_ptr = layout.kv_indptr.tolist()
         pages = layout.kv_indices.tolist()
-        decode = [i for i, q in enumerate(layout.q_lens) if q == 1]
-        chunk = [i for i, q in enumerate(layout.q_lens) if q > 1]
+        # Rows grouped by query-length class (1, 2, 3-4, 5-8, ...): a group pads its queries
+        # to its longest, so a verification (1 + k queries) never pads to a prefill chunk.
+        classes: dict[int, list[int]] = {}
+        for i, q in enumerate(layout.q_lens):
+            classes.setdefault((q - 1).bit_length(), []).append(i)
         trees = dict(layout.tree_masks)
         self.groups = [self._group(rows, layout, qo, kv_ptr, pages, trees, device)
-                       for rows in (decode, chunk) if rows]
+                       for _, rows in sorted(classes.items())]
 
     @staticmethod
     def _group(rows, layout, qo, kv_ptr, pages, trees, device) -> _Group:

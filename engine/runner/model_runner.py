@@ -6,7 +6,9 @@ rows that sample; sample on the device. The one host sync of the step is the
 `.tolist()` of sampled ids (and their logprobs) at the end of `execute()`;
 speculative requests (1 + k sampled rows each) are verified there, on the
 host, by `accept_tree` (a walk over at most k + 1 ids per request; a chain is
-the one-child tree), and a tree's accepted path has its KV moved into place.
+the one-child tree), and a tree's accepted path has its KV moved into place;
+drafts a model drafter drew from a distribution q are verified by rejection
+sampling against the target's p instead (`engine.spec.rejection`).
 When a drafter learns from the logits (`logit_topk` > 0: Token Recycling), each
 sampled row's top ids come back with the same sync. A model
 drafter (`engine.spec.model_drafter`) first runs its draft passes and brings
@@ -25,6 +27,7 @@ from engine.config import CacheConfig, ModelConfig
 from engine.errors import RequestFault
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata, position_seed
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
+from engine.spec.rejection import DraftBatch, rejection_sample_torch
 from engine.spec.tree import accept_tree, depths, is_chain, path_to, query_parents
 from engine.structured.bitmask import BitmaskFiller
 
@@ -114,9 +117,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        draft_passes = ()
+        draft_passes, draft_q = (), {}
         if self.model_drafter is not None:  # fill the PENDING drafts first
-            sched, draft_passes = self.model_drafter.draft(sched)
+            sched, draft_passes, draft_q = self.model_drafter.draft(sched)
         batch = self._prepare(sched)
         # Grammar masks are filled on a helper thread while the forward pass runs.
         pending = self.bitmasks.start(batch.matchers, [r.request_id for r in batch.rows], batch.row_drafts)
@@ -131,15 +134,21 @@ class ModelRunner:
             return ModelRunnerOutput((), ())
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [num_sampled, vocab] fp32
         top = logits.topk(self.logit_topk, dim=-1).indices if self.logit_topk else None  # [S, K]
+        rejection = self._rejection_batch(batch, logits, draft_q) if draft_q else None
         meta = build_sampling_metadata(batch.rows, logits.shape[-1], logits.device)
         out = self.sampler(logits, meta, grammar)
-        # The step's single host sync: sampled ids (and logprobs, top ids) come back here.
+        # The step's single host sync: sampled ids (and logprobs, top ids, the rejection
+        # sampler's tokens) come back here.
         ids = out.sampled_token_ids.tolist()
         logprobs = self._logprobs_to_host(out, batch.rows)
         seen = None if top is None else (batch.input_ids[batch.sample_index].cpu(), top.cpu())
+        stochastic = self._rejection_sample(rejection) if rejection is not None else {}
         produced, used_rows, moves, row = [], [], [], 0
-        for drafts, parents, q_start in zip(batch.drafts, batch.parents, batch.q_starts):
-            kept, used = accept_tree(drafts, parents, ids[row:row + len(drafts) + 1])
+        for rid, drafts, parents, q_start in zip(batch.sampled_ids, batch.drafts, batch.parents, batch.q_starts):
+            if rid in stochastic:
+                kept, used = stochastic[rid], list(range(len(stochastic[rid])))
+            else:
+                kept, used = accept_tree(drafts, parents, ids[row:row + len(drafts) + 1])
             produced.append(kept)
             used_rows.append([row + u for u in used])
             moves.extend((q_start + u, q_start + depth) for depth, u in enumerate(used[1:], 1) if u != depth)
@@ -154,6 +163,33 @@ class ModelRunner:
                     self.model_drafter.committed(entry, len(kept) - 1)
         return ModelRunnerOutput(tuple(batch.sampled_ids), tuple(produced), per_request_lp,
                                  draft_passes, seen)
+
+    def _rejection_batch(self, batch: "_Batch", logits: torch.Tensor, draft_q: dict) -> tuple:
+        """The DraftBatch of the requests whose drafts were drawn from q: the target's p at
+        their 1 + k rows (the distribution plain sampling would use), their drafts and q."""
+        rows, ids, qs, ks, row = [], [], [], [], 0
+        for rid, drafts in zip(batch.sampled_ids, batch.drafts):
+            if rid in draft_q:
+                rows.extend(range(row, row + len(drafts) + 1))
+                ids.extend(drafts)
+                qs.append(draft_q[rid])
+                ks.append(len(drafts))
+            row += len(drafts) + 1
+        dev = logits.device
+        meta = build_sampling_metadata([batch.rows[r] for r in rows], logits.shape[-1], dev)
+        p = self.sampler.probs(logits[rows], meta)  # [T, vocab]; logits[rows] is a copy
+        draft_batch = DraftBatch(p, torch.cat(qs), torch.tensor(ids, dtype=torch.long, device=dev),
+                                 torch.tensor(ks, dtype=torch.long, device=dev),
+                                 torch.rand(len(ids), device=dev), torch.empty_like(p).exponential_())
+        return [rid for rid in batch.sampled_ids if rid in draft_q], draft_batch
+
+    @staticmethod
+    def _rejection_sample(rejection: tuple) -> dict[str, list[int]]:
+        """request id -> the tokens rejection sampling commits (accepted drafts + one)."""
+        rids, draft_batch = rejection
+        tokens, num_acc = rejection_sample_torch(draft_batch)
+        tokens, num_acc = tokens.tolist(), num_acc.tolist()  # part of the step's sync
+        return {rid: t[:a + 1] for rid, t, a in zip(rids, tokens, num_acc)}
 
     def _move_kv(self, layout: BatchLayout, moves: list[tuple[int, int]]) -> None:
         """Copy the KV of flattened rows src to the slots of rows dst, in every layer (a

@@ -181,11 +181,9 @@ def exponential_noise(shape_like: Tensor, noise_seeds: list[int | None]) -> Tens
     return q.clamp_min_(torch.finfo(q.dtype).tiny)
 
 
-def sample_random(logits: Tensor, meta: SamplingMetadata, greedy: Tensor) -> Tensor:
-    """Steps 6-10 on processed logits [B, V]; returns [B] int64 token ids.
-
-    Values for greedy rows are garbage-but-valid (the caller overwrites them).
-    """
+def random_probs(logits: Tensor, meta: SamplingMetadata, greedy: Tensor) -> Tensor:
+    """Steps 6-9 on processed logits [B, V] (clobbered): the unnormalised distribution
+    [B, V] each random row samples from (greedy rows: garbage-but-valid)."""
     temperature = torch.where(greedy, 1.0, meta.temperature.to(logits.dtype))  # [B]
     logits = logits.div_(temperature.unsqueeze(1))
     top_k = None if meta.no_top_k else meta.top_k
@@ -195,6 +193,15 @@ def sample_random(logits: Tensor, meta: SamplingMetadata, greedy: Tensor) -> Ten
     probs = logits.softmax(dim=-1)  # [B, V]
     if not meta.no_min_p:
         probs = apply_min_p(probs, meta.min_p)
+    return probs
+
+
+def sample_random(logits: Tensor, meta: SamplingMetadata, greedy: Tensor) -> Tensor:
+    """Steps 6-10 on processed logits [B, V]; returns [B] int64 token ids.
+
+    Values for greedy rows are garbage-but-valid (the caller overwrites them).
+    """
+    probs = random_probs(logits, meta, greedy)
     q = exponential_noise(probs, meta.noise_seeds)  # [B, V]
     return probs.div_(q).argmax(dim=-1)  # [B]
 
@@ -233,6 +240,18 @@ class Sampler:
             return SamplerOutput(sampled, None, None, None, None)
         lp, top_ids, top_lp, ranks = gather_logprobs(raw_logprobs, sampled, meta.max_num_logprobs)
         return SamplerOutput(sampled, lp, top_ids, top_lp, ranks)
+
+    @staticmethod
+    def probs(logits: Tensor, meta: SamplingMetadata) -> Tensor:
+        """The normalised distribution [B, V] `__call__` would sample each row from (steps
+        1-9; a greedy row is one-hot on its argmax). Modifies `logits` in place. For
+        rejection sampling of drafts drawn from another distribution (engine/spec/rejection.py)."""
+        logits = apply_penalties(logits.float(), meta)
+        greedy = meta.temperature < GREEDY_EPS  # [B]
+        onehot = torch.zeros_like(logits).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+        probs = random_probs(logits, meta, greedy)
+        probs = probs / probs.sum(-1, keepdim=True)
+        return torch.where(greedy[:, None], onehot, probs)
 
     @staticmethod
     def _select(logits: Tensor, meta: SamplingMetadata) -> Tensor:

@@ -1,7 +1,8 @@
 """Per-step choice of each request's draft length k from a measured cost model.
 
 Expected goodput of a step = sum_r E[committed tokens of r | k_r, a_r] / T(N),
-N = tokens computed this step (1 + k_r per decoding request plus prefill).
+N = the step's decode tokens (1 + k_r per decoding request; prefill chunks are
+owed whatever k is, so they are not priced in: a draft must beat the decode rate).
 With a per-position acceptance rate a_r (EMA per request, starting from the
 drafter-wide EMA over every request's verifications, itself starting at `prior`:
 short requests on a workload the drafter does not suit start pessimistic),
@@ -13,9 +14,11 @@ every request is the non-speculative step. A tree drafter (`recycling`) gives
 each node's acceptance probability itself (`gains`, decreasing), used in place
 of a_r^j.
 
-T(N) = fixed + per_token * N is fitted at start-up from a few timed forward
-passes (`LatencyModel.fit`) and refined online from every step's measured time
-(exponentially weighted least squares). Hysteresis: a request keeps last
+T(N, S) = fixed + per_token * N + per_sample * S (S = rows that sample: a
+draft adds one token and one sampled row, a prefill token only a token) is
+fitted at start-up from timed forward passes of both shapes (`LatencyModel.fit3`)
+and refined online from every step's measured time (exponentially weighted
+least squares). Hysteresis: a request keeps last
 step's k unless the new plan's goodput beats the old plan's (both under the
 current estimates) by `switch_margin`, so k does not flicker on a stationary
 input.
@@ -35,26 +38,44 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LatencyModel:
-    """T(N) = fixed + per_token * N seconds; weighted least squares over (N, T) samples."""
+    """T(N, S) = fixed + per_token * N + per_sample * S seconds for a step of N tokens of which
+    S compute logits and sample (each such row costs an LM-head row and the sampler, which a
+    prefill token does not). `fit3` measures all three from probes of both shapes; online,
+    `observe` refines fixed and per_token by weighted least squares on T - per_sample * S."""
     fixed: float
     per_token: float
+    per_sample: float = 0.0
     decay: float = 0.98  # weight of the past per new sample (online refinement)
     _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wN, wT, wNN, wNT
 
     @classmethod
     def fit(cls, samples: Sequence[tuple[int, float]], decay: float = 0.98) -> "LatencyModel":
-        model = cls(0.0, 0.0, decay)
+        model = cls(0.0, 0.0, 0.0, decay)
         for n, t in samples:
             model._add(n, t, 1.0)
         model._solve()
         return model
 
-    def predict(self, num_tokens: int) -> float:
-        return max(self.fixed + self.per_token * num_tokens, 1e-6)
+    @classmethod
+    def fit3(cls, samples: Sequence[tuple[int, int, float]], decay: float = 0.98) -> "LatencyModel":
+        """Least squares over (N, S, T) samples; needs both shapes (S ~ N and S << N)."""
+        import torch
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
+        x = torch.tensor([[1.0, n, s] for n, s, _ in samples], dtype=torch.float64)
+        y = torch.tensor([[t] for _, _, t in samples], dtype=torch.float64)
+        coef = [max(float(c), 0.0) for c in torch.linalg.lstsq(x, y).solution.flatten()]
+        model = cls(0.0, 0.0, coef[2], decay)
+        for n, s, t in samples:  # fixed and per_token given per_sample (and its clamp)
+            model._add(n, t - model.per_sample * s, 1.0)
+        model._solve()
+        return model
+
+    def predict(self, num_tokens: int, num_sampled: int = 0) -> float:
+        return max(self.fixed + self.per_token * num_tokens + self.per_sample * num_sampled, 1e-6)
+
+    def observe(self, num_tokens: int, seconds: float, num_sampled: int = 0) -> None:
         self._sums = [s * self.decay for s in self._sums]
-        self._add(num_tokens, seconds, 1.0)
+        self._add(num_tokens, seconds - self.per_sample * num_sampled, 1.0)
         self._solve()
 
     def _add(self, n: int, t: float, w: float) -> None:
@@ -96,21 +117,24 @@ class DraftController:
         self.shared_rate = prior  # drafter-wide acceptance: a new request's starting estimate
         self._acc: dict[str, _Acceptance] = {}
         self._gains: dict[str, Sequence[float]] = {}  # this choose() call's drafter gains
+        self._sampled = 0  # this choose() call's sampled rows minus tokens (<= 0)
 
     def acceptance(self, request_id: str) -> float:
         state = self._acc.get(request_id)
         return self.shared_rate if state is None else state.rate
 
     def choose(self, candidates: dict[str, int], other_tokens: int,
-               gains: dict[str, Sequence[float]] | None = None) -> dict[str, int]:
+               gains: dict[str, Sequence[float]] | None = None, other_sampled: int = 0) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: tokens of the
-        step besides the decoding requests' 1 + k (prefill chunks); gains: request id ->
-        the drafter's P(draft i accepted), decreasing (a tree drafter; others: a_r^(i+1)).
-        Returns id -> k."""
+        step besides the decoding requests' 1 + k that the choice should share the step's
+        cost with (the engine passes its plain decodes), of which `other_sampled` sample; gains: request id -> the drafter's P(draft i accepted),
+        decreasing (a tree drafter; others: a_r^(i+1)). Returns id -> k. Every draft adds
+        one token and one sampled row to the step."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
         self._gains = gains or {}
+        self._sampled = other_sampled + len(candidates) - base  # sampled = tokens + this
         new = self._greedy(candidates, base)
         old = {rid: min(self._acc[rid].k, n) if rid in self._acc else 0
                for rid, n in candidates.items()}
@@ -133,7 +157,7 @@ class DraftController:
         plan = dict.fromkeys(candidates, 0)
         committed = float(len(candidates))
         tokens, passes, draft_cost = base, 0, 0.0
-        best, best_len = committed / self.latency.predict(tokens), 0
+        best, best_len = committed / self._step(tokens), 0
         taken: list[str] = []
         for gain, rid in gains:
             j = plan[rid] + 1  # this gain is the request's j-th draft
@@ -141,7 +165,7 @@ class DraftController:
             plan[rid], passes = j, max(passes, j)
             committed, tokens = committed + gain, tokens + 1
             taken.append(rid)
-            value = committed / (self.latency.predict(tokens) + draft_cost)
+            value = committed / (self._step(tokens) + draft_cost)
             if value > best:
                 best, best_len = value, len(taken)
         chosen = dict.fromkeys(candidates, 0)
@@ -165,7 +189,10 @@ class DraftController:
     def _goodput(self, plan: dict[str, int], base: int) -> float:
         committed = sum(1.0 + sum(self._gains[rid][:k]) if rid in self._gains
                         else self._expected(self.acceptance(rid), k) for rid, k in plan.items())
-        return committed / (self.latency.predict(base + sum(plan.values())) + self._draft_cost(plan))
+        return committed / (self._step(base + sum(plan.values())) + self._draft_cost(plan))
+
+    def _step(self, tokens: int) -> float:
+        return self.latency.predict(tokens, tokens + self._sampled)
 
     @staticmethod
     def _expected(a: float, k: int) -> float:
@@ -191,11 +218,11 @@ class DraftController:
 
 
 def describe(model: LatencyModel) -> str:
-    return (f"latency model: T(N) = {model.fixed * 1e3:.2f} ms + "
-            f"{model.per_token * 1e3:.3f} ms x N tokens")
+    return (f"latency model: T(N, S) = {model.fixed * 1e3:.2f} ms + "
+            f"{model.per_token * 1e3:.3f} ms x N tokens + {model.per_sample * 1e3:.3f} ms x S sampled")
 
 
-def fit_quality(model: LatencyModel, samples: Sequence[tuple[int, float]]) -> float:
-    """Root-mean-square relative error of the model on `samples`."""
-    errs = [(model.predict(n) - t) / t for n, t in samples if t > 0]
+def fit_quality(model: LatencyModel, samples: Sequence[tuple]) -> float:
+    """Root-mean-square relative error of the model on (N, T) or (N, S, T) samples."""
+    errs = [(model.predict(*x[:-1]) - x[-1]) / x[-1] for x in samples if x[-1] > 0]
     return math.sqrt(sum(e * e for e in errs) / len(errs)) if errs else 0.0

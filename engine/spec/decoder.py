@@ -60,11 +60,13 @@ class SpeculativeDecoder:
 
     def propose(self, running: Sequence[Request]) -> None:
         candidates: dict[str, Proposal] = {}
-        other = 0  # tokens of the step besides the candidates' 1 + k: prefill, plain decodes
+        # Plain decodes besides the candidates. Prefill chunks are left out of the step the
+        # controller prices: that work is owed whatever k is, and counting it would make
+        # drafts look cheap beside it (a draft must pay at the decode rate).
+        other = 0
         for req in running:
             req.draft_token_ids, req.draft_parents = [], []
             if req.num_computed_tokens + 1 != req.num_tokens:
-                other += req.num_tokens - req.num_computed_tokens
                 continue
             proposal = self._proposal(req)
             if proposal.drafts:
@@ -74,7 +76,8 @@ class SpeculativeDecoder:
         if not candidates:
             return
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
-        chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains)
+        chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other,
+                                        gains, other_sampled=other)
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
@@ -113,7 +116,8 @@ class SpeculativeDecoder:
                 self.controller.draft_latency.observe(p.num_tokens, p.seconds)
             seconds -= p.seconds
         if num_tokens and seconds > 0:
-            self.controller.latency.observe(num_tokens, seconds)
+            sampled = sum(1 + e.num_draft_tokens for e in scheduled if e.sample)
+            self.controller.latency.observe(num_tokens, seconds, sampled)
 
     def drain(self) -> SpecStats:
         stats, self.stats = self.stats, SpecStats()
@@ -124,19 +128,49 @@ class SpeculativeDecoder:
         self.controller.forget(request_id)
 
 
+# Start-up probe shapes (rows, tokens per row, every token sampled?): prefill-like steps
+# (one sampled row) and verify-like steps (every token sampled), so per-token and
+# per-sampled-row costs are told apart.
+STEP_PROBES = ((1, 16, False), (1, 64, False), (1, 160, False),
+               (1, 1, True), (1, 9, True), (8, 1, True), (8, 5, True), (24, 1, True), (24, 3, True))
+
+
 def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), repeats: int = 2,
                     what: str = "step") -> LatencyModel:
     """Fit T(N) from timed forward passes: `run_tokens(n)` runs one step of n tokens."""
     samples = []
     run_tokens(token_counts[0])  # warm-up
     for n in token_counts:
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run_tokens(n)
-            best = min(best, time.perf_counter() - t0)
-        samples.append((n, best))
+        samples.append((n, _best_time(lambda: run_tokens(n), repeats)))
     model = LatencyModel.fit(samples)
     log.info("%s %s (fit rms error %.1f%% over N = %s)", what, describe(model),
              100 * fit_quality(model, samples), list(token_counts))
     return model
+
+
+def measure_step_latency(run_probe, probes: Sequence[tuple[int, int, bool]] = STEP_PROBES,
+                         repeats: int = 2) -> LatencyModel:
+    """Fit T(N, S): `run_probe(rows, per_row, sample_all)` runs one such step and returns
+    False when it could not (no KV room): that probe is left out."""
+    samples = []
+    run_probe(*probes[0])  # warm-up
+    for rows, per_row, sample_all in probes:
+        seconds = _best_time(lambda: run_probe(rows, per_row, sample_all), repeats)
+        if seconds is not None:
+            samples.append((rows * per_row, rows * per_row if sample_all else rows, seconds))
+    shapes = {(n == s) for n, s, _ in samples}
+    model = LatencyModel.fit3(samples) if len(shapes) == 2 and len(samples) >= 3 else \
+        LatencyModel.fit([(n, t) for n, _, t in samples] or [(1, 0.05)])
+    log.info("step %s (fit rms error %.1f%% over %d probes)", describe(model),
+             100 * fit_quality(model, samples), len(samples))
+    return model
+
+
+def _best_time(run, repeats: int) -> float | None:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if run() is False:
+            return None
+        best = min(best, time.perf_counter() - t0)
+    return best

@@ -8,7 +8,10 @@ placeholders: pass 0 feeds each drafting request's last committed token, pass
 j its draft j - 1, each a one-token-per-request decode through the draft model
 writing its KV into the slots the scheduler allocated for this step; draft j
 is the argmax of pass j's logits (q one-hot, so verification is the exact match
-of `engine.spec.verify`, lossless whatever the draft model computes). The
+of `engine.spec.verify`, lossless whatever the draft model computes), except for
+unseeded sampled requests, whose drafts are drawn from q (the draft logits under
+the request's sampling parameters) and verified by rejection sampling
+(`engine.spec.rejection`) against the target's p. The
 drafted ids come to the host once, after the last pass (the verify batch needs
 them for its penalties): the step's one extra sync with a model drafter.
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine.attention import AttentionShape, BatchLayout, build_layout, create_backend
+from engine.sample import Sampler, SamplingRow, build_sampling_metadata
 from engine.sched.output import ScheduledRequest, SchedulerOutput
 from engine.spec.base import Drafter, register_drafter
 
@@ -84,14 +88,24 @@ class ModelDrafter(Drafter):
     def scheduled(self, entries: Sequence[ScheduledRequest]) -> None:
         """Sees every scheduled request of every step, drafting or not."""
 
+    @staticmethod
+    def stochastic(req) -> bool:
+        """Drafts drawn from q (verified by rejection sampling): unseeded sampled requests
+        without logprobs. The rest take the argmax (q one-hot, exact-match verification),
+        so seeded requests give the same tokens for every k."""
+        return not req.params.greedy and req.seed is None and req.params.logprobs is None
+
     @torch.inference_mode()
-    def draft(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, tuple[DraftPass, ...]]:
-        """sched with every PENDING draft replaced by the draft model's tokens."""
+    def draft(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, tuple[DraftPass, ...], dict]:
+        """sched with every PENDING draft replaced by the draft model's tokens, the passes'
+        timings and, per stochastic request id, q of its drafts [k, vocab]."""
         self.scheduled(sched.scheduled)
         idx = [i for i, e in enumerate(sched.scheduled) if e.draft_token_ids[:1] == (PENDING,)]
         if not idx:
-            return sched, ()
+            return sched, (), {}
         entries = [sched.scheduled[i] for i in idx]
+        self._q: dict[int, list[torch.Tensor]] = {r: [] for r, e in enumerate(entries)
+                                                  if self.stochastic(e.request)}
         ks = torch.tensor([e.num_draft_tokens for e in entries])  # [R]
         page, dev = self.runner.cfg.cache.block_size, self.runner.cfg.device
         drafts = torch.zeros(len(entries), int(ks.max()), dtype=torch.long, device=dev)  # [R, K]
@@ -102,7 +116,7 @@ class ModelDrafter(Drafter):
         last0 = torch.tensor(rows0)[:, 1].cumsum(0) - 1  # [R] row of each request's last pass-0 token
         t0 = time.perf_counter()
         layout, pos = decode_layout([(e.block_ids, f, n) for e, (f, n) in zip(entries, rows0)], page, dev)
-        drafts[:, 0] = self.forward(ids0, pos, layout)[last0.to(dev)].argmax(-1)
+        drafts[:, 0] = self._pick(self.forward(ids0, pos, layout)[last0.to(dev)], entries, range(len(entries)))
         passes.append(DraftPass(len(ids0), time.perf_counter() - t0))
         for j in range(1, drafts.shape[1]):
             t0 = time.perf_counter()
@@ -110,13 +124,33 @@ class ModelDrafter(Drafter):
             rows = [(entries[r].block_ids, entries[r].start + j, 1) for r in active]
             layout, pos = decode_layout(rows, page, dev)
             sel = torch.tensor(active, device=dev)
-            drafts[sel, j] = self.forward(drafts[sel, j - 1], pos, layout).argmax(-1)
+            drafts[sel, j] = self._pick(self.forward(drafts[sel, j - 1], pos, layout), entries, active)
             passes.append(DraftPass(len(active), time.perf_counter() - t0))
         host = drafts.tolist()  # the model drafter's sync: drafted ids to the host
         scheduled = list(sched.scheduled)
         for i, e, row in zip(idx, entries, host):
             scheduled[i] = replace(e, draft_token_ids=tuple(row[:e.num_draft_tokens]))
-        return replace(sched, scheduled=tuple(scheduled)), tuple(passes)
+        q = {entries[r].request_id: torch.stack(rows) for r, rows in self._q.items()}
+        return replace(sched, scheduled=tuple(scheduled)), tuple(passes), q
+
+    def _pick(self, logits: torch.Tensor, entries: Sequence[ScheduledRequest], rows: Sequence[int]
+              ) -> torch.Tensor:
+        """The next draft of each entry in `rows` from its pass logits [n, vocab]: the argmax,
+        or for a stochastic request a draw from q = its sampling distribution (temperature,
+        top-k/top-p/min-p, penalties over its committed output) of the draft logits, q kept."""
+        ids = logits.argmax(-1)  # [n]
+        sel = [i for i, r in enumerate(rows) if r in self._q]
+        if not sel:
+            return ids
+        reqs = [entries[rows[i]].request for i in sel]
+        meta = build_sampling_metadata([SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids,
+                                                    None, r.eos_token_ids, r.request_id) for r in reqs],
+                                       logits.shape[-1], logits.device)
+        q = Sampler.probs(logits[sel], meta)  # [s, vocab]
+        ids[sel] = (q / torch.empty_like(q).exponential_()).argmax(-1)  # a draw from q
+        for i, row_q in zip(sel, q):
+            self._q[rows[i]].append(row_q)
+        return ids
 
 
 def _run_layers(model, layer_ids: Sequence[int], input_ids, positions, attn, caches) -> torch.Tensor:

@@ -217,3 +217,41 @@ def test_controller_sizes_trees_from_the_drafters_node_gains():
     big = DraftController(8, LatencyModel(0.005, 0.004))
     plan = big.choose({f"r{i}": 8 for i in range(64)}, 0, {f"r{i}": gains for i in range(64)})
     assert set(plan.values()) == {0}
+
+
+def test_step_latency_tells_sampled_rows_from_tokens(monkeypatch):
+    """Probes of both shapes identify T(N, S) = a + b N + c S; a probe without KV room is
+    left out; online steps refine a and b around the measured c."""
+    from engine.spec.decoder import STEP_PROBES, measure_step_latency
+
+    truth = LatencyModel(0.024, 0.0012, 0.0018)
+    ran = []
+
+    def probe(rows, per_row, sample_all):
+        if rows * per_row > 64:
+            return False  # "no KV room"
+        ran.append((rows, per_row, sample_all))
+        n = rows * per_row
+        clock[0] += truth.predict(n, n if sample_all else rows)
+        return True
+
+    clock = [0.0]
+    import engine.spec.decoder as decoder
+    monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])  # probes take model time
+    model = measure_step_latency(probe)
+    assert (24, 3, True) not in ran and (1, 160, False) not in ran and len(ran) > 5
+    assert model.fixed == pytest.approx(0.024, rel=1e-6)
+    assert model.per_token == pytest.approx(0.0012, rel=1e-6)
+    assert model.per_sample == pytest.approx(0.0018, rel=1e-6)
+    assert sum(1 for _, _, s in STEP_PROBES if not s) >= 2  # both shapes are probed
+
+
+def test_sampled_row_cost_makes_drafts_dearer_at_large_batch():
+    """Prefill probes alone see 0.5 ms per token; a draft also samples (+2 ms for its LM-head
+    row and the sampler). Priced without that, 0.5-acceptance drafts look worth it at batch
+    32; priced with it they do not. At batch 1 they pay either way."""
+    prefill_only, with_rows = LatencyModel(0.03, 0.0005), LatencyModel(0.03, 0.0005, 0.002)
+    for lat, expect_big in ((prefill_only, True), (with_rows, False)):
+        big = DraftController(4, lat, prior=0.5).choose({f"r{i}": 4 for i in range(32)}, 0, other_sampled=0)
+        assert any(big.values()) is expect_big
+        assert DraftController(4, lat, prior=0.5).choose({"a": 4}, other_tokens=0)["a"] > 0
