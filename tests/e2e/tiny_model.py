@@ -40,11 +40,11 @@ SPEC = {
 STAMP = ".strix-tiny-model.json"  # written last: its presence means the directory is complete
 
 
-def _stamp(vocab_size: int) -> dict:
-    return {"spec": SPEC, "seed": SEED, "vocab_size": vocab_size, "source": "smollm2-135m"}
+def _stamp(vocab_size: int, spec: dict) -> dict:
+    return {"spec": spec, "seed": SEED, "vocab_size": vocab_size, "source": "smollm2-135m"}
 
 
-def is_built(directory: Path) -> bool:
+def is_built(directory: Path, spec: dict | None = None) -> bool:
     stamp = directory / STAMP
     if not stamp.exists():
         return False
@@ -52,17 +52,18 @@ def is_built(directory: Path) -> bool:
         data = json.loads(stamp.read_text())
     except (OSError, ValueError):
         return False
-    return data.get("spec") == SPEC and data.get("seed") == SEED
+    return data.get("spec") == (spec or SPEC) and data.get("seed") == SEED
 
 
-def build_tiny_model(directory: str | os.PathLike[str]) -> Path:
+def build_tiny_model(directory: str | os.PathLike[str], **overrides) -> Path:
     """Build the tiny model into `directory` unless it is already there; return it.
 
     Built in a sibling temporary directory and renamed into place, so a
     half-written directory is never mistaken for a model (and two concurrent
     builders do not mix their files)."""
     directory = Path(directory).expanduser().resolve()
-    if is_built(directory):
+    spec = {**SPEC, **overrides}  # LlamaConfig fields, e.g. num_hidden_layers
+    if is_built(directory, spec):
         return directory
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -75,7 +76,7 @@ def build_tiny_model(directory: str | os.PathLike[str]) -> Path:
     vocab_size = len(tokenizer)
     config = LlamaConfig(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **SPEC)
+                         pad_token_id=tokenizer.pad_token_id, **spec)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
     staging.chmod(0o755)
@@ -87,9 +88,9 @@ def build_tiny_model(directory: str | os.PathLike[str]) -> Path:
         tokenizer.save_pretrained(staging)
         if not (staging / "config.json").exists() or not list(staging.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no config/safetensors into {staging}")
-        (staging / STAMP).write_text(json.dumps(_stamp(vocab_size), indent=2))
+        (staging / STAMP).write_text(json.dumps(_stamp(vocab_size, spec), indent=2))
         if directory.exists():
-            if is_built(directory):  # another builder won the race
+            if is_built(directory, spec):  # another builder won the race
                 shutil.rmtree(staging, ignore_errors=True)
                 return directory
             shutil.rmtree(directory)
