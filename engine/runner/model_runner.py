@@ -143,6 +143,21 @@ class ModelRunner:
         logprobs = self._logprobs_to_host(out, batch.rows)
         seen = None if top is None else (batch.input_ids[batch.sample_index].cpu(), top.cpu())
         stochastic = self._rejection_sample(rejection) if rejection is not None else {}
+        produced, used_rows = self._verify(batch, ids, stochastic)
+        per_request_lp = self._group_logprobs(logprobs, used_rows)
+        if self.model_drafter is not None:
+            sampled = [e for e in sched.scheduled if e.sample]
+            for entry, kept in zip(sampled, produced):
+                if entry.num_draft_tokens:
+                    self.model_drafter.committed(entry, len(kept) - 1)
+        return ModelRunnerOutput(tuple(batch.sampled_ids), tuple(produced), per_request_lp,
+                                 draft_passes, seen)
+
+    def _verify(self, batch: "_Batch", ids: list[int], stochastic: dict[str, list[int]]
+                ) -> tuple[list[list[int]], list[list[int]]]:
+        """Per sampling request: the tokens it commits and the sampled rows they came from.
+        Exact-match verification along the draft chain or tree (rejection-sampled requests
+        come in `stochastic`); a tree's accepted path has its KV moved into place."""
         produced, used_rows, moves, row = [], [], [], 0
         for rid, drafts, parents, q_start in zip(batch.sampled_ids, batch.drafts, batch.parents, batch.q_starts):
             if rid in stochastic:
@@ -155,14 +170,7 @@ class ModelRunner:
             row += len(drafts) + 1
         if moves:
             self._move_kv(batch.layout, moves)
-        per_request_lp = self._group_logprobs(logprobs, used_rows)
-        if self.model_drafter is not None:
-            sampled = [e for e in sched.scheduled if e.sample]
-            for entry, kept in zip(sampled, produced):
-                if entry.num_draft_tokens:
-                    self.model_drafter.committed(entry, len(kept) - 1)
-        return ModelRunnerOutput(tuple(batch.sampled_ids), tuple(produced), per_request_lp,
-                                 draft_passes, seen)
+        return produced, used_rows
 
     def _rejection_batch(self, batch: "_Batch", logits: torch.Tensor, draft_q: dict) -> tuple:
         """The DraftBatch of the requests whose drafts were drawn from q: the target's p at

@@ -67,6 +67,7 @@ class ModelDrafter(Drafter):
 
     def __init__(self) -> None:
         self.runner = None
+        self._q: dict[int, list[torch.Tensor]] = {}  # this draft() call: entry -> q of each pass
 
     def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
         return [PENDING] * k
@@ -104,8 +105,7 @@ class ModelDrafter(Drafter):
         if not idx:
             return sched, (), {}
         entries = [sched.scheduled[i] for i in idx]
-        self._q: dict[int, list[torch.Tensor]] = {r: [] for r, e in enumerate(entries)
-                                                  if self.stochastic(e.request)}
+        self._q = {r: [] for r, e in enumerate(entries) if self.stochastic(e.request)}
         ks = torch.tensor([e.num_draft_tokens for e in entries])  # [R]
         page, dev = self.runner.cfg.cache.block_size, self.runner.cfg.device
         drafts = torch.zeros(len(entries), int(ks.max()), dtype=torch.long, device=dev)  # [R, K]

@@ -176,3 +176,22 @@ def test_tree_verification_moves_the_accepted_paths_kv(make_llm, hf_smol):
     assert stats.accepted_per_position[2] >= stats.num_drafts - 2 * len(prompts), stats
     kv = llm.core.scheduler.kv
     assert kv.num_free_blocks == len(kv.pool.blocks)
+
+
+def test_query_length_classes_pad_at_most_twice():
+    """A verification (1 + k queries) is never padded to a prefill chunk's queries."""
+    page = 4
+    shape = AttentionShape(2, 1, 4, 0.5, torch.float32, torch.device("cpu"))
+    backend = create_backend("torch", shape)
+    q_lens = [1, 1, 5, 9, 3, 200]
+    kv_lens = [q + 10 for q in q_lens]
+    pages = [-(-kv // page) for kv in kv_lens]
+    kvp = [0]
+    for n in pages:
+        kvp.append(kvp[-1] + n)
+    layout, _ = build_layout(q_lens, kv_lens, kvp, list(range(kvp[-1])), page, torch.device("cpu"))
+    backend.plan(layout)
+    assert sum(int(g.q_valid.sum()) for g in backend.groups) == sum(q_lens)
+    for g in backend.groups:
+        real = g.q_valid.sum(1)  # [n] queries of each row
+        assert g.q_valid.shape[1] < 2 * int(real.min()) or g.q_valid.shape[1] == 1
