@@ -94,6 +94,13 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     dtype = resolve_dtype(args.dtype, device)
     max_positions = max(cfg.max_position_embeddings, args.max_model_len or 0)
     model = build_model(src, cfg, dtype, device, max_positions, progress)
+    if args.cpu_native_kernels and src.kind == "gguf" and device.type == "cpu" and dtype == torch.float32:
+        from kernels import gguf_cpu
+
+        if gguf_cpu.available():
+            from engine.models.gguf_linear import read_blocks, use_native_kernels
+            n = use_native_kernels(model, read_blocks(src.path, cfg))
+            log.info("native GGUF kernels: %d modules run on their quantized blocks", n)
     if args.cpu_packed_linear and device.type == "cpu" and dtype == torch.float32 and packing_available():
         model.tie_lm_head()
         n = pack_linears(model, batch_hint=min(args.max_num_seqs, 64))

@@ -1,0 +1,115 @@
+"""Linears and the embedding table kept in their GGUF block format, run by our CPU kernels.
+
+After a GGUF model is built (dequantized fp32 weights), `use_native_kernels`
+re-reads the file's raw blocks (the same tensors, q/k rows un-permuted like the
+fp32 ones) and replaces each linear whose tensors all have a native format
+(Q4_0, Q4_1, Q8_0: `kernels.gguf_cpu.BLOCKS`) by a `GGUFLinear`, and a Q8_0 /
+Q4 embedding table by a `GGUFEmbedding` that also serves as the tied LM head.
+A tensor in any other format (e.g. Q5_K) keeps its fp32 module: the fallback is
+per tensor. Fused modules (q/k/v, gate/up) keep one block tensor per part.
+
+Math: fp32 activations and accumulation over exactly gguf-py's dequantized
+weights, so outputs equal the fp32 path up to summation order.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from kernels import gguf_cpu
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockTensor:
+    """A GGUF tensor's raw blocks: data [rows, row_bytes] uint8, `cols` weights per row."""
+    data: torch.Tensor
+    qtype: int
+    cols: int
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+
+class GGUFLinear(nn.Module):
+    """y = x @ W^T (+ b) with W the row-wise concatenation of `parts` (all `in_features` wide)."""
+
+    def __init__(self, parts: Sequence[BlockTensor], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.parts = list(parts)
+        self.in_features = parts[0].cols
+        self.out_features = sum(p.rows for p in parts)
+        for i, p in enumerate(self.parts):
+            self.register_buffer(f"blocks{i}", p.data, persistent=False)  # moves with .to()
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float().contiguous()  # [M, K]
+        outs = [gguf_cpu.linear(flat, p.data, p.qtype, p.rows) for p in self.parts]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [M, N]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class GGUFEmbedding(nn.Module):
+    """Rows of a quantized embedding table, dequantized on lookup."""
+
+    def __init__(self, table: BlockTensor):
+        super().__init__()
+        self.table = table
+        self.register_buffer("blocks", table.data, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = gguf_cpu.embedding(ids, self.table.data, self.table.qtype, self.table.cols)
+        return out.view(*ids.shape, self.table.cols)
+
+
+def read_blocks(path: Path, cfg) -> dict[str, BlockTensor]:
+    """HF-style name -> raw blocks of every natively supported tensor of the GGUF file."""
+    from engine.models.loader import _gguf_reader, _gguf_to_hf_name, _unpermute_rope
+
+    out = {}
+    for t in _gguf_reader(path).tensors:
+        qtype = int(t.tensor_type)
+        if qtype not in gguf_cpu.BLOCKS or len(t.shape) != 2:
+            continue
+        name = _gguf_to_hf_name(t.name)
+        data = torch.from_numpy(t.data.copy())  # [rows, row_bytes]: owned, not the read-only map
+        if cfg.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            data = _unpermute_rope(data, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads).contiguous()
+        out[name] = BlockTensor(data, qtype, int(t.shape[0]))
+    return out
+
+
+_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def use_native_kernels(model: nn.Module, blocks: dict[str, BlockTensor]) -> int:
+    """Swap every module whose weights all have native blocks; returns how many."""
+    count = 0
+    for i, layer in enumerate(model.layers):
+        for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            names = [f"layers.{i}.{part}.weight" for part in _PARTS.get(attr, (attr,))]
+            if all(n in blocks for n in names):
+                old = getattr(layer, attr)
+                setattr(layer, attr, GGUFLinear([blocks[n] for n in names], old.bias))
+                count += 1
+    table = blocks.get("embed_tokens.weight")
+    if table is not None:
+        model.embed_tokens = GGUFEmbedding(table)
+        if model.lm_head is None:  # tied: the same blocks serve as the LM head
+            model.lm_head = GGUFLinear([table])
+        count += 1
+    head = blocks.get("lm_head.weight")
+    if head is not None and model.lm_head is not None and not isinstance(model.lm_head, GGUFLinear):
+        model.lm_head = GGUFLinear([head])
+        count += 1
+    return count

@@ -1,0 +1,207 @@
+// GGUF block-quantized linears and embedding lookups on CPU (AVX2 + FMA + F16C).
+//
+// y[M, N] = x[M, K] @ W^T with W [N, K] kept in its ggml block format: rows of
+// K / 32 blocks of 32 weights each, `row_bytes` bytes per row. Activations and
+// accumulation are fp32, so y is the fp32 matmul over the dequantized weights
+// up to summation order. Dequantization is exactly gguf-py's (fp16 scales to
+// fp32, then d * q, d * (q - 8) or d * q + m, each rounded once per operation:
+// built with -ffp-contract=off so the compiler fuses nothing).
+//
+// Block layouts (32 weights per block):
+//   Q8_0 (type 8): fp16 d, int8 q[32]                 34 bytes, w = d * q
+//   Q4_0 (type 2): fp16 d, uint8 qs[16]               18 bytes, w = d * (nib - 8)
+//   Q4_1 (type 3): fp16 d, fp16 m, uint8 qs[16]       20 bytes, w = d * nib + m
+// where element j < 16 is the low nibble of qs[j] and element j + 16 its high nibble.
+//
+// Small M (decode, verification: M <= kSmallM): output rows are split across
+// threads in tiles of kTile; each tile's weights are dequantized once into a
+// thread-local buffer (no allocation after the first call, L1/L2-resident) and
+// reused by every one of the M activation rows through 3 x 4 register tiles.
+// Large M (prefill): tiles of kBigTile weight rows are dequantized and
+// multiplied with at::mm.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;  // ggml type ids
+constexpr int64_t kTile = 8, kSmallM = 64, kBigTile = 256;
+
+int64_t block_bytes(int64_t type) {
+  switch (type) {
+    case kQ4_0: return 18;
+    case kQ4_1: return 20;
+    case kQ8_0: return 34;
+    default: return 0;
+  }
+}
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// 16 bytes of nibbles -> the block's 32 values as floats, in element order.
+inline void nibbles(const uint8_t* qs, __m256 out[4]) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(bytes, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+// One row of K weights (K % 32 == 0) -> fp32 out[K].
+void dequant_row(const uint8_t* row, int64_t type, int64_t K, float* out) {
+  const int64_t bb = block_bytes(type);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const uint8_t* p = row + b * bb;
+    float* o = out + b * 32;
+    const __m256 d = _mm256_set1_ps(half_at(p));
+    if (type == kQ8_0) {
+      for (int g = 0; g < 4; ++g) {
+        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * g));
+        _mm256_storeu_ps(o + 8 * g, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
+      }
+    } else if (type == kQ4_0) {
+      __m256 v[4];
+      nibbles(p + 2, v);
+      const __m256 eight = _mm256_set1_ps(8.0f);
+      for (int g = 0; g < 4; ++g) _mm256_storeu_ps(o + 8 * g, _mm256_mul_ps(d, _mm256_sub_ps(v[g], eight)));
+    } else {  // Q4_1
+      __m256 v[4];
+      nibbles(p + 4, v);
+      const __m256 m = _mm256_set1_ps(half_at(p + 2));
+      for (int g = 0; g < 4; ++g) _mm256_storeu_ps(o + 8 * g, _mm256_add_ps(_mm256_mul_ps(d, v[g]), m));
+    }
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[r * ldy + c] = dot(x row r, w row c) for an R x C register tile: R * C accumulators,
+// each k step loads R activation and C weight vectors for R * C FMAs.
+template <int R, int C>
+inline void micro(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * ldx + k);
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = _mm256_loadu_ps(w + c * K + k);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = hsum(acc[r][c]);
+}
+
+template <int R>
+inline void micro_cols(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, int64_t cols) {
+  int64_t c = 0;
+  for (; c + 4 <= cols; c += 4) micro<R, 4>(x, ldx, w + c * K, K, y + c, ldy);
+  switch (cols - c) {
+    case 3: micro<R, 3>(x, ldx, w + c * K, K, y + c, ldy); break;
+    case 2: micro<R, 2>(x, ldx, w + c * K, K, y + c, ldy); break;
+    case 1: micro<R, 1>(x, ldx, w + c * K, K, y + c, ldy); break;
+    default: break;
+  }
+}
+
+// y[M, cols] (row stride ldy) = x[M, K] @ w[cols, K]^T, 3 x 4 tiles (16 ymm registers).
+void tile_gemm(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t ldy, int64_t cols) {
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) micro_cols<3>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
+  if (M - m == 2) micro_cols<2>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
+  if (M - m == 1) micro_cols<1>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
+}
+
+void check_weight(const torch::Tensor& w, int64_t type, int64_t rows, int64_t K) {
+  TORCH_CHECK(block_bytes(type) > 0, "unsupported GGUF type ", type);
+  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32, got ", K);
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weight: contiguous uint8 [N, row_bytes]");
+  TORCH_CHECK(w.size(0) == rows && w.size(1) == K / 32 * block_bytes(type), "weight shape ", w.sizes(),
+              " does not hold ", rows, " rows of ", K, " weights of type ", type);
+}
+
+void small_m(const float* x, const uint8_t* w, int64_t type, int64_t M, int64_t N, int64_t K, float* y) {
+  const int64_t rb = K / 32 * block_bytes(type);
+  at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> buf;
+    buf.resize(kTile * K);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kTile, nt = std::min(kTile, N - n0);
+      for (int64_t j = 0; j < nt; ++j) dequant_row(w + (n0 + j) * rb, type, K, buf.data() + j * K);
+      tile_gemm(x, M, buf.data(), K, y + n0, N, nt);
+    }
+  });
+}
+
+torch::Tensor gguf_linear(const torch::Tensor& x, const torch::Tensor& w, int64_t type, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.is_contiguous(), "x: contiguous fp32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  check_weight(w, type, N, K);
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  if (M <= kSmallM) {
+    small_m(x.data_ptr<float>(), wp, type, M, N, K, y.data_ptr<float>());
+    return y;
+  }
+  const int64_t rb = K / 32 * block_bytes(type);
+  torch::Tensor tile = torch::empty({std::min(kBigTile, N), K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += kBigTile) {
+    const int64_t nt = std::min(kBigTile, N - n0);
+    float* tp = tile.data_ptr<float>();
+    at::parallel_for(0, nt, 16, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) dequant_row(wp + (n0 + j) * rb, type, K, tp + j * K);
+    });
+    y.narrow(1, n0, nt).copy_(at::mm(x, tile.narrow(0, 0, nt).t()));
+  }
+  return y;
+}
+
+torch::Tensor gguf_embedding(const torch::Tensor& ids, const torch::Tensor& w, int64_t type, int64_t K) {
+  TORCH_CHECK(ids.scalar_type() == torch::kLong, "ids: int64");
+  const int64_t N = w.size(0);
+  check_weight(w, type, N, K);
+  torch::Tensor flat = ids.contiguous().view(-1);
+  const int64_t n = flat.numel();
+  const int64_t* ip = flat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "token id ", ip[i], " out of range");
+  torch::Tensor out = torch::empty({n, K}, torch::dtype(torch::kFloat));
+  const int64_t rb = K / 32 * block_bytes(type);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dequant_row(wp + ip[i] * rb, type, K, op + i * K);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(strix_gguf, m) {
+  m.def("linear(Tensor x, Tensor w, int qtype, int n) -> Tensor");
+  m.def("embedding(Tensor ids, Tensor w, int qtype, int k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(strix_gguf, CPU, m) {
+  m.impl("linear", &gguf_linear);
+  m.impl("embedding", &gguf_embedding);
+}

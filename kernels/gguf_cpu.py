@@ -1,0 +1,96 @@
+"""Our AVX2 GGUF kernels (`kernels/cpu/gguf_linear.cpp`) as torch custom ops, built at first use.
+
+`available()` compiles the extension with torch's cpp_extension (ninja, cached in
+`build_dir()`, so only the first process pays the ~1 min build) and loads it,
+registering `torch.ops.strix_gguf.linear` and `torch.ops.strix_gguf.embedding`.
+It returns False, after one log line, when the CPU lacks AVX2/FMA/F16C, no
+compiler is found or the build fails: callers then keep dequantized fp32
+weights. Never built during `pip install` (its isolated build would pull
+another torch).
+
+Torch references (`dequantize`, `reference_linear`) use gguf-py's
+dequantization: the kernels must match them up to fp32 summation order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "cpu" / "gguf_linear.cpp"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+# ggml type id -> block (weights, bytes); the formats the kernels run natively.
+BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34)}  # Q4_0, Q4_1, Q8_0
+
+_lock = threading.Lock()
+_loaded: bool | None = None
+
+
+def build_dir() -> Path:
+    """Per-torch-version cache of the compiled extension."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "strix" / "kernels" / f"torch-{torch.__version__}"
+
+
+def cpu_supported() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def available() -> bool:
+    """Build (once, cached) and load the extension; False when it cannot be used here."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _load()
+        return _loaded
+
+
+def _load() -> bool:
+    if not cpu_supported():
+        log.info("native GGUF kernels off: this CPU has no AVX2 (capability %s); weights are dequantized",
+                 torch.backends.cpu.get_cpu_capability())
+        return False
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        log.warning("native GGUF kernels off: no C++ compiler found; weights are dequantized to fp32")
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        directory = build_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        load(name="strix_gguf", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(directory), is_python_module=False, verbose=False)
+    except Exception as exc:  # a failed build must not stop the model from loading
+        log.warning("native GGUF kernels off: build failed (%s); weights are dequantized to fp32", exc)
+        return False
+    return True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+    """x [M, K] fp32 contiguous, weight [N, row_bytes] uint8 -> [M, N] fp32."""
+    return torch.ops.strix_gguf.linear(x, weight, qtype, out_features)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
+    """ids (int64, any shape) -> [ids.numel(), dim] fp32 rows of the quantized table."""
+    return torch.ops.strix_gguf.embedding(ids, weight, qtype, dim)
+
+
+def dequantize(weight: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
+    """gguf-py's dequantization of weight [N, row_bytes] -> fp32 [N, dim] (the reference)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    data = gguf_dequantize(weight.numpy(), GGMLQuantizationType(qtype))
+    return torch.from_numpy(np.asarray(data, dtype=np.float32).reshape(weight.shape[0], dim).copy())
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
+    return x @ dequantize(weight, qtype, dim).T
