@@ -128,7 +128,8 @@ async def client_once(http, model: str) -> None:
 
 def run_server(cfg: Config, workloads: dict, batches: list[int], args) -> list[dict]:
     from local_server import Server
-    server = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB",
+    native = "--cpu-native-kernels" if args.native else "--no-cpu-native-kernels"
+    server = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", native,
                                       "--max-num-seqs", str(max(batches)), *cfg.server_args()], 600)
     rows = []
     try:
@@ -174,6 +175,8 @@ def main() -> None:
                     help="run this many held-out prompts of the workload (its last ones) before timing")
     ap.add_argument("--server", action="store_true", help="also measure through HTTP")
     ap.add_argument("--server-batches", default="1,16")
+    ap.add_argument("--native", action="store_true",
+                    help="linears on our GGUF block kernels (default: the dequantized fp32 path)")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
@@ -181,7 +184,7 @@ def main() -> None:
     from engine.setup import load_model
     from engine.config import EngineArgs
 
-    loaded = load_model(EngineArgs())
+    loaded = load_model(EngineArgs(cpu_native_kernels=args.native))
     tok = loaded.tokenizer
     workloads = {name: load_workload(name) for name in args.workloads.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
@@ -219,7 +222,9 @@ def main() -> None:
               f"{s['speedup_vs_no_spec']:.2f}x no spec, {s['ratio_vs_best_other']:.2f}x {s['best_other']}")
     result = {"command": " ".join(sys.argv), "device": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "linear_path": "fp32 dequantized GGUF, oneDNN packed" if packing_available() else "fp32 dequantized GGUF, F.linear",
+              "linear_path": ("native GGUF blocks (Q4_1 + Q8_0 head), our AVX2 kernels, fp32 activations"
+                              if args.native else "fp32 dequantized GGUF, oneDNN packed" if packing_available()
+                              else "fp32 dequantized GGUF, F.linear"),
               "max_tokens": args.max_tokens, "elapsed_s": time.perf_counter() - t_start,
               "rows": rows, "summary": summary}
     if args.json:

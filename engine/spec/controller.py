@@ -118,6 +118,7 @@ class DraftController:
         self._acc: dict[str, _Acceptance] = {}
         self._gains: dict[str, Sequence[float]] = {}  # this choose() call's drafter gains
         self._sampled = 0  # this choose() call's sampled rows minus tokens (<= 0)
+        self._others = 0  # this choose() call's other sampled rows
 
     def acceptance(self, request_id: str) -> float:
         state = self._acc.get(request_id)
@@ -135,6 +136,7 @@ class DraftController:
         base = other_tokens + len(candidates)
         self._gains = gains or {}
         self._sampled = other_sampled + len(candidates) - base  # sampled = tokens + this
+        self._others = other_sampled  # the other sampled rows commit one token each
         new = self._greedy(candidates, base)
         old = {rid: min(self._acc[rid].k, n) if rid in self._acc else 0
                for rid, n in candidates.items()}
@@ -155,7 +157,7 @@ class DraftController:
         # Walk the gains in order and keep the best prefix (not the first local maximum: a
         # model drafter's pass has a fixed cost that only pays once several rows share it).
         plan = dict.fromkeys(candidates, 0)
-        committed = float(len(candidates))
+        committed = float(len(candidates) + self._others)
         tokens, passes, draft_cost = base, 0, 0.0
         best, best_len = committed / self._step(tokens), 0
         taken: list[str] = []
@@ -187,7 +189,7 @@ class DraftController:
         return sum(d.fixed + d.per_token * sum(k >= j for k in ks) for j in range(1, max(ks, default=0) + 1))
 
     def _goodput(self, plan: dict[str, int], base: int) -> float:
-        committed = sum(1.0 + sum(self._gains[rid][:k]) if rid in self._gains
+        committed = self._others + sum(1.0 + sum(self._gains[rid][:k]) if rid in self._gains
                         else self._expected(self.acceptance(rid), k) for rid, k in plan.items())
         return committed / (self._step(base + sum(plan.values())) + self._draft_cost(plan))
 

@@ -255,3 +255,14 @@ def test_sampled_row_cost_makes_drafts_dearer_at_large_batch():
         big = DraftController(4, lat, prior=0.5).choose({f"r{i}": 4 for i in range(32)}, 0, other_sampled=0)
         assert any(big.values()) is expect_big
         assert DraftController(4, lat, prior=0.5).choose({"a": 4}, other_tokens=0)["a"] > 0
+
+
+def test_plain_decodes_in_the_step_count_as_committed_tokens():
+    """7 drafting candidates beside 9 plain decodes: the step commits 16 tokens without
+    drafts, so a 0.6-acceptance draft (3.3 ms for 0.6 tokens) does not pay against a 78 ms
+    step of 16 tokens, although it would against the candidates' 7 tokens alone."""
+    lat = LatencyModel(0.025, 0.00128, 0.00204)
+    ctl = DraftController(8, lat)
+    assert set(ctl.choose({f"r{i}": 8 for i in range(7)}, 9, None, 9).values()) == {0}
+    alone = DraftController(8, lat).choose({f"r{i}": 8 for i in range(7)}, 0, None, 0)
+    assert any(alone.values())  # 7 tokens / 48 ms: the same drafts pay
