@@ -72,7 +72,9 @@ def test_greedy_mixed_batch_with_preemption_and_prefix_hits(make_llm, hf_smol, p
     if adaptive:  # a synthetic latency model under which good drafts pay: the controller's
         # choices, not this machine's timings, decide what is drafted
         from engine.spec import LatencyModel
-        llm.core.spec.controller.latency = LatencyModel(0.05, 0.0005)
+        fixed = LatencyModel(0.05, 0.0005)
+        fixed.observe = lambda *args, **kwargs: None  # no online refinement: deterministic choices
+        llm.core.spec.controller.latency = fixed
     if method == "recycling":  # learn the adjacency first (it is shared across requests)
         run(llm, PROMPTS[4:], [greedy()] * 4)
     outs = run(llm, PROMPTS, mixed_params())
