@@ -14,7 +14,6 @@ dequantization: the kernels must match them up to fp32 summation order.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -34,8 +33,7 @@ _loaded: bool | None = None
 
 def build_dir() -> Path:
     """Per-torch-version cache of the compiled extension."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "strix" / "kernels" / f"torch-{torch.__version__}"
+    return Path.home() / ".cache" / "strix" / "kernels" / f"torch-{torch.__version__}"
 
 
 def cpu_supported() -> bool:
@@ -56,7 +54,7 @@ def _load() -> bool:
         log.info("native GGUF kernels off: this CPU has no AVX2 (capability %s); weights are dequantized",
                  torch.backends.cpu.get_cpu_capability())
         return False
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
+    if shutil.which("c++") is None and shutil.which("g++") is None:
         log.warning("native GGUF kernels off: no C++ compiler found; weights are dequantized to fp32")
         return False
     try:

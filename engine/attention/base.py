@@ -106,6 +106,11 @@ class AttentionBackend(ABC):
     def k_rows(block_idx: torch.Tensor, offsets: torch.Tensor, page: int) -> torch.Tensor:
         return block_idx * (2 * page) + offsets
 
+    @classmethod
+    def slot_k_rows(cls, slots: torch.Tensor, page: int) -> torch.Tensor:
+        """Cache slots (page * page_size + offset) -> their K rows in `flat_rows`."""
+        return cls.k_rows(torch.div(slots, page, rounding_mode="floor"), slots % page, page)
+
     def write_kv(self, kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_rows: torch.Tensor) -> None:
         """Store k/v [num_tokens, num_kv_heads, head_dim] at their K rows (V rows = +page)."""
         flat = self.flat_rows(kv_cache)

@@ -32,8 +32,7 @@ class TorchReferenceBackend(AttentionBackend):
     def plan(self, layout: BatchLayout) -> None:
         device = self.shape.device
         page = layout.page_size
-        block_idx = torch.div(layout.slot_mapping, page, rounding_mode="floor")
-        self.write_rows = self.k_rows(block_idx, layout.slot_mapping % page, page)
+        self.write_rows = self.slot_k_rows(layout.slot_mapping, page)
         qo = layout.qo_indptr.tolist()  # host tensors at plan time; not a device sync on CPU
         kv_ptr = layout.kv_indptr.tolist()
         pages = layout.kv_indices.tolist()

@@ -13,7 +13,6 @@ weights, so outputs equal the fp32 path up to summation order.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,6 @@ import torch
 import torch.nn as nn
 
 from kernels import gguf_cpu
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class BlockTensor:
@@ -39,20 +35,23 @@ class BlockTensor:
 
 
 class GGUFLinear(nn.Module):
-    """y = x @ W^T (+ b) with W the row-wise concatenation of `parts` (all `in_features` wide)."""
+    """y = x @ W^T (+ b) with W the row-wise concatenation of `parts` (all `in_features` wide).
+    Each part's blocks are a buffer (`blocks{i}`), so they move with `.to()`."""
 
     def __init__(self, parts: Sequence[BlockTensor], bias: torch.Tensor | None = None):
         super().__init__()
-        self.parts = list(parts)
+        self.qtypes = [p.qtype for p in parts]
+        self.part_rows = [p.rows for p in parts]
         self.in_features = parts[0].cols
-        self.out_features = sum(p.rows for p in parts)
-        for i, p in enumerate(self.parts):
-            self.register_buffer(f"blocks{i}", p.data, persistent=False)  # moves with .to()
+        self.out_features = sum(self.part_rows)
+        for i, p in enumerate(parts):
+            self.register_buffer(f"blocks{i}", p.data, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()  # [M, K]
-        outs = [gguf_cpu.linear(flat, p.data, p.qtype, p.rows) for p in self.parts]
+        outs = [gguf_cpu.linear(flat, getattr(self, f"blocks{i}"), qtype, rows)
+                for i, (qtype, rows) in enumerate(zip(self.qtypes, self.part_rows))]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [M, N]
         if self.bias is not None:
             y = y + self.bias
@@ -60,16 +59,16 @@ class GGUFLinear(nn.Module):
 
 
 class GGUFEmbedding(nn.Module):
-    """Rows of a quantized embedding table, dequantized on lookup."""
+    """Rows of a quantized embedding table (a buffer, `blocks`), dequantized on lookup."""
 
     def __init__(self, table: BlockTensor):
         super().__init__()
-        self.table = table
+        self.qtype, self.dim = table.qtype, table.cols
         self.register_buffer("blocks", table.data, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = gguf_cpu.embedding(ids, self.table.data, self.table.qtype, self.table.cols)
-        return out.view(*ids.shape, self.table.cols)
+        out = gguf_cpu.embedding(ids, self.blocks, self.qtype, self.dim)
+        return out.view(*ids.shape, self.dim)
 
 
 def read_blocks(path: Path, cfg) -> dict[str, BlockTensor]:

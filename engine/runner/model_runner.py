@@ -207,7 +207,7 @@ class ModelRunner:
         index = torch.tensor(moves, dtype=torch.long, device=layout.slot_mapping.device)  # [M, 2]
         slots = layout.slot_mapping[index]  # [M, 2]
         page = layout.page_size
-        k_rows = self.attn.k_rows(torch.div(slots, page, rounding_mode="floor"), slots % page, page)
+        k_rows = self.attn.slot_k_rows(slots, page)
         src, dst = k_rows[:, 0], k_rows[:, 1]
         for cache in self.kv_caches:
             flat = self.attn.flat_rows(cache)
