@@ -29,6 +29,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     attention_backend: str = "auto"
+    # Hydragen-style attention over shared prefixes: auto (per step and group, by the
+    # backend's cost model) | on (every shared level) | off.
+    shared_prefix_attention: str = "auto"
     max_waiting_requests: int | None = 1000  # None: unbounded
     num_threads: int | None = None  # torch intra-op threads on CPU
     cpu_packed_linear: bool = True  # fp32 CPU: oneDNN pre-packed weights (faster; same math)
@@ -117,6 +120,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     max_waiting_requests: int | None = None
+    shared_prefix_groups: bool = False  # report the step's shared-prefix forest (attention uses it)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from engine.attention.cascade import SHARED_PREFIX_MODES
 from engine.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from engine.errors import UnsupportedModelError
 from engine.kv.manager import KVCacheManager
@@ -122,8 +123,12 @@ def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | 
     max_len = min(_max_model_len(args, cfg, num_blocks), loaded.max_positions)
     cache = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
     kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
-    sched_cfg = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len, args.max_waiting_requests)
-    runner = ModelRunner(loaded.model, RunnerConfig(cfg, cache, loaded.dtype, loaded.device, args.attention_backend))
+    if args.shared_prefix_attention not in SHARED_PREFIX_MODES:
+        raise ValueError(f"shared_prefix_attention must be one of {SHARED_PREFIX_MODES}")
+    sched_cfg = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len, args.max_waiting_requests,
+                                shared_prefix_groups=args.shared_prefix_attention != "off")
+    runner = ModelRunner(loaded.model, RunnerConfig(cfg, cache, loaded.dtype, loaded.device, args.attention_backend,
+                                                    args.shared_prefix_attention))
     eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s: %d layers, %d KV blocks x %d tokens, max_model_len %d, %s on %s",
              args.model, cfg.num_layers, num_blocks, args.block_size, max_len, loaded.dtype, loaded.device)

@@ -1,7 +1,8 @@
 """Attention backend ABC + registry.
 
 A backend owns its per-step metadata: `plan()` is called once per step with the
-flattened batch layout (CSR page table), `forward()` once per layer. KV memory
+flattened batch layout (CSR page table, optional draft-tree masks and shared-prefix
+levels), `forward()` once per layer. KV memory
 per layer is `[num_blocks, 2, block_size, num_kv_heads, head_dim]` (NHD), shared
 by every backend.
 """
@@ -13,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from engine.attention.cascade import CascadePlan, PrefixLevel, plan_cascade
 from engine.spec.tree import ancestor_mask, depths
 
 
@@ -38,6 +40,9 @@ class BatchLayout:
     kv_lens: list[int]
     page_size: int
     tree_masks: tuple[tuple[int, torch.Tensor], ...] = ()  # (request row, [q_len, q_len] bool) host
+    # Shared-prefix forest of the step (engine.attention.cascade), parents first; a
+    # backend may decompose any of its levels (`plan_cascade`).
+    prefix_levels: tuple[PrefixLevel, ...] = ()
 
 
 def build_layout(q_lens: list[int], kv_lens: list[int], kv_indptr: list[int], kv_indices: list[int],
@@ -83,8 +88,16 @@ class AttentionShape:
 class AttentionBackend(ABC):
     name: str = "abstract"
 
-    def __init__(self, shape: AttentionShape):
+    def __init__(self, shape: AttentionShape, shared_prefix: str = "auto"):
         self.shape = shape
+        self.shared_prefix = shared_prefix  # auto | on | off (engine.attention.cascade)
+        self.cascade = CascadePlan((), ())  # the last plan's decomposition (metrics, tests)
+
+    def plan_levels(self, layout: BatchLayout) -> CascadePlan:
+        """The levels of the layout this backend decomposes this step (its cost model)."""
+        self.cascade = plan_cascade(layout.prefix_levels, len(layout.q_lens), layout.page_size,
+                                    self.shared_prefix)
+        return self.cascade
 
     @abstractmethod
     def plan(self, layout: BatchLayout) -> None:
@@ -129,12 +142,12 @@ def register_backend(name: str):
     return deco
 
 
-def create_backend(name: str, shape: AttentionShape) -> AttentionBackend:
+def create_backend(name: str, shape: AttentionShape, shared_prefix: str = "auto") -> AttentionBackend:
     if name == "auto":
-        name = "torch"
+        name = "triton" if shape.device.type == "cuda" and "triton" in _REGISTRY else "torch"
     if name not in _REGISTRY:
         raise ValueError(f"unknown attention backend {name!r}; known: {available_backends()}")
-    return _REGISTRY[name](shape)
+    return _REGISTRY[name](shape, shared_prefix)
 
 
 def available_backends() -> list[str]:

@@ -8,6 +8,13 @@ two: decodes, q_len == 1, then 2, 3-4, 5-8, ...) and each group runs as one
 padded SDPA call over KV gathered from the pages, so queries pad at most 2x
 (a verification of 1 + k queries never pads to a prefill chunk) and a step
 costs one attention call per class present per layer.
+
+Shared prefixes (engine/attention/cascade.py): for each decomposed level, the
+level's KV is gathered once and all its members' queries attend to it in one
+non-causal call, batched per KV head (the g query heads of a KV head and every
+query token of the group are the rows of one [rows, d] x [d, prefix] product);
+the padded groups then cover each request's own pages only, return their
+log-sum-exp too, and the parts merge exactly.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, BatchLayout, register_backend
+from engine.attention.cascade import merge_lse_
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,27 @@ class _Group:
     q_valid: torch.Tensor  # [n, max_q] bool
     k_rows: torch.Tensor  # [n * max_kv] flat cache row of each padded key (V row = + page)
     mask: torch.Tensor  # [n, 1, max_q, max_kv] bool: True = attend
+
+
+@dataclass(frozen=True)
+class _Level:
+    q_index: torch.Tensor  # [N] flattened token index of every member query
+    k_rows: torch.Tensor  # [P] flat cache rows of the level's keys, read once
+
+
+def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [n, hkv, L, d] (the g query heads of a KV head folded into L), k/v [n, hkv, S, d],
+    mask [n, 1, L, S] additive float or None -> (out [n, hkv, L, d], lse [n, hkv, L] fp32)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse.float()
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [n, hkv, L, S]
+    if mask is not None:
+        scores = scores + mask
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(q.dtype), lse
 
 
 @register_backend("torch")
@@ -36,20 +65,30 @@ class TorchReferenceBackend(AttentionBackend):
         qo = layout.qo_indptr.tolist()  # host tensors at plan time; not a device sync on CPU
         kv_ptr = layout.kv_indptr.tolist()
         pages = layout.kv_indices.tolist()
+        cascade = self.plan_levels(layout)
+        own = cascade.own_first_page if cascade.active else (0,) * len(layout.q_lens)
         # Rows grouped by query-length class (1, 2, 3-4, 5-8, ...): a group pads its queries
         # to its longest, so a verification (1 + k queries) never pads to a prefill chunk.
         classes: dict[int, list[int]] = {}
         for i, q in enumerate(layout.q_lens):
             classes.setdefault((q - 1).bit_length(), []).append(i)
         trees = dict(layout.tree_masks)
-        self.groups = [self._group(rows, layout, qo, kv_ptr, pages, trees, device)
+        self.groups = [self._group(rows, layout, (qo, kv_ptr, pages, own), trees, device)
                        for _, rows in sorted(classes.items())]
+        self.levels = [self._level(lv, layout, qo, kv_ptr, pages, device) for lv in cascade.levels]
+        # With levels to merge, the own-key groups return their LSE too: additive masks with
+        # each token's row repeated for the g query heads of a KV head.
+        g_heads = self.shape.num_heads // self.shape.num_kv_heads
+        self.lse_masks = [torch.zeros(g.mask.shape, dtype=self.shape.dtype, device=device)
+                          .masked_fill_(~g.mask, float("-inf")).repeat_interleave(g_heads, dim=2)
+                          for g in self.groups] if self.levels else []
 
     @staticmethod
-    def _group(rows, layout, qo, kv_ptr, pages, trees, device) -> _Group:
+    def _group(rows, layout, host, trees, device) -> _Group:
+        qo, kv_ptr, pages, own = host
         page = layout.page_size
         max_q = max(layout.q_lens[i] for i in rows)
-        max_kv = max(layout.kv_lens[i] for i in rows)
+        max_kv = max(layout.kv_lens[i] - own[i] * page for i in rows)
         n = len(rows)
         q_index = torch.zeros(n, max_q, dtype=torch.long)
         q_valid = torch.zeros(n, max_q, dtype=torch.bool)
@@ -57,24 +96,36 @@ class TorchReferenceBackend(AttentionBackend):
         kv_offset = torch.zeros(n, max_kv, dtype=torch.long)
         mask = torch.zeros(n, max_q, max_kv, dtype=torch.bool)
         for r, i in enumerate(rows):
-            q_len, kv_len = layout.q_lens[i], layout.kv_lens[i]
+            q_len, kv_len, first = layout.q_lens[i], layout.kv_lens[i], own[i] * page
+            n_kv = kv_len - first
             q_index[r, :q_len] = torch.arange(qo[i], qo[i] + q_len)
             q_valid[r, :q_len] = True
-            pos = torch.arange(kv_len)
+            pos = torch.arange(first, kv_len)  # the request's own keys
             req_pages = torch.tensor(pages[kv_ptr[i]:kv_ptr[i + 1]], dtype=torch.long)
-            kv_block[r, :kv_len] = req_pages[pos // page]
-            kv_offset[r, :kv_len] = pos % page
+            kv_block[r, :n_kv] = req_pages[pos // page]
+            kv_offset[r, :n_kv] = pos % page
             q_pos = torch.arange(kv_len - q_len, kv_len)
-            mask[r, :q_len, :kv_len] = pos[None, :] <= q_pos[:, None]
+            mask[r, :q_len, :n_kv] = pos[None, :] <= q_pos[:, None]
             if i in trees:  # a draft tree: ancestors only among the query tokens
-                mask[r, :q_len, kv_len - q_len:kv_len] = trees[i]
+                mask[r, :q_len, n_kv - q_len:n_kv] = trees[i]
             mask[r, q_len:, 0] = True  # padded queries attend to one key: no NaN rows
         k_rows = AttentionBackend.k_rows(kv_block, kv_offset, page).view(-1)
         return _Group(q_index.to(device), q_valid.to(device),
                       k_rows.to(device), mask[:, None].to(device))
 
+    @staticmethod
+    def _level(lv, layout, qo, kv_ptr, pages, device) -> _Level:
+        page = layout.page_size
+        q_index = torch.cat([torch.arange(qo[i], qo[i + 1]) for i in lv.rows])
+        first = kv_ptr[lv.rows[0]] + lv.first_page
+        blocks = torch.tensor(pages[first:first + lv.num_pages], dtype=torch.long)
+        k_rows = AttentionBackend.k_rows(blocks[:, None], torch.arange(page)[None, :], page).view(-1)
+        return _Level(q_index.to(device), k_rows.to(device))
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         self.write_kv(kv_cache, k, v, self.write_rows)
+        if self.levels:
+            return self._forward_cascade(q, kv_cache)
         flat, page = self.flat_rows(kv_cache), kv_cache.shape[2]
         out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
         for g in self.groups:
@@ -87,4 +138,32 @@ class TorchReferenceBackend(AttentionBackend):
                                                 enable_gqa=self.shape.num_heads != self.shape.num_kv_heads)
             og = og.transpose(1, 2)  # [n, max_q, heads, d]
             out[g.q_index[g.q_valid]] = og[g.q_valid]
+        return out
+
+    def _forward_cascade(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        flat, page = self.flat_rows(kv_cache), kv_cache.shape[2]
+        hkv, d = flat.shape[1], flat.shape[2]
+        g_heads = self.shape.num_heads // hkv
+        out = torch.empty_like(q)  # [T, heads, d]
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # [T, heads]
+        for g, mask in zip(self.groups, self.lse_masks):  # each request's own keys
+            n, max_q = g.q_index.shape
+            qg = q[g.q_index].view(n, max_q, hkv, g_heads, d).permute(0, 2, 1, 3, 4)
+            qg = qg.reshape(n, hkv, max_q * g_heads, d)  # row t * g + j: token t, head kv * g + j
+            kg = flat.index_select(0, g.k_rows).view(n, -1, hkv, d).transpose(1, 2)  # [n, hkv, max_kv, d]
+            vg = flat.index_select(0, g.k_rows + page).view(n, -1, hkv, d).transpose(1, 2)
+            og, lg = attend_lse(qg, kg, vg, mask, self.shape.scale)
+            og = og.view(n, hkv, max_q, g_heads, d).permute(0, 2, 1, 3, 4).reshape(n, max_q, -1, d)
+            lg = lg.view(n, hkv, max_q, g_heads).permute(0, 2, 1, 3).reshape(n, max_q, -1)
+            out[g.q_index[g.q_valid]] = og[g.q_valid]
+            lse[g.q_index[g.q_valid]] = lg[g.q_valid]
+        for lv in self.levels:  # a shared level: its KV read once, all members' queries together
+            num_q = lv.q_index.shape[0]
+            ql = q[lv.q_index].view(num_q, hkv, g_heads, d).transpose(0, 1).reshape(1, hkv, num_q * g_heads, d)
+            kl = flat.index_select(0, lv.k_rows).transpose(0, 1)[None]  # [1, hkv, P, d]
+            vl = flat.index_select(0, lv.k_rows + page).transpose(0, 1)[None]
+            ol, ll = attend_lse(ql, kl, vl, None, self.shape.scale)
+            ol = ol.view(hkv, num_q, g_heads, d).transpose(0, 1).reshape(num_q, -1, d)
+            ll = ll.view(hkv, num_q, g_heads).transpose(0, 1).reshape(num_q, -1)
+            merge_lse_(out, lse, ol, ll, lv.q_index)
         return out

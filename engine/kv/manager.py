@@ -10,22 +10,16 @@ do. Pure Python: no torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from engine.kv.block_hash import UNSALTED_ROOT, block_key, root_key
 from engine.kv.block_pool import BlockPool
+from engine.kv.prefix_forest import PrefixForest, SharedPrefix, restrict
 from engine.request import Request
+
+__all__ = ["KVCacheManager", "SharedPrefix", "cdiv"]
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-@dataclass(frozen=True)
-class SharedPrefix:
-    """Leading blocks shared (same physical ids) by two or more requests."""
-    block_ids: tuple[int, ...]
-    request_ids: tuple[str, ...]
 
 
 class KVCacheManager:
@@ -37,6 +31,10 @@ class KVCacheManager:
         self.num_hashed_blocks: dict[str, int] = {}  # leading blocks already registered
         self.queried_tokens = 0  # cumulative prefix-cache counters, in tokens
         self.hit_tokens = 0
+        self.forest = PrefixForest()  # registered leading blocks of every request
+        # Full prompt blocks some running request will compute and register, by key:
+        # a waiting request whose next block is one of them waits to share it.
+        self.pending: dict[bytes, str] = {}
 
     # ---- queries -------------------------------------------------------
     @property
@@ -100,9 +98,33 @@ class KVCacheManager:
             self.pool.touch(list(cached_blocks))
             blocks.extend(cached_blocks)
             self.num_hashed_blocks[req.request_id] = len(blocks)
+            self.forest.extend(req.request_id, cached_blocks)
         if needed > 0:
             blocks.extend(self.pool.allocate(needed))
+        if admission and self.enable_prefix_caching:
+            self._mark_pending(req, len(cached_blocks))
         return True
+
+    def _mark_pending(self, req: Request, num_cached: int) -> None:
+        """Announce the full blocks of the admitted request's tokens beyond its hits."""
+        num_full = req.num_tokens // self.block_size
+        self._extend_hashes(req, num_full)
+        for key in req.block_hashes[num_cached:num_full]:
+            self.pending.setdefault(key, req.request_id)
+
+    def _clear_pending(self, req: Request, start: int, end: int) -> None:
+        for key in req.block_hashes[start:end]:
+            if self.pending.get(key) == req.request_id:
+                del self.pending[key]
+
+    def should_wait(self, req: Request, num_cached_blocks: int) -> bool:
+        """Whether a request about to be admitted with that many cached blocks would
+        compute a block another running request is computing (it waits to share it)."""
+        hashes = req.block_hashes
+        if num_cached_blocks >= len(hashes):
+            return False
+        owner = self.pending.get(hashes[num_cached_blocks])
+        return owner is not None and owner != req.request_id
 
     def cache_full_blocks(self, req: Request) -> None:
         """Register the request's full, computed blocks in the prefix cache."""
@@ -117,11 +139,15 @@ class KVCacheManager:
         for i in range(start, num_full):
             self.pool.cache(blocks[i], req.block_hashes[i])
         self.num_hashed_blocks[req.request_id] = num_full
+        self.forest.extend(req.request_id, blocks[start:num_full])
+        self._clear_pending(req, start, num_full)
 
     def free(self, req: Request) -> None:
         """Release every block of the request (tail first, so it is evicted first)."""
         blocks = self.req_blocks.pop(req.request_id, [])
-        self.num_hashed_blocks.pop(req.request_id, None)
+        hashed = self.num_hashed_blocks.pop(req.request_id, 0)
+        self._clear_pending(req, hashed, len(req.block_hashes))
+        self.forest.remove(req.request_id)
         self.pool.free(list(reversed(blocks)))
 
     def truncate(self, req: Request) -> None:
@@ -134,32 +160,16 @@ class KVCacheManager:
             self.pool.free(list(reversed(blocks[keep:])))
             del blocks[keep:]
         hashed = self.num_hashed_blocks.get(req.request_id, 0)
-        self.num_hashed_blocks[req.request_id] = min(hashed, req.num_computed_tokens // self.block_size)
+        keep_hashed = min(hashed, req.num_computed_tokens // self.block_size)
+        self.num_hashed_blocks[req.request_id] = keep_hashed
+        if keep_hashed < self.forest.path_length(req.request_id):  # the path is blocks[:hashed]
+            self.forest.remove(req.request_id)
+            self.forest.extend(req.request_id, blocks[:keep_hashed])
         del req.block_hashes[req.num_tokens // self.block_size:]
 
     # ---- shared prefixes -----------------------------------------------
     def shared_prefixes(self, request_ids: list[str]) -> list[SharedPrefix]:
         """Maximal runs of leading blocks shared by >= 2 of the given requests, as a
-        forest: a group may split further down into sub-groups sharing more blocks."""
-        out: list[SharedPrefix] = []
-        self._group(request_ids, 0, (), out)
-        return out
-
-    def _group(self, ids: list[str], depth: int, prefix: tuple, out: list[SharedPrefix]) -> None:
-        by_block: dict[int, list[str]] = {}
-        for rid in ids:
-            blocks = self.req_blocks.get(rid, [])
-            if len(blocks) > depth:
-                by_block.setdefault(blocks[depth], []).append(rid)
-        for block_id, members in by_block.items():
-            if len(members) < 2:
-                continue
-            run = list(prefix) + [block_id]
-            d = depth + 1
-            # Extend while every member shares the next block too.
-            while all(len(self.req_blocks[m]) > d for m in members) and \
-                    len({self.req_blocks[m][d] for m in members}) == 1:
-                run.append(self.req_blocks[members[0]][d])
-                d += 1
-            out.append(SharedPrefix(tuple(run), tuple(members)))
-            self._group(members, d, tuple(run), out)
+        forest (parents first): a level may split further down into sub-levels sharing
+        more blocks. O(shared levels) per call; the forest itself is incremental."""
+        return restrict(self.forest.levels(), request_ids)

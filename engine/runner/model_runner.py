@@ -17,12 +17,14 @@ the drafted ids to the host (its own documented sync) before the batch is built.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from engine.attention import AttentionShape, BatchLayout, build_layout, create_backend
+from engine.attention.cascade import PrefixLevel
 from engine.config import CacheConfig, ModelConfig
 from engine.errors import RequestFault
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata, position_seed
@@ -39,6 +41,7 @@ class RunnerConfig:
     dtype: torch.dtype
     device: torch.device
     attention_backend: str = "auto"
+    shared_prefix_attention: str = "auto"  # engine.attention.cascade modes
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -98,7 +101,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(c.num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim,
                                       dtype=cfg.dtype, device=cfg.device) for _ in range(m.num_layers)]
         shape = AttentionShape(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim ** -0.5, cfg.dtype, cfg.device)
-        self.attn = create_backend(cfg.attention_backend, shape)
+        self.attn = create_backend(cfg.attention_backend, shape, cfg.shared_prefix_attention)
         self.sampler = Sampler()
         self.bitmasks = BitmaskFiller(m.vocab_size, cfg.device)
         self.model_drafter = None  # engine.spec.model_drafter.ModelDrafter, set by attach()
@@ -248,6 +251,9 @@ class ModelRunner:
                 all_parents.append(parents)
         dev = self.cfg.device
         layout, positions = build_layout(q_lens, kv_lens, kvp, indices, page, dev, trees)
+        if sched.prefix_groups:  # rows of the layout are the scheduled requests, in order
+            layout = dataclasses.replace(layout, prefix_levels=tuple(
+                PrefixLevel(g.first_block, g.num_blocks, g.rows) for g in sched.prefix_groups))
         return _Batch(torch.tensor(tokens, dtype=torch.long, device=dev), positions, layout,
                       torch.tensor(sample_index, dtype=torch.long, device=dev), rows, sampled_ids, matchers,
                       row_drafts, all_drafts, all_parents, q_starts)

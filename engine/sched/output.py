@@ -37,6 +37,18 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True)
+class PrefixGroup:
+    """One level of the step's shared-prefix forest: the scheduled requests at `rows`
+    (indices into `SchedulerOutput.scheduled`) all hold the same physical blocks
+    block_ids[first_block:first_block + num_blocks]; they are full and computed, so
+    they precede every query token of every member. Levels come parents first; a
+    nested level starts where its parent ends."""
+    first_block: int
+    num_blocks: int
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     num_batched_tokens: int
@@ -44,6 +56,7 @@ class SchedulerOutput:
     num_prefill_tokens: int = 0  # tokens of prompts computed this step (metrics)
     prefix_cache_queries: int = 0  # tokens looked up at admission this step
     prefix_cache_hits: int = 0
+    prefix_groups: tuple[PrefixGroup, ...] = ()  # empty when shared-prefix attention is off
 
     @property
     def is_empty(self) -> bool:

@@ -16,7 +16,7 @@ import time
 from engine.config import SchedulerConfig
 from engine.kv.manager import KVCacheManager
 from engine.request import Request, RequestStatus
-from engine.sched.output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from engine.sched.output import ModelRunnerOutput, PrefixGroup, ScheduledRequest, SchedulerOutput
 from engine.sched.waiting import WaitingQueue
 
 
@@ -79,7 +79,17 @@ class Scheduler:
         num_batched = self.config.max_num_batched_tokens - budget
         prefill = sum(min(s.num_tokens, max(0, s.request.num_prompt_tokens - s.start)) for s in scheduled)
         return SchedulerOutput(tuple(scheduled), num_batched, tuple(preempted), prefill,
-                               self.kv.queried_tokens - queried, self.kv.hit_tokens - hits)
+                               self.kv.queried_tokens - queried, self.kv.hit_tokens - hits,
+                               self._prefix_groups(scheduled))
+
+    def _prefix_groups(self, scheduled: list[ScheduledRequest]) -> tuple[PrefixGroup, ...]:
+        """The KV manager's shared-prefix forest restricted to this step's requests."""
+        if not self.config.shared_prefix_groups or len(scheduled) < 2:
+            return ()
+        ids = [s.request_id for s in scheduled]
+        row = {rid: i for i, rid in enumerate(ids)}
+        return tuple(PrefixGroup(p.start, len(p.block_ids) - p.start, tuple(row[r] for r in p.request_ids))
+                     for p in self.kv.shared_prefixes(ids))
 
     def _drafts(self, req: Request, num_new: int, budget: int) -> tuple[int, ...]:
         """The request's drafts that fit: decoding only, within the token budget, and never
@@ -111,7 +121,9 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
         """Admit in (priority, arrival) order until budget, seats or blocks run out. An
-        n > 1 sibling whose leader's prompt is not cached yet is skipped, not a barrier."""
+        n > 1 sibling whose leader's prompt is not cached yet, or a request whose next
+        prompt block a running request (admitted this step or before) is computing, is
+        skipped, not a barrier: it is admitted once that block is cached, and shares it."""
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.pop()
@@ -119,6 +131,9 @@ class Scheduler:
                 skipped.append(req)
                 continue
             cached = self.kv.find_cached_prefix(req)
+            if self.kv.should_wait(req, len(cached)):  # a running request computes our next block
+                skipped.append(req)
+                continue
             num_computed = len(cached) * self.kv.block_size
             num_new = min(req.num_tokens - num_computed, budget)
             if not self.kv.allocate(req, num_new, cached):

@@ -220,13 +220,96 @@ def test_shared_prefixes_forest():
     assert kv.block_table("C")[:2] == [b0, b1] and kv.block_table("C")[2] != b2
     assert b0 not in kv.block_table("D")
     got = kv.shared_prefixes(["A", "B", "C", "D"])
-    assert sorted(got, key=lambda s: len(s.block_ids)) == [
-        SharedPrefix((b0, b1), ("A", "B", "C")),
-        SharedPrefix((b0, b1, b2), ("A", "B")),
+    assert got == [  # parents first; the nested level's own blocks are block_ids[start:]
+        SharedPrefix((b0, b1), ("A", "B", "C"), 0),
+        SharedPrefix((b0, b1, b2), ("A", "B"), 2),
     ]
     assert kv.shared_prefixes(["A", "D"]) == []
     assert kv.shared_prefixes(["C", "A"]) == [SharedPrefix((b0, b1), ("C", "A"))]
+    # Seen by A and B only, the two levels have the same members: one level of 3 blocks.
+    assert kv.shared_prefixes(["B", "A"]) == [SharedPrefix((b0, b1, b2), ("B", "A"))]
     assert kv.shared_prefixes([]) == []
+    kv.free(a)
+    assert kv.shared_prefixes(["A", "B", "C", "D"]) == [SharedPrefix((b0, b1), ("B", "C"))]
+    kv.free(b)
+    assert kv.shared_prefixes(["A", "B", "C", "D"]) == []
+    assert kv.forest.root.children.keys() == {kv.block_table("C")[0], kv.block_table("D")[0]}
+
+
+def test_forest_nested_levels_and_dropped_parents():
+    """Depth-3 forest: a level seen by < 2 of the given requests gives its blocks to its
+    children's levels; the forest equals a brute-force grouping of the block tables."""
+    kv = KVCacheManager(num_blocks=128, block_size=BS)
+    specs = {"A": (0, 10, 20, 30, 40), "B": (0, 10, 20, 30, 41), "C": (0, 10, 20, 31),
+             "D": (0, 10, 21), "E": (0, 11), "F": (1, 10)}
+    reqs = {rid: make_req(rid, blocks_of(*starts) + [7]) for rid, starts in specs.items()}
+    for r in reqs.values():
+        admit_and_compute(kv, r)
+    t = {rid: kv.block_table(rid) for rid in specs}
+    got = kv.shared_prefixes(list(specs))
+    assert got == [SharedPrefix(tuple(t["A"][:1]), ("A", "B", "C", "D", "E"), 0),
+                   SharedPrefix(tuple(t["A"][:2]), ("A", "B", "C", "D"), 1),
+                   SharedPrefix(tuple(t["A"][:3]), ("A", "B", "C"), 2),
+                   SharedPrefix(tuple(t["A"][:4]), ("A", "B"), 3)]
+    # Without E the root level has the same members as its child: they merge.
+    assert kv.shared_prefixes(["A", "B", "C", "D"])[0] == SharedPrefix(tuple(t["A"][:2]), ("A", "B", "C", "D"), 0)
+    # Without C and D, the levels of 3 and 4 blocks lose members, A-B-E's own level is 1.
+    assert kv.shared_prefixes(["A", "B", "E"]) == [SharedPrefix(tuple(t["A"][:1]), ("A", "B", "E"), 0),
+                                                   SharedPrefix(tuple(t["A"][:4]), ("A", "B"), 1)]
+    for sub in (["A", "C"], ["B", "D", "F"], ["E", "F"], ["D", "C", "B", "A"]):
+        got = kv.shared_prefixes(sub)
+        for level in got:  # every member really holds the level's blocks, no one else does
+            holders = [r for r in sub if tuple(t[r][:len(level.block_ids)]) == level.block_ids]
+            assert sorted(holders) == sorted(level.request_ids)
+        pairs = {(x, y) for x in sub for y in sub if x < y and t[x][0] == t[y][0]}
+        grouped = {(x, y) for lv in got for x in lv.request_ids for y in lv.request_ids if x < y}
+        assert grouped == pairs
+
+
+def test_forest_is_cached_until_a_shared_node_changes():
+    kv = KVCacheManager(num_blocks=64, block_size=BS)
+    a = make_req("A", blocks_of(0, 10) + [1])
+    b = make_req("B", blocks_of(0, 10) + [2])
+    admit_and_compute(kv, a)
+    admit_and_compute(kv, b)
+    first = kv.forest.levels()
+    v = kv.forest.version
+    a.append_output([5, 6, 7])  # A's third block fills: private, the forest is unchanged
+    a.num_computed_tokens = a.num_tokens
+    assert kv.allocate(a, 0)
+    kv.cache_full_blocks(a)
+    assert kv.forest.path_length("A") == 3 and kv.forest.version == v
+    assert kv.forest.levels() is first
+
+
+def test_pending_blocks_make_a_same_prompt_request_wait():
+    """A request whose next block another running request is computing waits to share it;
+    when the computing request is freed first, nothing is pending any more."""
+    kv = KVCacheManager(num_blocks=64, block_size=BS)
+    a = make_req("A", blocks_of(0, 10, 20) + [1])
+    b = make_req("B", blocks_of(0, 10, 20) + [2])
+    c = make_req("C", blocks_of(5, 10) + [3])
+    assert kv.allocate(a, BS, kv.find_cached_prefix(a))  # first chunk of A
+    assert kv.should_wait(b, len(kv.find_cached_prefix(b)))
+    assert not kv.should_wait(c, len(kv.find_cached_prefix(c)))
+    assert not kv.should_wait(a, 0)  # its own blocks
+    a.num_computed_tokens = BS
+    kv.cache_full_blocks(a)
+    hits = kv.find_cached_prefix(b)
+    assert len(hits) == 1 and kv.should_wait(b, 1)  # block 2 is still being computed
+    assert kv.allocate(a, 3 * BS + 1 - BS)
+    a.num_computed_tokens = a.num_tokens
+    kv.cache_full_blocks(a)
+    hits = kv.find_cached_prefix(b)
+    assert len(hits) == 3 and not kv.should_wait(b, 3)
+    kv.free(a)
+    assert kv.pending == {}
+    d = make_req("D", blocks_of(50, 60) + [4])
+    e = make_req("E", blocks_of(50, 60) + [5])
+    assert kv.allocate(d, BS, kv.find_cached_prefix(d))
+    assert kv.should_wait(e, len(kv.find_cached_prefix(e)))
+    kv.free(d)  # preempted or aborted mid-prefill: E computes the blocks itself
+    assert kv.pending == {} and not kv.should_wait(e, len(kv.find_cached_prefix(e)))
 
 
 def test_shared_prefixes_identical_requests():

@@ -54,7 +54,8 @@ class Harness:
         self.bs = block_size
         self.total = num_blocks
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
-        self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len=4096)
+        self.config = SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len=4096,
+                                      shared_prefix_groups=True)
         self.sched = Scheduler(self.config, self.kv)
         self.reqs: dict[str, Request] = {}
         self.store: dict[tuple[int, int], int] = {}  # (block, slot) -> KV "content"
@@ -135,6 +136,23 @@ class Harness:
             assert rid not in ids
         if k:
             assert all(was_running), "no admission in a step that preempted"
+        self._check_groups(out)
+
+    def _check_groups(self, out: SchedulerOutput) -> None:
+        """Each level's members hold the same computed blocks; a nested level starts where
+        its parent (the nearest earlier level holding all its members) ends."""
+        for i, g in enumerate(out.prefix_groups):
+            assert len(g.rows) >= 2 and len(set(g.rows)) == len(g.rows) and g.num_blocks >= 1
+            entries = [out.scheduled[r] for r in g.rows]
+            span = {e.block_ids[g.first_block:g.first_block + g.num_blocks] for e in entries}
+            assert len(span) == 1, "members hold different blocks"
+            for e in entries:
+                assert (g.first_block + g.num_blocks) * self.bs <= e.start, "a level is computed"
+            parents = [p for p in out.prefix_groups[:i] if set(g.rows) < set(p.rows)]
+            if parents:
+                assert g.first_block == parents[-1].first_block + parents[-1].num_blocks
+            else:
+                assert g.first_block == 0
 
     def step(self) -> SchedulerOutput:
         if self.draft is not None:
@@ -610,3 +628,26 @@ def test_random_workload_with_preemption_and_aborts(seed, spec):
         assert r.is_finished
         if rid not in aborted:
             assert r.output_token_ids == expected_output(r), rid
+
+
+def test_same_prompt_requests_added_together_share_their_prefix():
+    """Requests sharing a 3-block prefix, added in one burst: one computes it, the others
+    wait (an unrelated request is not blocked), then share its blocks; the decode steps
+    report one level with every member."""
+    h = Harness(num_blocks=64, block_size=16, max_num_seqs=8, max_num_batched_tokens=40)
+    shared = prompt(50, 48)
+    reqs = [h.add(f"s{i}", shared + [200 + i, 300 + i], max_tokens=4) for i in range(3)]
+    other = h.add("other", prompt(90, 20), max_tokens=4)
+    out = h.step()
+    assert [(e.request_id, e.num_tokens) for e in out.scheduled] == [("s0", 40)]
+    out = h.step()  # s0 finishes its prompt; s1, s2 still wait for block 2; "other" is admitted
+    assert [e.request_id for e in out.scheduled] == ["s0", "other"]
+    out = h.step()
+    assert {e.request_id: e.start for e in out.scheduled if e.request_id in ("s1", "s2")} == {"s1": 48, "s2": 48}
+    out = h.step()
+    groups = [(g.first_block, g.num_blocks, {out.scheduled[r].request_id for r in g.rows})
+              for g in out.prefix_groups]
+    assert groups == [(0, 3, {"s0", "s1", "s2"})]
+    h.run()
+    for r in reqs + [other]:
+        assert r.output_token_ids == expected_output(r)
