@@ -51,6 +51,8 @@ class EngineCore:
                                         args.grammar_compile_timeout_s)
         self.enable_fast_forward = args.enable_fast_forward
         self._num_fast_forward = 0
+        self._levels_offered = 0  # shared-prefix levels offered / decomposed since start (debug log)
+        self._levels_taken = 0
         self._structured_kinds: list[str] = []
         # (start time, [(seq id, tokens)]) of the step being computed, for the watchdog.
         self.current_step: tuple[float, tuple[tuple[str, int], ...]] | None = None
@@ -169,7 +171,19 @@ class EngineCore:
                               result.logit_topk if result is not None else None)
         outputs.extend(self._process(produced, lp_by_id))
         duration = 0.0 if sched.is_empty else time.monotonic() - start
-        return outputs, self._stats(sched, sum(len(t) for _, t in produced), duration)
+        stats = self._stats(sched, sum(len(t) for _, t in produced), duration)
+        if result is not None:
+            stats = self._shared_prefix_stats(stats, result.shared_prefix)
+        return outputs, stats
+
+    def _shared_prefix_stats(self, stats: StepStats, shared: tuple[int, int, int]) -> StepStats:
+        taken, offered, tokens = shared
+        self._levels_offered += offered
+        self._levels_taken += taken
+        if offered and log.isEnabledFor(logging.DEBUG):
+            log.debug("shared-prefix attention: %d of %d levels decomposed (%d tokens); %d of %d since start",
+                      taken, offered, tokens, self._levels_taken, self._levels_offered)
+        return dataclasses.replace(stats, shared_prefix_groups=taken, shared_prefix_tokens=tokens)
 
     def _execute(self, sched: SchedulerOutput) -> tuple[SchedulerOutput, ModelRunnerOutput | None]:
         """The model step under the guard; culprit requests are failed, the rest computed."""

@@ -116,3 +116,5 @@ class StepStats:
     step_duration: float = 0.0  # seconds from schedule() to outputs ready; 0 for an empty step
     batch_size: int = 0  # sequences computed this step (prefill chunks and decodes)
     spec: Any = None  # engine.spec.decoder.SpecStats of this step when speculation is on
+    shared_prefix_groups: int = 0  # shared-prefix levels whose attention was decomposed this step
+    shared_prefix_tokens: int = 0  # member x prefix tokens attended through a shared KV read

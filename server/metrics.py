@@ -118,6 +118,10 @@ class ServerMetrics:
         self.spec_draft_len = histogram("spec_decode_draft_length", "Draft tokens per verified "
                                         "request per step (the controller's k).",
                                         [float(k) for k in range(1, 17)] + [24.0, 32.0, 64.0])
+        self.shared_prefix_groups = gauge("shared_prefix_groups", "Shared-prefix levels whose "
+                                          "attention was decomposed in the last step.")
+        self.shared_prefix_tokens = counter("shared_prefix_tokens", "Member x prefix tokens "
+                                            "attended through a shared KV read (read once per group).")
         lb = length_buckets(max(max_model_len, 1))
         self.prompt_len = histogram("request_prompt_tokens", "Prompt length per request.", lb)
         self.generation_len = histogram("request_generation_tokens", "Generated tokens per "
@@ -142,6 +146,8 @@ class ServerMetrics:
             self._structured.labels(self.model_name, kind).inc()
         self._inc(self.fast_forward, stats.num_fast_forward_tokens)
         if stats.batch_size:
+            self.shared_prefix_groups.set(stats.shared_prefix_groups)
+            self._inc(self.shared_prefix_tokens, stats.shared_prefix_tokens)
             self.step_time.observe(stats.step_duration)
             self.batch_size.observe(stats.batch_size)
         if stats.spec is not None and stats.spec.num_drafts:

@@ -97,6 +97,12 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Draft length (controller's k)", "short",
          [mean("strix:spec_decode_draft_length")] + quantiles("strix:spec_decode_draft_length")[2:]),
     ]),
+    ("Shared-prefix attention", [
+        ("Decomposed shared-prefix levels", "short",
+         [("levels (last step)", "strix:shared_prefix_groups")]),
+        ("Prefix tokens read through a shared KV read /s", "short",
+         [("tokens", rate("strix:shared_prefix_tokens_total"))]),
+    ]),
 ]
 
 

@@ -36,7 +36,7 @@ class CascadeCost:
     """auto decomposes a level when (members - 1) * prefix tokens, the KV rows it saves
     reading per layer, reach `min_saved_tokens` (measured with
     loadtest/shared_prefix_bench.py --attention-only on this CPU)."""
-    min_saved_tokens: int = 256
+    min_saved_tokens: int = 2048
 
     def pays(self, members: int, prefix_tokens: int) -> bool:
         return (members - 1) * prefix_tokens >= self.min_saved_tokens
@@ -79,13 +79,19 @@ def plan_cascade(levels: tuple[PrefixLevel, ...], num_rows: int, page_size: int,
 
 
 def merge_lse_(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
-               index: torch.Tensor) -> None:
-    """In place: rows `index` of (out [T, H, D], lse [T, H] fp32) merged with the part
-    (part_out [N, H, D], part_lse [N, H]) computed over a disjoint key set."""
-    l1, l2 = lse[index], part_lse
-    m = torch.maximum(l1, l2)
-    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)  # [N, H]
-    total = w1 + w2
-    merged = (out[index] * w1[..., None] + part_out * w2[..., None]) / total[..., None]
-    out[index] = merged.to(out.dtype)
-    lse[index] = m + torch.log(total)
+               index: torch.Tensor | None, need_lse: bool = True) -> None:
+    """In place: rows `index` (None: all rows, in order) of (out [T, H, D], lse [T, H] fp32)
+    merged with the part (part_out [N, H, D], part_lse [N, H]) computed over a disjoint
+    key set: out = o1 + (o2 - o1) * sigmoid(l2 - l1) is (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2).
+    need_lse=False skips the merged lse (the last part merged)."""
+    o1 = out if index is None else out[index]
+    l1 = lse if index is None else lse[index]
+    w2 = torch.sigmoid(part_lse - l1)[..., None]  # [N, H, 1] the part's share
+    merged = o1.add_(part_out.sub(o1).mul_(w2)) if index is None else o1 + (part_out - o1) * w2
+    if index is not None:
+        out[index] = merged.to(out.dtype)
+    if need_lse:
+        if index is None:
+            torch.logaddexp(lse, part_lse, out=lse)
+        else:
+            lse[index] = torch.logaddexp(l1, part_lse)

@@ -39,6 +39,7 @@ class _Group:
 class _Level:
     q_index: torch.Tensor  # [N] flattened token index of every member query
     k_rows: torch.Tensor  # [P] flat cache rows of the level's keys, read once
+    all_tokens: bool  # q_index is every token of the batch, in order
 
 
 def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -120,7 +121,8 @@ class TorchReferenceBackend(AttentionBackend):
         first = kv_ptr[lv.rows[0]] + lv.first_page
         blocks = torch.tensor(pages[first:first + lv.num_pages], dtype=torch.long)
         k_rows = AttentionBackend.k_rows(blocks[:, None], torch.arange(page)[None, :], page).view(-1)
-        return _Level(q_index.to(device), k_rows.to(device))
+        all_tokens = len(q_index) == qo[-1] and bool((q_index == torch.arange(qo[-1])).all())
+        return _Level(q_index.to(device), k_rows.to(device), all_tokens)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         self.write_kv(kv_cache, k, v, self.write_rows)
@@ -157,7 +159,7 @@ class TorchReferenceBackend(AttentionBackend):
             lg = lg.view(n, hkv, max_q, g_heads).permute(0, 2, 1, 3).reshape(n, max_q, -1)
             out[g.q_index[g.q_valid]] = og[g.q_valid]
             lse[g.q_index[g.q_valid]] = lg[g.q_valid]
-        for lv in self.levels:  # a shared level: its KV read once, all members' queries together
+        for n_lv, lv in enumerate(self.levels):  # a shared level: its KV read once, all members' queries together
             num_q = lv.q_index.shape[0]
             ql = q[lv.q_index].view(num_q, hkv, g_heads, d).transpose(0, 1).reshape(1, hkv, num_q * g_heads, d)
             kl = flat.index_select(0, lv.k_rows).transpose(0, 1)[None]  # [1, hkv, P, d]
@@ -165,5 +167,6 @@ class TorchReferenceBackend(AttentionBackend):
             ol, ll = attend_lse(ql, kl, vl, None, self.shape.scale)
             ol = ol.view(hkv, num_q, g_heads, d).transpose(0, 1).reshape(num_q, -1, d)
             ll = ll.view(hkv, num_q, g_heads).transpose(0, 1).reshape(num_q, -1)
-            merge_lse_(out, lse, ol, ll, lv.q_index)
+            merge_lse_(out, lse, ol, ll, None if lv.all_tokens else lv.q_index,
+                       need_lse=n_lv + 1 < len(self.levels))
         return out

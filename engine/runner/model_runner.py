@@ -133,8 +133,10 @@ class ModelRunner:
                 concurrent.futures.wait([pending])
             raise
         grammar = pending.result() if pending is not None else None  # RequestFault: that request
+        shared = (len(self.attn.cascade.levels), len(batch.layout.prefix_levels),
+                  self.attn.cascade.shared_tokens(batch.layout.page_size))
         if not batch.rows:
-            return ModelRunnerOutput((), ())
+            return ModelRunnerOutput((), (), shared_prefix=shared)
         logits = self.model.compute_logits(hidden[batch.sample_index])  # [num_sampled, vocab] fp32
         top = logits.topk(self.logit_topk, dim=-1).indices if self.logit_topk else None  # [S, K]
         rejection = self._rejection_batch(batch, logits, draft_q) if draft_q else None
@@ -154,7 +156,7 @@ class ModelRunner:
                 if entry.num_draft_tokens:
                     self.model_drafter.committed(entry, len(kept) - 1)
         return ModelRunnerOutput(tuple(batch.sampled_ids), tuple(produced), per_request_lp,
-                                 draft_passes, seen)
+                                 draft_passes, seen, shared)
 
     def _verify(self, batch: "_Batch", ids: list[int], stochastic: dict[str, list[int]]
                 ) -> tuple[list[list[int]], list[list[int]]]:

@@ -79,3 +79,6 @@ class ModelRunnerOutput:
     # When the runner's logit_topk > 0: (input token of each sampled row [S], its logits'
     # top ids [S, K]) on the host, for a drafter that learns from the target's logits.
     logit_topk: tuple | None = None
+    # Shared-prefix attention this step: (levels decomposed, levels offered, member x prefix
+    # tokens attended through a shared read).
+    shared_prefix: tuple[int, int, int] = (0, 0, 0)

@@ -304,3 +304,26 @@ def test_service_endpoints(real_server):
     chat = httpx.post(base + "/tokenize", json=CHAT).json()
     assert chat["count"] > tok["count"]
     json.dumps(chat)
+
+
+def test_shared_prefix_metrics(real_server):
+    """Four streams over one ~1,000-token prompt: auto decomposes their shared level (3 x
+    1,000 saved rows per layer), and the metrics count it."""
+    base = real_server.base_url
+    before = metric(base, "strix:shared_prefix_tokens_total")
+    shared = "The reading room opens at nine and closes at six on weekdays. " * 70
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        body = {"prompt": shared + f"Visitor {i} asks:", "max_tokens": 8, "ignore_eos": True}
+        assert (await client.post(base + "/v1/completions", json=body)).status_code == 200
+
+    async def run():
+        async with httpx.AsyncClient(timeout=300) as client:
+            await asyncio.gather(*(one(client, i) for i in range(4)))
+
+    asyncio.run(run())
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)}
+    assert families["strix:shared_prefix_groups"].type == "gauge"
+    assert families["strix:shared_prefix_tokens"].type == "counter"
+    # At least one decode step of the four decomposed their ~62 shared blocks.
+    assert metric(base, "strix:shared_prefix_tokens_total") - before >= 4 * 900
