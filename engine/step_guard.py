@@ -15,7 +15,6 @@ subset fails) is not a request's fault: it propagates and the engine dies.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -47,8 +46,7 @@ class StepGuard:
                               "and the step retried without it", rid, exc_info=err)
                 culprits.update(found)
                 gone = expand(set(culprits))
-                sched = dataclasses.replace(
-                    sched, scheduled=tuple(s for s in sched.scheduled if s.request_id not in gone))
+                sched = sched.without(gone)
                 if sched.is_empty:
                     return sched, None, culprits
 
@@ -68,7 +66,8 @@ class StepGuard:
     def _bisect(self, sched: SchedulerOutput, entries: list[ScheduledRequest]
                 ) -> dict[str, BaseException]:
         try:
-            self._execute(dataclasses.replace(sched, scheduled=tuple(entries)))
+            kept = {s.request_id for s in entries}
+            self._execute(sched.without({s.request_id for s in sched.scheduled} - kept))
             return {}
         except Exception as exc:
             if isinstance(exc, RequestFault):

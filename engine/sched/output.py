@@ -1,7 +1,7 @@
 """The messages between the scheduler and the model runner (frozen, one writer each)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.request import Request
 
@@ -61,6 +61,21 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    def without(self, request_ids: set[str]) -> SchedulerOutput:
+        """This step minus the given requests (the step guard drops culprits): prefix
+        groups are renumbered to the surviving rows, and a level left with fewer than
+        two members is dropped (a nested level's members are a subset of its parent's,
+        so its parent survives whenever it does)."""
+        keep = [i for i, s in enumerate(self.scheduled) if s.request_id not in request_ids]
+        new_row = {old: new for new, old in enumerate(keep)}
+        groups = []
+        for g in self.prefix_groups:
+            rows = tuple(new_row[r] for r in g.rows if r in new_row)
+            if len(rows) >= 2:
+                groups.append(PrefixGroup(g.first_block, g.num_blocks, rows))
+        return replace(self, scheduled=tuple(self.scheduled[i] for i in keep),
+                       prefix_groups=tuple(groups))
 
 
 @dataclass(frozen=True)

@@ -134,3 +134,43 @@ def test_fault_of_every_request_is_not_a_request_fault(llm):
     llm.core.add_request("y", "world", SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="broken"):
         llm.core.step()
+
+
+SHARED = "Rules of the reading room: no food, no drinks, quiet voices, return books to the desk. " * 4
+SHARED_PROMPTS = {
+    "shared-a": (SHARED + "Question: may I eat here?", SamplingParams(temperature=0, max_tokens=8,
+                                                                     ignore_eos=True)),
+    "shared-b": (SHARED + "Question: where do books go?", SamplingParams(temperature=0.9, seed=5,
+                                                                         max_tokens=8, ignore_eos=True)),
+}
+
+
+def test_fault_inside_a_shared_prefix_group_fails_only_that_request(make_llm, monkeypatch):
+    """The culprit (n = 2, same prefix as the survivors) is in the step's prefix groups:
+    the re-run step's groups are renumbered to the surviving rows."""
+    reference_llm = make_llm(num_kv_blocks=128, shared_prefix_attention="on")
+    finals, _ = _run(reference_llm.core, SHARED_PROMPTS)
+    reference = _tokens(finals, SHARED_PROMPTS)
+
+    llm = make_llm(num_kv_blocks=128, shared_prefix_attention="on")
+    attn, widths = llm.core.runner.attn, []
+    plan = attn.plan
+
+    def recording(layout):
+        plan(layout)
+        widths.append(max((len(lv.rows) for lv in attn.cascade.levels), default=0))
+    attn.plan = recording
+    suppressed = metadata._suppressed_ids
+
+    def faulty(row):
+        if row.request_id.startswith("bad") and len(row.output_token_ids) == 3:
+            raise ValueError("injected sampling fault")
+        return suppressed(row)
+    monkeypatch.setattr(metadata, "_suppressed_ids", faulty)
+    bad = (SHARED + "Question: can I sing?", SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=8,
+                                                            ignore_eos=True))
+    finals, reasons = _run(llm.core, {**SHARED_PROMPTS, "bad": bad})
+    assert max(widths) == 4  # the culprit's two sequences shared the prefix level with the survivors
+    assert finals["bad"].error and reasons.count("error") == 2
+    assert _tokens(finals, SHARED_PROMPTS) == reference
+    assert llm.core.scheduler.num_unfinished == 0 and llm.core.scheduler.kv.usage() == 0
