@@ -49,6 +49,7 @@ ENGINE_HELP = {
     "max_waiting_requests": "waiting-queue bound; beyond it requests get 503",
     "seed": "engine seed",
     "step_watchdog_s": "log a step running longer than this many seconds, with its batch (0: off)",
+    "attention_backend": "auto | torch | triton (auto: triton on CUDA, torch otherwise)",
     "shared_prefix_attention": "auto | on | off: attention over prefixes shared by running requests read "
                                "once per group (auto: where the cost model says it pays)",
 }

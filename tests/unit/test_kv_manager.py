@@ -387,3 +387,19 @@ def test_truncate_unregisters_rolled_back_cached_block():
     kv.cache_full_blocks(r)
     for block_hash, block_id in kv.pool.cached.items():
         assert kv.pool.blocks[block_id].block_hash == block_hash
+
+
+def test_requests_with_different_cache_salts_never_share():
+    kv = KVCacheManager(num_blocks=64, block_size=BS)
+    tokens = blocks_of(0, 10, 20) + [1]
+    reqs = [Request(rid, list(tokens), SamplingParams(max_tokens=8, cache_salt=salt))
+            for rid, salt in (("A", "t1"), ("B", "t2"), ("C", "t1"), ("D", None))]
+    for r in reqs:
+        admit_and_compute(kv, r)
+    got = kv.shared_prefixes(["A", "B", "C", "D"])
+    assert got == [SharedPrefix(tuple(kv.block_table("A")[:3]), ("A", "C"))]
+    # Nor does a salted request wait for another salt's blocks being computed.
+    e = Request("E", list(tokens) + [5] * 8, SamplingParams(max_tokens=8, cache_salt="t3"))
+    assert kv.allocate(e, BS, kv.find_cached_prefix(e))
+    f = Request("F", list(tokens) + [6] * 8, SamplingParams(max_tokens=8, cache_salt="t4"))
+    assert not kv.should_wait(f, len(kv.find_cached_prefix(f)))

@@ -54,16 +54,16 @@ def _random_forest(rng: random.Random, page: int):
     return tables, levels, q_lens, kv_lens, trees
 
 
-def _run(mode, tables, levels, q_lens, kv_lens, trees, qkv, cache, shape, page):
+def _run(mode, tables, levels, q_lens, kv_lens, trees, qkv, cache, shape, page, backend="torch"):
     kvp = [0]
     for t in tables:
         kvp.append(kvp[-1] + len(t))
     layout, _ = build_layout(q_lens, kv_lens, kvp, sum(tables, []), page, torch.device("cpu"), trees)
     layout = dataclasses.replace(layout, prefix_levels=tuple(levels))
-    backend = create_backend("torch", shape, shared_prefix=mode)
-    backend.plan(layout)
-    out = backend.forward(*qkv, cache.clone())
-    return out, backend
+    attn = create_backend(backend, shape, shared_prefix=mode)
+    attn.plan(layout)
+    out = attn.forward(*qkv, cache.clone())
+    return out, attn
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (9, 3), (2, 2)])
