@@ -32,6 +32,7 @@ from engine.config import EngineArgs
 from engine.core import EngineCore
 from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, ParamError
 from engine.memory_trim import HeapTrimmer
+from engine.openmp_pool import release_openmp_pool
 from engine.outputs import RequestOutput, StepStats
 from engine.sampling_params import SamplingParams, check_text
 from engine.setup import LoadedModel, build_parts
@@ -88,9 +89,17 @@ class AsyncEngine:
         self._stopping = False
         self._trimmer = HeapTrimmer()
         self._thread = threading.Thread(target=self._run, name="engine-core", daemon=True)
+        # The model was loaded and warmed here; the engine thread computes from now on, and
+        # this thread's OpenMP team would slow every one of its ops (engine/openmp_pool.py).
+        release_openmp_pool()
         self._thread.start()
+        # Joined at shutdown: a daemon thread still holding tensors when the interpreter
+        # finalizes is killed mid-deallocation, and the process aborts.
+        self._watchdog_stop = threading.Event()
+        self._watchdog_thread = None
         if args.step_watchdog_s:
-            threading.Thread(target=self._watchdog, name="engine-watchdog", daemon=True).start()
+            self._watchdog_thread = threading.Thread(target=self._watchdog, name="engine-watchdog", daemon=True)
+            self._watchdog_thread.start()
 
     @classmethod
     def from_args(cls, args: EngineArgs, progress: bool = False, loaded: LoadedModel | None = None) -> "AsyncEngine":
@@ -189,6 +198,9 @@ class AsyncEngine:
         self._fail_streams(EngineError("the engine was shut down"))
         self._tok_pool.shutdown(wait=False)
         self.core.grammars.shutdown()
+        self._watchdog_stop.set()
+        if self._watchdog_thread is not None:
+            self._watchdog_thread.join(5)
 
     # ---- engine thread ------------------------------------------------------
     def _run(self) -> None:
@@ -259,8 +271,7 @@ class AsyncEngine:
         """Log (once per step) a step running longer than the limit, with its batch."""
         limit = self.args.step_watchdog_s
         reported = None
-        while self._thread.is_alive():
-            time.sleep(min(limit / 4, 1.0))
+        while self._thread.is_alive() and not self._watchdog_stop.wait(min(limit / 4, 1.0)):
             current = self.core.current_step
             if current is None or current is reported:
                 continue

@@ -223,3 +223,6 @@ def test_watchdog_logs_a_slow_step_with_its_batch(smol_loaded, caplog):
     assert outs[-1].finished
     slow_logs = [r.getMessage() for r in caplog.records if "engine step running for" in r.getMessage()]
     assert slow_logs and "slow-step" in slow_logs[0]
+    # Shutdown joins the watchdog: a daemon thread left holding the engine's tensors is
+    # killed while freeing them when the interpreter exits, and the process aborts.
+    assert not eng._watchdog_thread.is_alive()
