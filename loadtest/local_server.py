@@ -1,6 +1,6 @@
 """A server process on this machine for the load tools: `python -m server` on a free
 loopback port, waited for until /health is 200, its log in a temp file, stopped with
-SIGTERM; and its RSS from /proc."""
+SIGTERM; the same for llama.cpp's llama-server; and a process's RSS from /proc."""
 from __future__ import annotations
 
 import os
@@ -79,3 +79,33 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(timeout=10)
+
+
+class LlamaServer:
+    """llama.cpp's llama-server on a free loopback port (`-np batch -c ctx -t threads`),
+    waited for until /health is 200, its log in a temp file; stopped with SIGTERM."""
+
+    def __init__(self, binary: str, gguf: str, batch: int, ctx: int, threads: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+        cmd = [binary, "-m", gguf, "-np", str(batch), "-c", str(ctx), "-t", str(threads),
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        print("starting:", " ".join(cmd), flush=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("llama-server exited; log: " + self.log.name)
+            time.sleep(0.5)
+        self.proc.kill()
+        raise RuntimeError("llama-server not healthy; log: " + self.log.name)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)

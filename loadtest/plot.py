@@ -4,13 +4,16 @@
     python loadtest/plot.py loadtest/results/structured_cpu.json -o loadtest/results/structured_cpu.png
     python loadtest/plot.py loadtest/results/soak_cpu.json -o loadtest/results/soak_cpu.png
     python loadtest/plot.py loadtest/results/spec_cpu.json -o loadtest/results/spec_cpu.png
+    python loadtest/plot.py loadtest/results/shared_prefix_cpu.json -o loadtest/results/shared_prefix_cpu.png
+    python loadtest/plot.py loadtest/results/http_compare_cpu.json -o loadtest/results/http_compare_cpu.png
 
 The kind of each file is read from its keys: `http_load.py` results (one per
 concurrency: output tokens/s and TTFT/ITL p50/p90/p99 vs concurrency, files with
 the same `--label` prefix drawn as one series), `structured_bench.py` results
 (coverage/compliance per split against the published best, TPOT constrained
 vs unconstrained), `soak.py` results (RSS over the run) and `spec_bench.py`
-results (tokens/s vs batch size, one line per configuration, per workload).
+results (tokens/s vs batch size, one line per configuration, per workload);
+`http_compare.py` results (tokens/s, TTFT and ITL p50 vs concurrency, one line per server).
 """
 from __future__ import annotations
 
@@ -24,11 +27,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def kind_of(data: dict) -> str:
+    if data.get("kind") in ("shared_prefix", "shared_prefix_attention", "http_compare"):
+        return data["kind"]
     if "splits" in data and "tpot_c16" in data:
         return "structured"
     if "rss_samples_kib" in data or "rss_samples_kib" in data.get("summary", {}):
@@ -125,6 +131,70 @@ def plot_spec(data: dict, out: Path | str) -> None:
     fig.savefig(out, dpi=120)
 
 
+def plot_shared_prefix(data: dict, out: Path | str) -> None:
+    """Decode tokens/s vs shared prefix length, one line per mode (and llama-server); one
+    panel per batch size."""
+    batches = sorted({r["batch"] for r in data["rows"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        rows = [r for r in data["rows"] if r["batch"] == batch]
+        for color, mode in zip(COLORS, dict.fromkeys(r["mode"] for r in rows)):
+            points = sorted((r["prefix"], r["decode_tok_s"]) for r in rows if r["mode"] == mode)
+            ax.plot([p for p, _ in points], [t for _, t in points], marker="o", color=color, label=mode)
+        ax.set(xscale="log", yscale="log", xlabel="shared prefix tokens (P)", ylabel="decode tokens/s",
+               title=f"B = {batch} streams")
+        prefixes = sorted({r["prefix"] for r in rows})
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # log minor labels overlap
+        ax.set_xticks(prefixes, [str(p) for p in prefixes])
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("shared-prefix attention through HTTP (16 warm decode steps where P >= "
+                 f"{data.get('meta', {}).get('long_from', '?')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_shared_prefix_attention(data: dict, out: Path | str) -> None:
+    """Attention-only: step time (all layers) off vs on vs P, one line per batch size."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for color, batch in zip(COLORS, sorted({r["batch"] for r in data["rows"]})):
+        rows = sorted((r for r in data["rows"] if r["batch"] == batch), key=lambda r: r["prefix"])
+        xs = [r["prefix"] for r in rows]
+        ax.plot(xs, [r["off_ms"] for r in rows], "--", marker="o", color=color, label=f"B={batch} off")
+        ax.plot(xs, [r["on_ms"] for r in rows], "-", marker="o", color=color, label=f"B={batch} on")
+    ax.set(xscale="log", yscale="log", xlabel="shared prefix tokens", ylabel="attention ms per decode step")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def plot_http_compare(data: dict, out: Path | str) -> None:
+    """Output tokens/s, median TTFT and median ITL vs concurrency; one line per server."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (("output_tok_s", 1, "output tokens/s", "throughput"),
+              ("ttft_p50_s", 1000, "ms", "time to first token, p50"),
+              ("itl_p50_s", 1000, "ms", "inter-token latency, p50"))
+    for color, server in zip(COLORS, dict.fromkeys(r["server"] for r in data["rows"])):
+        rows = sorted((r for r in data["rows"] if r["server"] == server), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in rows]
+        for ax, (key, scale, _, _) in zip(axes, panels):
+            ys = [float("nan") if r.get(key) is None else r[key] * scale for r in rows]
+            ax.plot(xs, ys, marker="o", color=color, label=server)
+    concurrencies = sorted({r["concurrency"] for r in data["rows"]})
+    for ax, (_, _, ylabel, title) in zip(axes, panels):
+        ax.set(xlabel="concurrency", ylabel=ylabel, title=title)
+        ax.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    meta = data.get("meta", {})
+    fig.suptitle(f"HTTP /v1/completions, {meta.get('model', '?')}, max_tokens {meta.get('max_tokens', '?')}, "
+                 f"{meta.get('machine', '')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def _find(data: object, key: str) -> object:
     """The first value under `key` anywhere in nested dicts."""
     if isinstance(data, dict):
@@ -154,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         plot_structured(loaded[0][1], out)
     elif kind == "spec":
         plot_spec(loaded[0][1], out)
+    elif kind == "shared_prefix":
+        plot_shared_prefix(loaded[0][1], out)
+    elif kind == "shared_prefix_attention":
+        plot_shared_prefix_attention(loaded[0][1], out)
+    elif kind == "http_compare":
+        plot_http_compare(loaded[0][1], out)
     else:
         plot_soak(loaded[0][1], out)
     print(out)

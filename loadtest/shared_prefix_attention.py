@@ -3,9 +3,9 @@
 B decoding requests share a P-token prefix (SmolLM2 shapes: 9 query heads, 3 KV heads,
 head_dim 64) and each has `--own` tokens of its own; one decode step's attention over
 `--layers` layers (a KV cache per layer) is timed with the decomposition off (the plain
-padded path) and on, best of `--repeats`, plus the max abs difference of the outputs.
-`--calibrate` also reports, per (B, P), whether the decomposition won: the saved KV rows
-per layer, (B - 1) x P, at which it starts to win sets `CascadeCost.min_saved_tokens`.
+padded path) and on, best of `--repeats`, plus the max abs difference of the outputs. It
+also prints the largest saved-rows count per layer, (B - 1) x P, at which the
+decomposition still lost: the break-even that sets `CascadeCost.min_saved_tokens`.
 
     python loadtest/shared_prefix_attention.py --json loadtest/results/shared_prefix_attention_cpu.json
 """
