@@ -13,6 +13,7 @@ dequantization: the kernels must match them up to fp32 summation order.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import threading
@@ -32,8 +33,10 @@ _loaded: bool | None = None
 
 
 def build_dir() -> Path:
-    """Per-torch-version cache of the compiled extension."""
-    return Path.home() / ".cache" / "strix" / "kernels" / f"torch-{torch.__version__}"
+    """Cache of the compiled extension per torch version and source: a checkout with other
+    kernel sources builds beside it instead of relinking a library other processes map."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "strix" / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
 def cpu_supported() -> bool:

@@ -6,7 +6,8 @@ fp32 ones) and replaces each linear whose tensors all have a native format
 (Q4_0, Q4_1, Q8_0: `kernels.gguf_cpu.BLOCKS`) by a `GGUFLinear`, and a Q8_0 /
 Q4 embedding table by a `GGUFEmbedding` that also serves as the tied LM head.
 A tensor in any other format (e.g. Q5_K) keeps its fp32 module: the fallback is
-per tensor. Fused modules (q/k/v, gate/up) keep one block tensor per part.
+per tensor. Fused modules (q/k/v, gate/up) keep one block tensor per run of parts
+in the same format (one kernel call for a fused module of one format).
 
 Math: fp32 activations and accumulation over exactly gguf-py's dequantized
 weights, so outputs equal the fp32 path up to summation order.
@@ -34,12 +35,26 @@ class BlockTensor:
         return self.data.shape[0]
 
 
+def _merge_same_type(parts: Sequence[BlockTensor]) -> list[BlockTensor]:
+    """Adjacent parts of one format become one block tensor (rows concatenated), so a
+    fused q/k/v or gate/up of one format is one kernel call (at one row, a step's 211
+    linear calls cost more than their arithmetic)."""
+    merged: list[BlockTensor] = []
+    for p in parts:
+        if merged and merged[-1].qtype == p.qtype:
+            last = merged.pop()
+            p = BlockTensor(torch.cat([last.data, p.data]), p.qtype, p.cols)
+        merged.append(p)
+    return merged
+
+
 class GGUFLinear(nn.Module):
     """y = x @ W^T (+ b) with W the row-wise concatenation of `parts` (all `in_features` wide).
     Each part's blocks are a buffer (`blocks{i}`), so they move with `.to()`."""
 
     def __init__(self, parts: Sequence[BlockTensor], bias: torch.Tensor | None = None):
         super().__init__()
+        parts = _merge_same_type(parts)
         self.qtypes = [p.qtype for p in parts]
         self.part_rows = [p.rows for p in parts]
         self.in_features = parts[0].cols

@@ -13,7 +13,9 @@
 //   Q4_1 (type 3): fp16 d, fp16 m, uint8 qs[16]       20 bytes, w = d * nib + m
 // where element j < 16 is the low nibble of qs[j] and element j + 16 its high nibble.
 //
-// Small M (decode, verification: M <= kSmallM): output rows are split across
+// M = 1 (one decode): each weight block is dequantized into registers and used at
+// once, 4 weight rows per pass over the activation row (no fp32 weight buffer).
+// Small M (batched decode, verification: M <= kSmallM): output rows are split across
 // threads in tiles of kTile; each tile's weights are dequantized once into a
 // thread-local buffer (no allocation after the first call, L1/L2-resident) and
 // reused by every one of the M activation rows through 3 x 4 register tiles.
@@ -132,6 +134,62 @@ void tile_gemm(const float* x, int64_t M, const float* w, int64_t K, float* y, i
   if (M - m == 1) micro_cols<1>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
 }
 
+// One block's 32 weights as 4 x 8 floats, exactly as dequant_row stores them.
+template <int64_t TYPE>
+inline void block_values(const uint8_t* p, __m256 v[4]) {
+  const __m256 d = _mm256_set1_ps(half_at(p));
+  if (TYPE == kQ8_0) {
+    for (int g = 0; g < 4; ++g) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * g));
+      v[g] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+  } else if (TYPE == kQ4_0) {
+    nibbles(p + 2, v);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (int g = 0; g < 4; ++g) v[g] = _mm256_mul_ps(d, _mm256_sub_ps(v[g], eight));
+  } else {
+    nibbles(p + 4, v);
+    const __m256 m = _mm256_set1_ps(half_at(p + 2));
+    for (int g = 0; g < 4; ++g) v[g] = _mm256_add_ps(_mm256_mul_ps(d, v[g]), m);
+  }
+}
+
+// R weight rows against one activation row, the weights dequantized in registers and
+// never stored. Each row's accumulation order is micro<1, C>'s (8 lanes over k, then
+// hsum), so the result equals the small-M path bit for bit.
+template <int64_t TYPE, int R>
+inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, float* y) {
+  constexpr int64_t bb = TYPE == kQ8_0 ? 34 : (TYPE == kQ4_0 ? 18 : 20);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m256 xv[4];
+    for (int g = 0; g < 4; ++g) xv[g] = _mm256_loadu_ps(x + b * 32 + 8 * g);
+    for (int r = 0; r < R; ++r) {
+      __m256 v[4];
+      block_values<TYPE>(w + r * rb + b * bb, v);
+      for (int g = 0; g < 4; ++g) acc[r] = _mm256_fmadd_ps(xv[g], v[g], acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = hsum(acc[r]);
+}
+
+// M == 1 (a single decode): rows split across threads, 4 rows at a time.
+template <int64_t TYPE>
+void gemv(const float* x, const uint8_t* w, int64_t N, int64_t K, float* y) {
+  const int64_t rb = K / 32 * block_bytes(TYPE);
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t * 4;
+      if (n + 4 <= N) {
+        gemv_rows<TYPE, 4>(x, w + n * rb, rb, K, y + n);
+      } else {
+        for (int64_t j = n; j < N; ++j) gemv_rows<TYPE, 1>(x, w + j * rb, rb, K, y + j);
+      }
+    }
+  });
+}
+
 void check_weight(const torch::Tensor& w, int64_t type, int64_t rows, int64_t K) {
   TORCH_CHECK(block_bytes(type) > 0, "unsupported GGUF type ", type);
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32, got ", K);
@@ -159,6 +217,14 @@ torch::Tensor gguf_linear(const torch::Tensor& x, const torch::Tensor& w, int64_
   check_weight(w, type, N, K);
   torch::Tensor y = torch::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
+  if (M == 1) {
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    if (type == kQ8_0) gemv<kQ8_0>(xp, wp, N, K, yp);
+    else if (type == kQ4_0) gemv<kQ4_0>(xp, wp, N, K, yp);
+    else gemv<kQ4_1>(xp, wp, N, K, yp);
+    return y;
+  }
   if (M <= kSmallM) {
     small_m(x.data_ptr<float>(), wp, type, M, N, K, y.data_ptr<float>());
     return y;

@@ -3,11 +3,7 @@ fallback in the sampler, and the Triton kernel against the reference under
 TRITON_INTERPRET=1 on CPU (in a subprocess: the interpreter is chosen at import)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
@@ -15,7 +11,7 @@ from engine.sample import Sampler, SamplingRow, build_sampling_metadata
 from engine.sampling_params import SamplingParams
 from engine.structured.bitmask import GrammarBitmask, apply_bitmask_torch, unpack_bitmask
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.unit.interpreter import assert_interpreted
 
 
 def _random_mask(rows: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -93,10 +89,7 @@ def test_triton_kernel_matches_torch_reference_in_interpreter():
                 assert torch.equal(a, b), (vocab, dtype)
         print("KERNEL_OK")
     """)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
-    assert proc.returncode == 0 and "KERNEL_OK" in proc.stdout, proc.stderr[-3000:]
+    assert_interpreted(script)
 
 
 class _CountingMatcher:

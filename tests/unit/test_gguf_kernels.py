@@ -44,6 +44,16 @@ def test_linear_matches_dequantized_matmul(qtype, m):
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
+def test_single_row_kernel_equals_the_small_m_path_bit_for_bit(qtype):
+    """M = 1 has its own kernel (weights dequantized in registers); each output row sums
+    in the same order as the small-M tiles, so a row alone equals that row in a batch."""
+    n, k = 301, 1536  # n not a multiple of the 4 rows per pass
+    w = random_blocks(n, k, qtype, seed=3)
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(gguf_cpu.linear(x[:1].contiguous(), w, qtype, n), gguf_cpu.linear(x, w, qtype, n)[:1])
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
 def test_embedding_rows_are_the_dequantized_rows(qtype):
     w = random_blocks(50, 96, qtype, seed=3)
     ids = torch.tensor([[0, 49, 7], [7, 3, 11]])
