@@ -33,6 +33,10 @@ class _Group:
     q_valid: torch.Tensor  # [n, max_q] bool
     k_rows: torch.Tensor  # [n * max_kv] flat cache row of each padded key (V row = + page)
     mask: torch.Tensor  # [n, 1, max_q, max_kv] bool: True = attend
+    # The group is the whole batch, unpadded, in token order (decodes of equal length,
+    # e.g. batch 1): its output is the step's output, no gather or scatter of queries.
+    whole_batch: bool = False
+    sdpa_mask: torch.Tensor | None = None  # `mask`, or None when it allows every key
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,10 @@ class TorchReferenceBackend(AttentionBackend):
                 mask[r, :q_len, n_kv - q_len:n_kv] = trees[i]
             mask[r, q_len:, 0] = True  # padded queries attend to one key: no NaN rows
         k_rows = AttentionBackend.k_rows(kv_block, kv_offset, page).view(-1)
-        return _Group(q_index.to(device), q_valid.to(device),
-                      k_rows.to(device), mask[:, None].to(device))
+        whole = n * max_q == qo[-1] and bool(q_valid.all()) and bool((q_index.view(-1) == torch.arange(qo[-1])).all())
+        mask = mask[:, None].to(device)
+        return _Group(q_index.to(device), q_valid.to(device), k_rows.to(device), mask, whole,
+                      None if bool(mask.all()) else mask)
 
     @staticmethod
     def _level(lv, layout, qo, kv_ptr, pages, device) -> _Level:
@@ -131,14 +137,16 @@ class TorchReferenceBackend(AttentionBackend):
         flat, page = self.flat_rows(kv_cache), kv_cache.shape[2]
         out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
         for g in self.groups:
-            n = g.q_index.shape[0]
-            qg = q[g.q_index].transpose(1, 2)  # [n, heads, max_q, d]
-            kv_shape = (n, -1, flat.shape[1], flat.shape[2])
+            n, max_q = g.q_index.shape
+            qg = (q.view(n, max_q, *q.shape[1:]) if g.whole_batch else q[g.q_index]).transpose(1, 2)
+            kv_shape = (n, -1, flat.shape[1], flat.shape[2])  # qg: [n, heads, max_q, d]
             kg = flat.index_select(0, g.k_rows).view(kv_shape).transpose(1, 2)  # [n, kv_heads, max_kv, d]
             vg = flat.index_select(0, g.k_rows + page).view(kv_shape).transpose(1, 2)
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=self.shape.scale,
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.sdpa_mask, scale=self.shape.scale,
                                                 enable_gqa=self.shape.num_heads != self.shape.num_kv_heads)
             og = og.transpose(1, 2)  # [n, max_q, heads, d]
+            if g.whole_batch:
+                return og.reshape(q.shape)
             out[g.q_index[g.q_valid]] = og[g.q_valid]
         return out
 

@@ -122,3 +122,30 @@ def test_cost_model_and_left_out_parents():
     assert cost.pays(2, 256) and not cost.pays(2, 255)
     with pytest.raises(ValueError):
         plan_cascade(levels, 4, 16, "sometimes", cost)
+
+
+def test_whole_batch_decode_group_skips_the_query_gather_and_stays_exact():
+    """Decodes (one query each) form one unpadded group in token order: the backend uses
+    the group's output as the step's (no gather/scatter; no mask when every key is
+    visible); it equals a mixed batch's padded path and the kernels' torch reference."""
+    from kernels.cascade_attention import paged_attention_lse_torch
+
+    page, heads, kv_heads, d = 4, 6, 2, 16
+    shape = AttentionShape(heads, kv_heads, d, d ** -0.5, torch.float32, torch.device("cpu"))
+    cache = torch.randn(40, 2, page, kv_heads, d)
+    for kv_lens in ([9, 9, 9], [5, 13, 2]):  # equal lengths: no mask; unequal: masked padding
+        tables = [list(range(i * 4, i * 4 + -(-n // page))) for i, n in enumerate(kv_lens)]
+        qkv = (torch.randn(3, heads, d), torch.randn(3, kv_heads, d), torch.randn(3, kv_heads, d))
+        out, backend = _run("off", tables, [], [1, 1, 1], kv_lens, {}, qkv, cache, shape, page)
+        (group,) = backend.groups
+        assert group.whole_batch and (group.sdpa_mask is None) == (len(set(kv_lens)) == 1)
+        written = cache.clone()
+        backend.write_kv(written, qkv[1], qkv[2], backend.write_rows)
+        rows = [2 * t[s // page] * page + s % page for t, n in zip(tables, kv_lens) for s in range(n)]
+        indptr = torch.tensor([0, *torch.tensor(kv_lens).cumsum(0).tolist()], dtype=torch.int32)
+        slots = [s for n in kv_lens for s in range(n)]
+        ref, _ = paged_attention_lse_torch(
+            qkv[0], written, d ** -0.5, torch.arange(3, dtype=torch.int32),
+            torch.tensor([n - 1 for n in kv_lens], dtype=torch.int32), indptr,
+            torch.tensor(rows, dtype=torch.int32), torch.tensor(slots, dtype=torch.int32))
+        assert (out - ref).abs().max().item() <= 1e-5
