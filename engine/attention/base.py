@@ -115,6 +115,16 @@ class AttentionBackend(ABC):
         nb, two, page, hkv, d = kv_cache.shape
         return kv_cache.view(nb * two * page, hkv, d)
 
+    @classmethod
+    def level_rows(cls, lv: PrefixLevel, qo: list[int], kv_ptr: list[int], pages: list[int],
+                   page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decomposed level's host tensors: (its members' query tokens [N], the K rows of
+        its pages [num_pages * page]), from the layout's host qo/kv indptr and page list."""
+        q_index = torch.cat([torch.arange(qo[i], qo[i + 1]) for i in lv.rows])
+        first = kv_ptr[lv.rows[0]] + lv.first_page
+        blocks = torch.tensor(pages[first:first + lv.num_pages], dtype=torch.long)
+        return q_index, cls.k_rows(blocks[:, None], torch.arange(page)[None, :], page).view(-1)
+
     @staticmethod
     def k_rows(block_idx: torch.Tensor, offsets: torch.Tensor, page: int) -> torch.Tensor:
         return block_idx * (2 * page) + offsets

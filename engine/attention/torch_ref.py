@@ -115,18 +115,17 @@ class TorchReferenceBackend(AttentionBackend):
                 mask[r, :q_len, n_kv - q_len:n_kv] = trees[i]
             mask[r, q_len:, 0] = True  # padded queries attend to one key: no NaN rows
         k_rows = AttentionBackend.k_rows(kv_block, kv_offset, page).view(-1)
-        whole = n * max_q == qo[-1] and bool(q_valid.all()) and bool((q_index.view(-1) == torch.arange(qo[-1])).all())
+        # rows ascend (plan groups them in row order): with every row here and none padded,
+        # the group's queries are the step's tokens in order.
+        whole = n == len(layout.q_lens) and all(layout.q_lens[i] == max_q for i in rows)
+        every_key = bool(mask.all())  # on the host: no device sync at plan time
         mask = mask[:, None].to(device)
         return _Group(q_index.to(device), q_valid.to(device), k_rows.to(device), mask, whole,
-                      None if bool(mask.all()) else mask)
+                      None if every_key else mask)
 
     @staticmethod
     def _level(lv, layout, qo, kv_ptr, pages, device) -> _Level:
-        page = layout.page_size
-        q_index = torch.cat([torch.arange(qo[i], qo[i + 1]) for i in lv.rows])
-        first = kv_ptr[lv.rows[0]] + lv.first_page
-        blocks = torch.tensor(pages[first:first + lv.num_pages], dtype=torch.long)
-        k_rows = AttentionBackend.k_rows(blocks[:, None], torch.arange(page)[None, :], page).view(-1)
+        q_index, k_rows = AttentionBackend.level_rows(lv, qo, kv_ptr, pages, layout.page_size)
         all_tokens = len(q_index) == qo[-1] and bool((q_index == torch.arange(qo[-1])).all())
         return _Level(q_index.to(device), k_rows.to(device), all_tokens)
 

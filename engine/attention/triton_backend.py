@@ -43,10 +43,7 @@ class TritonBackend(AttentionBackend):
         kv_ptr, pages = layout.kv_indptr.tolist(), layout.kv_indices.tolist()
         self.levels = []
         for lv in cascade.levels:
-            q_index = torch.cat([torch.arange(qo[i], qo[i + 1]) for i in lv.rows])
-            first = kv_ptr[lv.rows[0]] + lv.first_page
-            blocks = torch.tensor(pages[first:first + lv.num_pages], dtype=torch.long)
-            rows = self.k_rows(blocks[:, None], torch.arange(page)[None, :], page).view(-1)
+            q_index, rows = self.level_rows(lv, qo, kv_ptr, pages, page)
             self.levels.append((q_index.to(dev, torch.int32), rows.to(dev, torch.int32)))
 
     def _own_keys(self, layout: BatchLayout, own: tuple[int, ...], dev) -> _OwnKeys:

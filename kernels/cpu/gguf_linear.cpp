@@ -35,7 +35,7 @@ namespace {
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;  // ggml type ids
 constexpr int64_t kTile = 8, kSmallM = 64, kBigTile = 256;
 
-int64_t block_bytes(int64_t type) {
+constexpr int64_t block_bytes(int64_t type) {
   switch (type) {
     case kQ4_0: return 18;
     case kQ4_1: return 20;
@@ -62,30 +62,41 @@ inline void nibbles(const uint8_t* qs, __m256 out[4]) {
   out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 
+// One block's 32 weights as 4 x 8 floats (gguf-py's dequantization); the only place it is
+// written, so the buffered and in-register paths see the same values.
+template <int64_t TYPE>
+inline void block_values(const uint8_t* p, __m256 v[4]) {
+  const __m256 d = _mm256_set1_ps(half_at(p));
+  if (TYPE == kQ8_0) {
+    for (int g = 0; g < 4; ++g) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * g));
+      v[g] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    }
+  } else if (TYPE == kQ4_0) {
+    nibbles(p + 2, v);
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    for (int g = 0; g < 4; ++g) v[g] = _mm256_mul_ps(d, _mm256_sub_ps(v[g], eight));
+  } else {
+    nibbles(p + 4, v);
+    const __m256 m = _mm256_set1_ps(half_at(p + 2));
+    for (int g = 0; g < 4; ++g) v[g] = _mm256_add_ps(_mm256_mul_ps(d, v[g]), m);
+  }
+}
+
+template <int64_t TYPE>
+void dequant_row_t(const uint8_t* row, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m256 v[4];
+    block_values<TYPE>(row + b * block_bytes(TYPE), v);
+    for (int g = 0; g < 4; ++g) _mm256_storeu_ps(out + b * 32 + 8 * g, v[g]);
+  }
+}
+
 // One row of K weights (K % 32 == 0) -> fp32 out[K].
 void dequant_row(const uint8_t* row, int64_t type, int64_t K, float* out) {
-  const int64_t bb = block_bytes(type);
-  for (int64_t b = 0; b < K / 32; ++b) {
-    const uint8_t* p = row + b * bb;
-    float* o = out + b * 32;
-    const __m256 d = _mm256_set1_ps(half_at(p));
-    if (type == kQ8_0) {
-      for (int g = 0; g < 4; ++g) {
-        const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * g));
-        _mm256_storeu_ps(o + 8 * g, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))));
-      }
-    } else if (type == kQ4_0) {
-      __m256 v[4];
-      nibbles(p + 2, v);
-      const __m256 eight = _mm256_set1_ps(8.0f);
-      for (int g = 0; g < 4; ++g) _mm256_storeu_ps(o + 8 * g, _mm256_mul_ps(d, _mm256_sub_ps(v[g], eight)));
-    } else {  // Q4_1
-      __m256 v[4];
-      nibbles(p + 4, v);
-      const __m256 m = _mm256_set1_ps(half_at(p + 2));
-      for (int g = 0; g < 4; ++g) _mm256_storeu_ps(o + 8 * g, _mm256_add_ps(_mm256_mul_ps(d, v[g]), m));
-    }
-  }
+  if (type == kQ8_0) dequant_row_t<kQ8_0>(row, K, out);
+  else if (type == kQ4_0) dequant_row_t<kQ4_0>(row, K, out);
+  else dequant_row_t<kQ4_1>(row, K, out);
 }
 
 inline float hsum(__m256 v) {
@@ -134,32 +145,12 @@ void tile_gemm(const float* x, int64_t M, const float* w, int64_t K, float* y, i
   if (M - m == 1) micro_cols<1>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
 }
 
-// One block's 32 weights as 4 x 8 floats, exactly as dequant_row stores them.
-template <int64_t TYPE>
-inline void block_values(const uint8_t* p, __m256 v[4]) {
-  const __m256 d = _mm256_set1_ps(half_at(p));
-  if (TYPE == kQ8_0) {
-    for (int g = 0; g < 4; ++g) {
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * g));
-      v[g] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
-    }
-  } else if (TYPE == kQ4_0) {
-    nibbles(p + 2, v);
-    const __m256 eight = _mm256_set1_ps(8.0f);
-    for (int g = 0; g < 4; ++g) v[g] = _mm256_mul_ps(d, _mm256_sub_ps(v[g], eight));
-  } else {
-    nibbles(p + 4, v);
-    const __m256 m = _mm256_set1_ps(half_at(p + 2));
-    for (int g = 0; g < 4; ++g) v[g] = _mm256_add_ps(_mm256_mul_ps(d, v[g]), m);
-  }
-}
-
 // R weight rows against one activation row, the weights dequantized in registers and
 // never stored. Each row's accumulation order is micro<1, C>'s (8 lanes over k, then
 // hsum), so the result equals the small-M path bit for bit.
 template <int64_t TYPE, int R>
 inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, float* y) {
-  constexpr int64_t bb = TYPE == kQ8_0 ? 34 : (TYPE == kQ4_0 ? 18 : 20);
+  constexpr int64_t bb = block_bytes(TYPE);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 32; ++b) {
