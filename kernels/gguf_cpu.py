@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "cpu" / "gguf_linear.cpp"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 # ggml type id -> block (weights, bytes); the formats the kernels run natively.
-BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34)}  # Q4_0, Q4_1, Q8_0
+BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}  # Q4_0 Q4_1 Q8_0 Q4_K Q6_K
 
 _lock = threading.Lock()
 _loaded: bool | None = None

@@ -3,7 +3,7 @@
 After a GGUF model is built (dequantized fp32 weights), `use_native_kernels`
 re-reads the file's raw blocks (the same tensors, q/k rows un-permuted like the
 fp32 ones) and replaces each linear whose tensors all have a native format
-(Q4_0, Q4_1, Q8_0: `kernels.gguf_cpu.BLOCKS`) by a `GGUFLinear`, and a Q8_0 /
+(Q4_0, Q4_1, Q8_0, Q4_K, Q6_K: `kernels.gguf_cpu.BLOCKS`) by a `GGUFLinear`, and a Q8_0 /
 Q4 embedding table by a `GGUFEmbedding` that also serves as the tied LM head.
 A tensor in any other format (e.g. Q5_K) keeps its fp32 module: the fallback is
 per tensor. Fused modules (q/k/v, gate/up) keep one block tensor per run of parts

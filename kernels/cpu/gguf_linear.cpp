@@ -1,17 +1,24 @@
 // GGUF block-quantized linears and embedding lookups on CPU (AVX2 + FMA + F16C).
 //
 // y[M, N] = x[M, K] @ W^T with W [N, K] kept in its ggml block format: rows of
-// K / 32 blocks of 32 weights each, `row_bytes` bytes per row. Activations and
+// K / block_weights blocks, `row_bytes` bytes per row. Activations and
 // accumulation are fp32, so y is the fp32 matmul over the dequantized weights
 // up to summation order. Dequantization is exactly gguf-py's (fp16 scales to
 // fp32, then d * q, d * (q - 8) or d * q + m, each rounded once per operation:
 // built with -ffp-contract=off so the compiler fuses nothing).
 //
-// Block layouts (32 weights per block):
+// Block layouts. Legacy formats hold 32 weights per block:
 //   Q8_0 (type 8): fp16 d, int8 q[32]                 34 bytes, w = d * q
 //   Q4_0 (type 2): fp16 d, uint8 qs[16]               18 bytes, w = d * (nib - 8)
 //   Q4_1 (type 3): fp16 d, fp16 m, uint8 qs[16]       20 bytes, w = d * nib + m
 // where element j < 16 is the low nibble of qs[j] and element j + 16 its high nibble.
+// K-quants hold 256 weights per super-block, in 8 groups of 32:
+//   Q4_K (type 12): fp16 d, fp16 dmin, 6-bit scales/mins[12], uint8 qs[128]   144 bytes,
+//       w = (d * sc[g]) * nib - dmin * mn[g]; group g takes the low (g even) or high
+//       nibbles of qs[32 * (g / 2) ...].
+//   Q6_K (type 14): uint8 ql[128], uint8 qh[64], int8 sc[16], fp16 d       210 bytes,
+//       w = (d * sc[e / 16]) * (q - 32), q = 4 bits of ql | 2 bits of qh << 4.
+// Every kernel walks a row in groups of 32 weights (`group_values`).
 //
 // M = 1 (one decode): each weight block is dequantized into registers and used at
 // once, 4 weight rows per pass over the activation row (no fp32 weight buffer).
@@ -32,17 +39,24 @@
 
 namespace {
 
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;  // ggml type ids
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;  // ggml type ids
 constexpr int64_t kTile = 8, kSmallM = 64, kBigTile = 256;
 
+// Bytes of one block and the weights it holds (0 for a format without a kernel).
 constexpr int64_t block_bytes(int64_t type) {
   switch (type) {
     case kQ4_0: return 18;
     case kQ4_1: return 20;
     case kQ8_0: return 34;
+    case kQ4_K: return 144;
+    case kQ6_K: return 210;
     default: return 0;
   }
 }
+
+constexpr int64_t block_weights(int64_t type) { return type == kQ4_K || type == kQ6_K ? 256 : 32; }
+
+constexpr int64_t row_bytes(int64_t type, int64_t K) { return K / block_weights(type) * block_bytes(type); }
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -62,41 +76,99 @@ inline void nibbles(const uint8_t* qs, __m256 out[4]) {
   out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 
-// One block's 32 weights as 4 x 8 floats (gguf-py's dequantization); the only place it is
-// written, so the buffered and in-register paths see the same values.
+// 32 bytes -> 4 x 8 floats of (byte >> shift) & mask, in byte order.
+inline void bytes_values(__m256i q, __m256 out[4]) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+inline __m256i bits(const uint8_t* p, int shift, int mask) {
+  const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(static_cast<char>(mask)));
+}
+
+// Q4_K's 6-bit scale and min of group j (0..7) from the 12 packed bytes.
+inline void q4k_scale_min(const uint8_t* s, int j, int* sc, int* mn) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *mn = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// Group g (32 weights) of a row as 4 x 8 floats, gguf-py's dequantization (every product
+// and difference rounded once, as numpy does); the only place it is written, so the
+// buffered and in-register paths see the same values.
 template <int64_t TYPE>
-inline void block_values(const uint8_t* p, __m256 v[4]) {
+inline void group_values(const uint8_t* row, int64_t g, __m256 v[4]) {
+  if (TYPE == kQ4_K) {
+    const uint8_t* p = row + (g >> 3) * 144;
+    const int j = static_cast<int>(g & 7);
+    int sc, mn;
+    q4k_scale_min(p + 4, j, &sc, &mn);
+    const __m256 d = _mm256_set1_ps(half_at(p) * static_cast<float>(sc));
+    const __m256 m = _mm256_set1_ps(half_at(p + 2) * static_cast<float>(mn));
+    bytes_values(bits(p + 16 + 32 * (j >> 1), 4 * (j & 1), 0x0F), v);
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_sub_ps(_mm256_mul_ps(d, v[i]), m);
+    return;
+  }
+  if (TYPE == kQ6_K) {
+    const uint8_t* p = row + (g >> 3) * 210;
+    const int j = static_cast<int>(g & 7), n = j >> 2, qd = j & 3;
+    const __m256i lo = bits(p + 64 * n + 32 * (qd & 1), 4 * (qd >> 1), 0x0F);
+    const __m256i hi = bits(p + 128 + 32 * n, 2 * qd, 0x03);
+    bytes_values(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), v);  // q in 0..63
+    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192 + 8 * n + 2 * qd);
+    const float d = half_at(p + 208);
+    const __m256 d0 = _mm256_set1_ps(d * static_cast<float>(sc[0]));
+    const __m256 d1 = _mm256_set1_ps(d * static_cast<float>(sc[1]));
+    const __m256 off = _mm256_set1_ps(32.0f);
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(i < 2 ? d0 : d1, _mm256_sub_ps(v[i], off));
+    return;
+  }
+  const uint8_t* p = row + g * block_bytes(TYPE);
   const __m256 d = _mm256_set1_ps(half_at(p));
   if (TYPE == kQ8_0) {
-    for (int g = 0; g < 4; ++g) {
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * g));
-      v[g] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+    for (int i = 0; i < 4; ++i) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * i));
+      v[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
     }
   } else if (TYPE == kQ4_0) {
     nibbles(p + 2, v);
     const __m256 eight = _mm256_set1_ps(8.0f);
-    for (int g = 0; g < 4; ++g) v[g] = _mm256_mul_ps(d, _mm256_sub_ps(v[g], eight));
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(d, _mm256_sub_ps(v[i], eight));
   } else {
     nibbles(p + 4, v);
     const __m256 m = _mm256_set1_ps(half_at(p + 2));
-    for (int g = 0; g < 4; ++g) v[g] = _mm256_add_ps(_mm256_mul_ps(d, v[g]), m);
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_add_ps(_mm256_mul_ps(d, v[i]), m);
   }
 }
 
+// Runs the statement (the macro's tail) with the compile-time constant T set to the runtime format `type` (the one
+// switch every kernel goes through).
+#define STRIX_DISPATCH(type, ...)                                \
+  switch (type) {                                                \
+    case kQ8_0: { constexpr int64_t T = kQ8_0; __VA_ARGS__; } break;    \
+    case kQ4_0: { constexpr int64_t T = kQ4_0; __VA_ARGS__; } break;    \
+    case kQ4_1: { constexpr int64_t T = kQ4_1; __VA_ARGS__; } break;    \
+    case kQ4_K: { constexpr int64_t T = kQ4_K; __VA_ARGS__; } break;    \
+    case kQ6_K: { constexpr int64_t T = kQ6_K; __VA_ARGS__; } break;    \
+    default: TORCH_CHECK(false, "unsupported GGUF type ", type); \
+  }
+
+// One row of K weights -> fp32 out[K].
 template <int64_t TYPE>
-void dequant_row_t(const uint8_t* row, int64_t K, float* out) {
-  for (int64_t b = 0; b < K / 32; ++b) {
+void dequant_row(const uint8_t* row, int64_t K, float* out) {
+  for (int64_t g = 0; g < K / 32; ++g) {
     __m256 v[4];
-    block_values<TYPE>(row + b * block_bytes(TYPE), v);
-    for (int g = 0; g < 4; ++g) _mm256_storeu_ps(out + b * 32 + 8 * g, v[g]);
+    group_values<TYPE>(row, g, v);
+    for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + g * 32 + 8 * i, v[i]);
   }
-}
-
-// One row of K weights (K % 32 == 0) -> fp32 out[K].
-void dequant_row(const uint8_t* row, int64_t type, int64_t K, float* out) {
-  if (type == kQ8_0) dequant_row_t<kQ8_0>(row, K, out);
-  else if (type == kQ4_0) dequant_row_t<kQ4_0>(row, K, out);
-  else dequant_row_t<kQ4_1>(row, K, out);
 }
 
 inline float hsum(__m256 v) {
@@ -150,7 +222,6 @@ void tile_gemm(const float* x, int64_t M, const float* w, int64_t K, float* y, i
 // hsum), so the result equals the small-M path bit for bit.
 template <int64_t TYPE, int R>
 inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, float* y) {
-  constexpr int64_t bb = block_bytes(TYPE);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / 32; ++b) {
@@ -158,7 +229,7 @@ inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, f
     for (int g = 0; g < 4; ++g) xv[g] = _mm256_loadu_ps(x + b * 32 + 8 * g);
     for (int r = 0; r < R; ++r) {
       __m256 v[4];
-      block_values<TYPE>(w + r * rb + b * bb, v);
+      group_values<TYPE>(w + r * rb, b, v);
       for (int g = 0; g < 4; ++g) acc[r] = _mm256_fmadd_ps(xv[g], v[g], acc[r]);
     }
   }
@@ -168,7 +239,7 @@ inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, f
 // M == 1 (a single decode): rows split across threads, 4 rows at a time.
 template <int64_t TYPE>
 void gemv(const float* x, const uint8_t* w, int64_t N, int64_t K, float* y) {
-  const int64_t rb = K / 32 * block_bytes(TYPE);
+  const int64_t rb = row_bytes(TYPE, K);
   at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n = t * 4;
@@ -183,20 +254,21 @@ void gemv(const float* x, const uint8_t* w, int64_t N, int64_t K, float* y) {
 
 void check_weight(const torch::Tensor& w, int64_t type, int64_t rows, int64_t K) {
   TORCH_CHECK(block_bytes(type) > 0, "unsupported GGUF type ", type);
-  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32, got ", K);
+  TORCH_CHECK(K % block_weights(type) == 0, "K must be a multiple of ", block_weights(type), ", got ", K);
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "weight: contiguous uint8 [N, row_bytes]");
-  TORCH_CHECK(w.size(0) == rows && w.size(1) == K / 32 * block_bytes(type), "weight shape ", w.sizes(),
+  TORCH_CHECK(w.size(0) == rows && w.size(1) == row_bytes(type, K), "weight shape ", w.sizes(),
               " does not hold ", rows, " rows of ", K, " weights of type ", type);
 }
 
-void small_m(const float* x, const uint8_t* w, int64_t type, int64_t M, int64_t N, int64_t K, float* y) {
-  const int64_t rb = K / 32 * block_bytes(type);
+template <int64_t TYPE>
+void small_m(const float* x, const uint8_t* w, int64_t M, int64_t N, int64_t K, float* y) {
+  const int64_t rb = row_bytes(TYPE, K);
   at::parallel_for(0, (N + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<float> buf;
     buf.resize(kTile * K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTile, nt = std::min(kTile, N - n0);
-      for (int64_t j = 0; j < nt; ++j) dequant_row(w + (n0 + j) * rb, type, K, buf.data() + j * K);
+      for (int64_t j = 0; j < nt; ++j) dequant_row<TYPE>(w + (n0 + j) * rb, K, buf.data() + j * K);
       tile_gemm(x, M, buf.data(), K, y + n0, N, nt);
     }
   });
@@ -211,22 +283,20 @@ torch::Tensor gguf_linear(const torch::Tensor& x, const torch::Tensor& w, int64_
   if (M == 1) {
     const float* xp = x.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    if (type == kQ8_0) gemv<kQ8_0>(xp, wp, N, K, yp);
-    else if (type == kQ4_0) gemv<kQ4_0>(xp, wp, N, K, yp);
-    else gemv<kQ4_1>(xp, wp, N, K, yp);
+    STRIX_DISPATCH(type, gemv<T>(xp, wp, N, K, yp));
     return y;
   }
   if (M <= kSmallM) {
-    small_m(x.data_ptr<float>(), wp, type, M, N, K, y.data_ptr<float>());
+    STRIX_DISPATCH(type, small_m<T>(x.data_ptr<float>(), wp, M, N, K, y.data_ptr<float>()));
     return y;
   }
-  const int64_t rb = K / 32 * block_bytes(type);
+  const int64_t rb = row_bytes(type, K);
   torch::Tensor tile = torch::empty({std::min(kBigTile, N), K}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += kBigTile) {
     const int64_t nt = std::min(kBigTile, N - n0);
     float* tp = tile.data_ptr<float>();
     at::parallel_for(0, nt, 16, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) dequant_row(wp + (n0 + j) * rb, type, K, tp + j * K);
+      STRIX_DISPATCH(type, for (int64_t j = j0; j < j1; ++j) dequant_row<T>(wp + (n0 + j) * rb, K, tp + j * K));
     });
     y.narrow(1, n0, nt).copy_(at::mm(x, tile.narrow(0, 0, nt).t()));
   }
@@ -242,11 +312,11 @@ torch::Tensor gguf_embedding(const torch::Tensor& ids, const torch::Tensor& w, i
   const int64_t* ip = flat.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "token id ", ip[i], " out of range");
   torch::Tensor out = torch::empty({n, K}, torch::dtype(torch::kFloat));
-  const int64_t rb = K / 32 * block_bytes(type);
+  const int64_t rb = row_bytes(type, K);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) dequant_row(wp + ip[i] * rb, type, K, op + i * K);
+    STRIX_DISPATCH(type, for (int64_t i = i0; i < i1; ++i) dequant_row<T>(wp + ip[i] * rb, K, op + i * K));
   });
   return out;
 }

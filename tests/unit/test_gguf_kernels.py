@@ -10,7 +10,15 @@ import torch
 
 from kernels import gguf_cpu
 
-FORMATS = sorted(gguf_cpu.BLOCKS)  # Q4_0, Q4_1, Q8_0
+FORMATS = sorted(gguf_cpu.BLOCKS)  # Q4_0, Q4_1, Q8_0, Q4_K, Q6_K
+# byte offsets of each format's fp16 scales inside a block (the rest is random quants)
+HALVES = {2: [0], 3: [0, 2], 8: [0], 12: [0, 2], 14: [208]}
+
+
+def width(qtype: int, k: int) -> int:
+    """k rounded up to a whole number of the format's blocks (256 weights for K-quants)."""
+    weights = gguf_cpu.BLOCKS[qtype][0]
+    return -(-k // weights) * weights
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,20 +28,20 @@ def built():
 
 
 def random_blocks(rows: int, cols: int, qtype: int, seed: int = 0) -> torch.Tensor:
-    """[rows, row_bytes] uint8: random quants, scales (and Q4_1 mins) finite fp16."""
+    """[rows, row_bytes] uint8: random quants (and K-quant sub-scales), fp16 scales finite."""
     weights, nbytes = gguf_cpu.BLOCKS[qtype]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows, cols // weights, nbytes), dtype=np.uint8)
-    halves = 2 if qtype == 3 else 1  # Q4_1 has d and m
-    scales = (rng.standard_normal((rows, cols // weights, halves)) * 0.05).astype(np.float16)
-    blocks[:, :, :2 * halves] = scales.view(np.uint8).reshape(rows, cols // weights, 2 * halves)
+    for at in HALVES[qtype]:
+        scales = (rng.standard_normal((rows, cols // weights)) * 0.05).astype(np.float16)
+        blocks[:, :, at:at + 2] = scales.view(np.uint8).reshape(rows, cols // weights, 2)
     return torch.from_numpy(blocks.reshape(rows, -1).copy())
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 64, 100])
 def test_linear_matches_dequantized_matmul(qtype, m):
-    n, k = 300, 224  # neither a multiple of the kernels' tiles (8 and 256 rows, 64 columns)
+    n, k = 300, width(qtype, 224)  # n not a multiple of the tiles (8, 256 rows); K-quants 256
     w = random_blocks(n, k, qtype, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     ref = gguf_cpu.reference_linear(x, w, qtype, k)
@@ -55,12 +63,13 @@ def test_single_row_kernel_equals_the_small_m_path_bit_for_bit(qtype):
 
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_embedding_rows_are_the_dequantized_rows(qtype):
-    w = random_blocks(50, 96, qtype, seed=3)
+    dim = width(qtype, 96)
+    w = random_blocks(50, dim, qtype, seed=3)
     ids = torch.tensor([[0, 49, 7], [7, 3, 11]])
-    table = gguf_cpu.dequantize(w, qtype, 96)
-    assert torch.equal(gguf_cpu.embedding(ids, w, qtype, 96).view(2, 3, 96), table[ids])
+    table = gguf_cpu.dequantize(w, qtype, dim)
+    assert torch.equal(gguf_cpu.embedding(ids, w, qtype, dim).view(2, 3, dim), table[ids])
     with pytest.raises(RuntimeError, match="out of range"):
-        gguf_cpu.embedding(torch.tensor([50]), w, qtype, 96)
+        gguf_cpu.embedding(torch.tensor([50]), w, qtype, dim)
 
 
 def test_bad_shapes_are_refused():
@@ -68,7 +77,9 @@ def test_bad_shapes_are_refused():
     with pytest.raises(RuntimeError):
         gguf_cpu.linear(torch.randn(2, 96), w, 8, 8)  # K does not match the rows' blocks
     with pytest.raises(RuntimeError):
-        gguf_cpu.linear(torch.randn(2, 64), w, 12, 8)  # a format without a kernel
+        gguf_cpu.linear(torch.randn(2, 64), w, 13, 8)  # a format without a kernel (Q5_K)
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        gguf_cpu.linear(torch.randn(2, 64), random_blocks(8, 256, 12)[:, :36].contiguous(), 12, 8)
 
 
 def test_real_model_runs_on_quantized_blocks(smol_loaded):
