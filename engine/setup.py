@@ -95,18 +95,28 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     dtype = resolve_dtype(args.dtype, device)
     max_positions = max(cfg.max_position_embeddings, args.max_model_len or 0)
     model = build_model(src, cfg, dtype, device, max_positions, progress)
-    if args.cpu_native_kernels and src.kind == "gguf" and device.type == "cpu" and dtype == torch.float32:
-        from kernels import gguf_cpu
-
-        if gguf_cpu.available():
-            from engine.models.gguf_linear import read_blocks, use_native_kernels
-            n = use_native_kernels(model, read_blocks(src.path, cfg))
-            log.info("native GGUF kernels: %d modules run on their quantized blocks", n)
+    if args.cpu_native_kernels and device.type == "cpu" and dtype == torch.float32:
+        _use_cpu_kernels(model, src, cfg)
     if args.cpu_packed_linear and device.type == "cpu" and dtype == torch.float32 and packing_available():
         model.tie_lm_head()
         n = pack_linears(model, batch_hint=min(args.max_num_seqs, 64))
         log.info("packed %d linear layers for oneDNN", n)
     return LoadedModel(cfg, load_tokenizer(src), model, dtype, device, max_positions)
+
+
+def _use_cpu_kernels(model: torch.nn.Module, src, cfg: ModelConfig) -> None:
+    """Our CPU extension (kernels/cpu): GGUF linears on their blocks, fused norms and RoPE."""
+    from kernels import gguf_cpu
+
+    if not gguf_cpu.available():
+        return  # one log line said why; the model keeps the fp32 torch path
+    if src.kind == "gguf":
+        from engine.models.gguf_linear import read_blocks, use_native_kernels
+        n = use_native_kernels(model, read_blocks(src.path, cfg))
+        log.info("native GGUF kernels: %d modules run on their quantized blocks", n)
+    fuse = getattr(model, "use_fused_cpu_ops", None)
+    if fuse is not None and fuse():
+        log.info("fused CPU decoder ops: RMSNorm, residual add + RMSNorm, RoPE")
 
 
 def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | None = None,

@@ -1,8 +1,9 @@
-"""Our AVX2 GGUF kernels (`kernels/cpu/gguf_linear.cpp`) as torch custom ops, built at first use.
+"""Our AVX2 CPU extension (`kernels/cpu/*.cpp`) as torch custom ops, built at first use.
 
 `available()` compiles the extension with torch's cpp_extension (ninja, cached in
 `build_dir()`, so only the first process pays the ~1 min build) and loads it,
-registering `torch.ops.strix_gguf.linear` and `torch.ops.strix_gguf.embedding`.
+registering `torch.ops.strix_gguf.linear` / `.embedding` (GGUF blocks, here) and
+`torch.ops.strix_cpu.*` (fused decoder ops, `kernels/decoder_cpu.py`).
 It returns False, after one log line, when the CPU lacks AVX2/FMA/F16C, no
 compiler is found or the build fails: callers then keep dequantized fp32
 weights. Never built during `pip install` (its isolated build would pull
@@ -23,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "cpu" / "gguf_linear.cpp"
+SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("gguf_linear.cpp", "decoder_ops.cpp")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 # ggml type id -> block (weights, bytes); the formats the kernels run natively.
 BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}  # Q4_0 Q4_1 Q8_0 Q4_K Q6_K
@@ -35,7 +36,7 @@ _loaded: bool | None = None
 def build_dir() -> Path:
     """Cache of the compiled extension per torch version and source: a checkout with other
     kernel sources builds beside it instead of relinking a library other processes map."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:12]
     return Path.home() / ".cache" / "strix" / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
@@ -65,7 +66,7 @@ def _load() -> bool:
 
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        load(name="strix_gguf", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+        load(name="strix_gguf", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as exc:  # a failed build must not stop the model from loading
         log.warning("native GGUF kernels off: build failed (%s); weights are dequantized to fp32", exc)

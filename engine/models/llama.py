@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend
 from engine.config import ModelConfig
+from kernels import decoder_cpu
 
 
 class RMSNorm(nn.Module):
@@ -86,20 +87,37 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.splits = (q, kv, kv)
+        # Fused CPU ops (kernels/decoder_cpu.py) for the norms and RoPE: set by
+        # LlamaModel.use_fused_cpu_ops; the same math as the torch path below.
+        self.fused = False
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend, kv_cache) -> torch.Tensor:
         cfg = self.cfg
-        h = self.input_layernorm(x)
-        q, k, v = self.qkv_proj(h).split(self.splits, dim=-1)
         n = x.shape[0]
-        q = apply_rotary(q.view(n, cfg.num_heads, cfg.head_dim), *rope)
-        k = apply_rotary(k.view(n, cfg.num_kv_heads, cfg.head_dim), *rope)
-        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self._qkv(x, rope)  # [n, heads, head_dim] each
         o = attn.forward(q, k, v, kv_cache)  # [num_tokens, heads, head_dim]
-        x = x + self.o_proj(o.reshape(n, -1))
-        h = self.post_attention_layernorm(x)
+        a = self.o_proj(o.reshape(n, -1))
+        if self.fused:
+            norm = self.post_attention_layernorm
+            x, h = decoder_cpu.add_rms_norm(x, a, norm.weight, norm.eps)
+        else:
+            x = x + a
+            h = self.post_attention_layernorm(x)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
+
+    def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        cfg, n = self.cfg, x.shape[0]
+        if self.fused:
+            norm = self.input_layernorm
+            qkv = self.qkv_proj(decoder_cpu.rms_norm(x, norm.weight, norm.eps))
+            q, k = decoder_cpu.rope_qkv(qkv, *rope, cfg.num_heads, cfg.num_kv_heads)
+            v = qkv[:, self.splits[0] + self.splits[1]:]
+        else:
+            q, k, v = self.qkv_proj(self.input_layernorm(x)).split(self.splits, dim=-1)
+            q = apply_rotary(q.view(n, cfg.num_heads, cfg.head_dim), *rope)
+            k = apply_rotary(k.view(n, cfg.num_kv_heads, cfg.head_dim), *rope)
+        return q, k, v.view(n, cfg.num_kv_heads, cfg.head_dim)
 
 
 class LlamaModel(nn.Module):
@@ -119,6 +137,16 @@ class LlamaModel(nn.Module):
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, rope, attn, cache)
         return x
+
+    def use_fused_cpu_ops(self) -> bool:
+        """Run the layers' norms and RoPE as our fused CPU ops (fp32 CPU models whose shapes
+        fit the kernels; the caller checked the extension is built). True when switched on."""
+        cfg, w = self.cfg, self.norm.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not decoder_cpu.supported(cfg.hidden_size, cfg.head_dim):
+            return False
+        for layer in self.layers:
+            layer.fused = True
+        return True
 
     def tie_lm_head(self) -> None:
         """Give tied embeddings an explicit (shared-weight) LM head module, so the head can

@@ -1,0 +1,33 @@
+"""Fused decoder-layer ops on CPU (`kernels/cpu/decoder_ops.cpp`), with their torch references.
+
+One op each for RMSNorm, residual add + RMSNorm, and RoPE of the fused q/k/v
+projection's output; built with the GGUF kernels (`kernels.gguf_cpu.available()`).
+fp32, CPU, contiguous inputs only; `supported` says whether a model's shapes fit. The torch
+references are the model's own modules (`engine.models.llama.RMSNorm`, `apply_rotary`).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def supported(hidden_size: int, head_dim: int) -> bool:
+    """The kernels' vector widths: rows of 8 floats, half heads of 8."""
+    return hidden_size % 8 == 0 and head_dim % 16 == 0
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [n, d] -> weight * x / rms(x)."""
+    return torch.ops.strix_cpu.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, rms_norm(x + residual)), both [n, d], in one pass."""
+    return torch.ops.strix_cpu.add_rms_norm(x, residual, weight, eps)
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+             num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv [n, (hq + 2 hkv) * d], cos/sin [n, (1,) d] -> rotated q [n, hq, d], k [n, hkv, d]."""
+    return torch.ops.strix_cpu.rope_qkv(qkv, cos, sin, num_heads, num_kv_heads)
+
