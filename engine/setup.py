@@ -95,8 +95,10 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     dtype = resolve_dtype(args.dtype, device)
     max_positions = max(cfg.max_position_embeddings, args.max_model_len or 0)
     model = build_model(src, cfg, dtype, device, max_positions, progress)
+    if args.cpu_activation_quant not in ("none", "q8"):
+        raise ValueError(f"cpu_activation_quant must be 'none' or 'q8', got {args.cpu_activation_quant!r}")
     if args.cpu_native_kernels and device.type == "cpu" and dtype == torch.float32:
-        _use_cpu_kernels(model, src, cfg)
+        _use_cpu_kernels(model, src, cfg, args.cpu_activation_quant == "q8")
     if args.cpu_packed_linear and device.type == "cpu" and dtype == torch.float32 and packing_available():
         model.tie_lm_head()
         n = pack_linears(model, batch_hint=min(args.max_num_seqs, 64))
@@ -104,16 +106,19 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     return LoadedModel(cfg, load_tokenizer(src), model, dtype, device, max_positions)
 
 
-def _use_cpu_kernels(model: torch.nn.Module, src, cfg: ModelConfig) -> None:
+def _use_cpu_kernels(model: torch.nn.Module, src, cfg: ModelConfig, q8: bool) -> None:
     """Our CPU extension (kernels/cpu): GGUF linears on their blocks, fused norms and RoPE."""
     from kernels import gguf_cpu
 
+    if q8 and (src.kind != "gguf" or not gguf_cpu.available()):
+        log.warning("q8 activations need a GGUF model and the native kernels; running fp32 activations")
     if not gguf_cpu.available():
         return  # one log line said why; the model keeps the fp32 torch path
     if src.kind == "gguf":
         from engine.models.gguf_linear import read_blocks, use_native_kernels
-        n = use_native_kernels(model, read_blocks(src.path, cfg))
-        log.info("native GGUF kernels: %d modules run on their quantized blocks", n)
+        n = use_native_kernels(model, read_blocks(src.path, cfg), q8)
+        log.info("native GGUF kernels: %d modules run on their quantized blocks%s", n,
+                 " (q8 activations at one row)" if q8 else "")
     fuse = getattr(model, "use_fused_cpu_ops", None)
     if fuse is not None and fuse():
         log.info("fused CPU decoder ops: RMSNorm, residual add + RMSNorm, RoPE")

@@ -24,10 +24,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("gguf_linear.cpp", "decoder_ops.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("gguf_linear.cpp", "gguf_q8.cpp", "decoder_ops.cpp")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 # ggml type id -> block (weights, bytes); the formats the kernels run natively.
 BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}  # Q4_0 Q4_1 Q8_0 Q4_K Q6_K
+Q8_ACTIVATION_TYPES = (2, 3, 8)  # formats with integer kernels for q8 activations (one row)
 
 _lock = threading.Lock()
 _loaded: bool | None = None
@@ -77,6 +78,25 @@ def _load() -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
     """x [M, K] fp32 contiguous, weight [N, row_bytes] uint8 -> [M, N] fp32."""
     return torch.ops.strix_gguf.linear(x, weight, qtype, out_features)
+
+
+def linear_q8(x: torch.Tensor, weight: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+    """x [1, K] fp32 quantized per 32-block to int8, integer dots -> [1, N] (not exact: q8 mode)."""
+    return torch.ops.strix_gguf.linear_q8(x, weight, qtype, out_features)
+
+
+def quantize_q8_reference(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> the q8 activations the kernel multiplies, dequantized: d * round(x * 127 / max|x|)
+    per block of 32 (fp32 scale, ties to even), as fp32 [M, K]."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127.0)).reshape(x.shape)
+
+
+def reference_linear_q8(x: torch.Tensor, weight: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:
+    """The q8 kernel's math in float64: quantized activations times the dequantized weights."""
+    return (quantize_q8_reference(x).double() @ dequantize(weight, qtype, dim).double().T).float()
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor, qtype: int, dim: int) -> torch.Tensor:

@@ -52,6 +52,9 @@ ENGINE_HELP = {
     "attention_backend": "auto | torch | triton (auto: triton on CUDA, torch otherwise)",
     "shared_prefix_attention": "auto | on | off: attention over prefixes shared by running requests read "
                                "once per group (auto: where the cost model says it pays)",
+    "cpu_native_kernels": "fp32 CPU: our AVX2 kernels (GGUF weights kept in their blocks, fused norms and RoPE)",
+    "cpu_activation_quant": "none | q8: GGUF on CPU, one-row linears on int8 activations per 32-block "
+                            "(integer dot products like llama.cpp; faster at batch 1, not exact)",
 }
 
 

@@ -10,7 +10,9 @@ per tensor. Fused modules (q/k/v, gate/up) keep one block tensor per run of part
 in the same format (one kernel call for a fused module of one format).
 
 Math: fp32 activations and accumulation over exactly gguf-py's dequantized
-weights, so outputs equal the fp32 path up to summation order.
+weights, so outputs equal the fp32 path up to summation order. Opt-in q8 mode
+(`cpu_activation_quant="q8"`): one-row calls on Q4_0/Q4_1/Q8_0 blocks quantize the
+activations per 32-block and use integer dot products (kernels/cpu/gguf_q8.cpp).
 """
 from __future__ import annotations
 
@@ -52,9 +54,12 @@ class GGUFLinear(nn.Module):
     """y = x @ W^T (+ b) with W the row-wise concatenation of `parts` (all `in_features` wide).
     Each part's blocks are a buffer (`blocks{i}`), so they move with `.to()`."""
 
-    def __init__(self, parts: Sequence[BlockTensor], bias: torch.Tensor | None = None):
+    def __init__(self, parts: Sequence[BlockTensor], bias: torch.Tensor | None = None, q8: bool = False):
         super().__init__()
         parts = _merge_same_type(parts)
+        # q8 activations (opt-in) for one-row calls, when every part has an integer kernel
+        self.q8_capable = all(p.qtype in gguf_cpu.Q8_ACTIVATION_TYPES for p in parts)
+        self.q8 = q8 and self.q8_capable
         self.qtypes = [p.qtype for p in parts]
         self.part_rows = [p.rows for p in parts]
         self.in_features = parts[0].cols
@@ -65,7 +70,8 @@ class GGUFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()  # [M, K]
-        outs = [gguf_cpu.linear(flat, getattr(self, f"blocks{i}"), qtype, rows)
+        op = gguf_cpu.linear_q8 if self.q8 and flat.shape[0] == 1 else gguf_cpu.linear
+        outs = [op(flat, getattr(self, f"blocks{i}"), qtype, rows)
                 for i, (qtype, rows) in enumerate(zip(self.qtypes, self.part_rows))]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [M, N]
         if self.bias is not None:
@@ -106,24 +112,25 @@ def read_blocks(path: Path, cfg) -> dict[str, BlockTensor]:
 _PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def use_native_kernels(model: nn.Module, blocks: dict[str, BlockTensor]) -> int:
-    """Swap every module whose weights all have native blocks; returns how many."""
+def use_native_kernels(model: nn.Module, blocks: dict[str, BlockTensor], q8: bool = False) -> int:
+    """Swap every module whose weights all have native blocks; returns how many. `q8`: one-row
+    calls quantize their activations (`--cpu-activation-quant q8`)."""
     count = 0
     for i, layer in enumerate(model.layers):
         for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             names = [f"layers.{i}.{part}.weight" for part in _PARTS.get(attr, (attr,))]
             if all(n in blocks for n in names):
                 old = getattr(layer, attr)
-                setattr(layer, attr, GGUFLinear([blocks[n] for n in names], old.bias))
+                setattr(layer, attr, GGUFLinear([blocks[n] for n in names], old.bias, q8))
                 count += 1
     table = blocks.get("embed_tokens.weight")
     if table is not None:
         model.embed_tokens = GGUFEmbedding(table)
         if model.lm_head is None:  # tied: the same blocks serve as the LM head
-            model.lm_head = GGUFLinear([table])
+            model.lm_head = GGUFLinear([table], q8=q8)
         count += 1
     head = blocks.get("lm_head.weight")
     if head is not None and model.lm_head is not None and not isinstance(model.lm_head, GGUFLinear):
-        model.lm_head = GGUFLinear([head])
+        model.lm_head = GGUFLinear([head], q8=q8)
         count += 1
     return count

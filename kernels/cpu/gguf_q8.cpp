@@ -1,0 +1,165 @@
+// Opt-in q8 activations for one-row GGUF linears (`--cpu-activation-quant q8`), AVX2.
+//
+// The activation row is quantized per block of 32 as llama.cpp's Q8_0 does
+// (d = max|x| / 127, q = round-to-nearest-even(x * 127 / max|x|), d kept in fp32)
+// and every weight block meets it in integer dot products:
+//   Q8_0: d_w d_x * sum(w_q q)                               (signed x signed: sign trick)
+//   Q4_0: d_w d_x * (sum(nib q) - 8 sum(q))
+//   Q4_1: d_w d_x * sum(nib q) + m_w d_x * sum(q)
+// sum(nib q) is one maddubs (unsigned nibble x signed int8) per block. This is not the
+// fp32 result: the activations carry their quantization error (the benchmark prints
+// perplexity and top-1 agreement against fp32). Only M = 1 (a batch-1 decode) and
+// these formats run here: at M >= 2 the fp32 small-M tiles cost no more uops per
+// multiply-add on AVX2 and are exact, so the caller keeps them.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline int hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// A quantized activation row: q[K] int8, per block d (scale) and d * sum(q).
+struct QuantRow {
+  std::vector<int8_t> q;
+  std::vector<float> d, ds;
+};
+
+void quantize_row(const float* x, int64_t K, QuantRow& out) {
+  out.q.resize(K);
+  out.d.resize(K / 32);
+  out.ds.resize(K / 32);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m256 v[4], mx = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + b * 32 + 8 * i);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    __m256i n[4];
+    for (int i = 0; i < 4; ++i)
+      n[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const int total = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[2], n[3])));
+    // packs interleave 128-bit lanes; the permute restores element order.
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + b * 32), p);
+    out.d[b] = d;
+    out.ds[b] = d * static_cast<float>(total);
+  }
+}
+
+// A Q4 block's 16 bytes -> 32 nibbles in element order (low nibbles first).
+inline __m256i nibble_bytes(const uint8_t* qs) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+}
+
+// 8 int32 partial sums of 32 products u8 x s8.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// R weight rows against the quantized row: y[r] = dot(w row r, x).
+template <int64_t TYPE, int R>
+inline void gemv_q8_rows(const QuantRow& x, const uint8_t* w, int64_t rb, int64_t nb, float* y) {
+  constexpr int64_t bb = TYPE == kQ8_0 ? 34 : TYPE == kQ4_0 ? 18 : 20;
+  __m256 acc[R];
+  float corr[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), corr[r] = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + b * 32));
+    const float dx = x.d[b];
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = w + r * rb + b * bb;
+      const float dw = half_to_float(p);
+      __m256i dot;
+      if (TYPE == kQ8_0) {
+        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+        dot = dot_u8s8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
+      } else {
+        dot = dot_u8s8(nibble_bytes(p + (TYPE == kQ4_0 ? 2 : 4)), xq);
+        corr[r] += TYPE == kQ4_0 ? -8.0f * dw * x.ds[b] : half_to_float(p + 2) * x.ds[b];
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * dx), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = hsum_ps(acc[r]) + corr[r];
+}
+
+template <int64_t TYPE>
+void gemv_q8(const QuantRow& x, const uint8_t* w, int64_t N, int64_t K, float* y) {
+  const int64_t nb = K / 32, rb = nb * (TYPE == kQ8_0 ? 34 : TYPE == kQ4_0 ? 18 : 20);
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t * 4;
+      if (n + 4 <= N) {
+        gemv_q8_rows<TYPE, 4>(x, w + n * rb, rb, nb, y + n);
+      } else {
+        for (int64_t j = n; j < N; ++j) gemv_q8_rows<TYPE, 1>(x, w + j * rb, rb, nb, y + j);
+      }
+    }
+  });
+}
+
+torch::Tensor gguf_linear_q8(const torch::Tensor& x, const torch::Tensor& w, int64_t type, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.dim() == 2 && x.size(0) == 1 && x.is_contiguous(),
+              "x: contiguous fp32 [1, K] (q8 activations run one row)");
+  TORCH_CHECK(type == kQ8_0 || type == kQ4_0 || type == kQ4_1, "q8 activations: Q4_0, Q4_1 or Q8_0 weights, got ", type);
+  const int64_t K = x.size(1);
+  const int64_t bb = type == kQ8_0 ? 34 : type == kQ4_0 ? 18 : 20;
+  TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32, got ", K);
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) == N &&
+              w.size(1) == K / 32 * bb, "weight shape ", w.sizes(), " does not hold ", N, " rows of ", K, " weights");
+  thread_local QuantRow row;  // the caller's thread quantizes; workers only read it
+  quantize_row(x.data_ptr<float>(), K, row);
+  torch::Tensor y = torch::empty({1, N}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  if (type == kQ8_0) gemv_q8<kQ8_0>(row, wp, N, K, yp);
+  else if (type == kQ4_0) gemv_q8<kQ4_0>(row, wp, N, K, yp);
+  else gemv_q8<kQ4_1>(row, wp, N, K, yp);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(strix_gguf, m) {
+  m.def("linear_q8(Tensor x, Tensor w, int qtype, int n) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(strix_gguf, CPU, m) {
+  m.impl("linear_q8", &gguf_linear_q8);
+}
