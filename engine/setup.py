@@ -94,11 +94,17 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     max_positions = max(cfg.max_position_embeddings, args.max_model_len or 0)
-    model = build_model(src, cfg, dtype, device, max_positions, progress)
     if args.cpu_activation_quant not in ("none", "q8"):
         raise ValueError(f"cpu_activation_quant must be 'none' or 'q8', got {args.cpu_activation_quant!r}")
-    if args.cpu_native_kernels and device.type == "cpu" and dtype == torch.float32:
-        _use_cpu_kernels(model, src, cfg, args.cpu_activation_quant == "q8")
+    native = args.cpu_native_kernels and device.type == "cpu" and dtype == torch.float32 and _extension_built()
+    q8 = args.cpu_activation_quant == "q8"
+    if q8 and not (native and src.kind == "gguf"):
+        log.warning("q8 activations need a GGUF model on the native CPU kernels; running fp32 activations")
+    prepare = _native_blocks(src, cfg, q8) if native and src.kind == "gguf" else None
+    model = build_model(src, cfg, dtype, device, max_positions, progress, prepare)
+    _drop_file_maps()
+    if native and model.use_fused_cpu_ops():
+        log.info("fused CPU decoder ops: RMSNorm, residual add + RMSNorm, RoPE")
     if args.cpu_packed_linear and device.type == "cpu" and dtype == torch.float32 and packing_available():
         model.tie_lm_head()
         n = pack_linears(model, batch_hint=min(args.max_num_seqs, 64))
@@ -106,22 +112,31 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     return LoadedModel(cfg, load_tokenizer(src), model, dtype, device, max_positions)
 
 
-def _use_cpu_kernels(model: torch.nn.Module, src, cfg: ModelConfig, q8: bool) -> None:
-    """Our CPU extension (kernels/cpu): GGUF linears on their blocks, fused norms and RoPE."""
+def _extension_built() -> bool:
     from kernels import gguf_cpu
 
-    if q8 and (src.kind != "gguf" or not gguf_cpu.available()):
-        log.warning("q8 activations need a GGUF model and the native kernels; running fp32 activations")
-    if not gguf_cpu.available():
-        return  # one log line said why; the model keeps the fp32 torch path
-    if src.kind == "gguf":
-        from engine.models.gguf_linear import read_blocks, use_native_kernels
-        n = use_native_kernels(model, read_blocks(src.path, cfg), q8)
-        log.info("native GGUF kernels: %d modules run on their quantized blocks%s", n,
+    return gguf_cpu.available()  # False after one log line saying why: the fp32 torch path
+
+
+def _native_blocks(src, cfg: ModelConfig, q8: bool):
+    """build_model's `prepare`: GGUF linears and embedding on their blocks (kernels/cpu) before
+    the weights load, so those tensors are never dequantized."""
+    from engine.models.gguf_linear import read_blocks, use_native_kernels
+
+    def prepare(model: torch.nn.Module) -> frozenset[str]:
+        used = use_native_kernels(model, read_blocks(src.path, cfg), q8)
+        log.info("native GGUF kernels: %d tensors run on their quantized blocks%s", len(used),
                  " (q8 activations at one row)" if q8 else "")
-    fuse = getattr(model, "use_fused_cpu_ops", None)
-    if fuse is not None and fuse():
-        log.info("fused CPU decoder ops: RMSNorm, residual add + RMSNorm, RoPE")
+        return used
+
+    return prepare
+
+
+def _drop_file_maps() -> None:
+    """The GGUF reader maps the whole file; every tensor is copied out by now."""
+    from engine.models.loader import _gguf_reader
+
+    _gguf_reader.cache_clear()
 
 
 def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | None = None,

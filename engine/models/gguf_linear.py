@@ -1,12 +1,11 @@
 """Linears and the embedding table kept in their GGUF block format, run by our CPU kernels.
 
-After a GGUF model is built (dequantized fp32 weights), `use_native_kernels`
-re-reads the file's raw blocks (the same tensors, q/k rows un-permuted like the
-fp32 ones) and replaces each linear whose tensors all have a native format
+Before a GGUF model's weights load, `use_native_kernels` takes the file's raw
+blocks (`read_blocks`: q/k rows un-permuted like the fp32 ones) and replaces each linear whose tensors all have a native format
 (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K: `kernels.gguf_cpu.BLOCKS`) by a `GGUFLinear`, and a Q8_0 /
 Q4 embedding table by a `GGUFEmbedding` that also serves as the tied LM head.
-A tensor in any other format (e.g. Q5_K) keeps its fp32 module: the fallback is
-per tensor. Fused modules (q/k/v, gate/up) keep one block tensor per run of parts
+A tensor in any other format (e.g. Q5_K) keeps its fp32 module and is dequantized
+at load; the native ones never are: the fallback is per tensor. Fused modules (q/k/v, gate/up) keep one block tensor per run of parts
 in the same format (one kernel call for a fused module of one format).
 
 Math: fp32 activations and accumulation over exactly gguf-py's dequantized
@@ -16,6 +15,7 @@ activations per 32-block and use integer dot products (kernels/cpu/gguf_q8.cpp).
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,26 +37,34 @@ class BlockTensor:
         return self.data.shape[0]
 
 
-def _merge_same_type(parts: Sequence[BlockTensor]) -> list[BlockTensor]:
+def _merge_same_type(parts: Sequence[BlockTensor], copy: bool) -> list[BlockTensor]:
     """Adjacent parts of one format become one block tensor (rows concatenated), so a
     fused q/k/v or gate/up of one format is one kernel call (at one row, a step's 211
-    linear calls cost more than their arithmetic)."""
-    merged: list[BlockTensor] = []
+    linear calls cost more than their arithmetic). `copy`: every result is an owned tensor
+    (a part alone is cloned out of the file map, which can then be dropped)."""
+    runs: list[list[BlockTensor]] = []
     for p in parts:
-        if merged and merged[-1].qtype == p.qtype:
-            last = merged.pop()
-            p = BlockTensor(torch.cat([last.data, p.data]), p.qtype, p.cols)
-        merged.append(p)
-    return merged
+        if runs and runs[-1][0].qtype == p.qtype:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    out = []
+    for run in runs:
+        if len(run) > 1:
+            out.append(BlockTensor(torch.cat([p.data for p in run]), run[0].qtype, run[0].cols))
+        else:
+            out.append(BlockTensor(run[0].data.clone(), run[0].qtype, run[0].cols) if copy else run[0])
+    return out
 
 
 class GGUFLinear(nn.Module):
     """y = x @ W^T (+ b) with W the row-wise concatenation of `parts` (all `in_features` wide).
     Each part's blocks are a buffer (`blocks{i}`), so they move with `.to()`."""
 
-    def __init__(self, parts: Sequence[BlockTensor], bias: torch.Tensor | None = None, q8: bool = False):
+    def __init__(self, parts: Sequence[BlockTensor], bias: torch.Tensor | None = None, q8: bool = False,
+                 copy: bool = True):
         super().__init__()
-        parts = _merge_same_type(parts)
+        parts = _merge_same_type(parts, copy)
         # q8 activations (opt-in) for one-row calls, when every part has an integer kernel
         self.q8_capable = all(p.qtype in gguf_cpu.Q8_ACTIVATION_TYPES for p in parts)
         self.q8 = q8 and self.q8_capable
@@ -85,7 +93,11 @@ class GGUFEmbedding(nn.Module):
     def __init__(self, table: BlockTensor):
         super().__init__()
         self.qtype, self.dim = table.qtype, table.cols
-        self.register_buffer("blocks", table.data, persistent=False)
+        self.register_buffer("blocks", table.data.clone(), persistent=False)  # owned: not the file map
+
+    def as_linear(self, q8: bool) -> GGUFLinear:
+        """The same blocks as a tied LM head (shared, not copied)."""
+        return GGUFLinear([BlockTensor(self.blocks, self.qtype, self.dim)], q8=q8, copy=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = gguf_cpu.embedding(ids, self.blocks, self.qtype, self.dim)
@@ -93,7 +105,8 @@ class GGUFEmbedding(nn.Module):
 
 
 def read_blocks(path: Path, cfg) -> dict[str, BlockTensor]:
-    """HF-style name -> raw blocks of every natively supported tensor of the GGUF file."""
+    """HF-style name -> raw blocks of every natively supported tensor of the GGUF file, views of
+    its map (q/k rows un-permuted); the modules built on them copy each out once."""
     from engine.models.loader import _gguf_reader, _gguf_to_hf_name, _unpermute_rope
 
     out = {}
@@ -102,7 +115,9 @@ def read_blocks(path: Path, cfg) -> dict[str, BlockTensor]:
         if qtype not in gguf_cpu.BLOCKS or len(t.shape) != 2:
             continue
         name = _gguf_to_hf_name(t.name)
-        data = torch.from_numpy(t.data.copy())  # [rows, row_bytes]: owned, not the read-only map
+        with warnings.catch_warnings():  # a read-only map: the kernels only ever read it
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.from_numpy(t.data)  # [rows, row_bytes], memory-mapped from the file
         if cfg.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = _unpermute_rope(data, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads).contiguous()
         out[name] = BlockTensor(data, qtype, int(t.shape[0]))
@@ -112,25 +127,26 @@ def read_blocks(path: Path, cfg) -> dict[str, BlockTensor]:
 _PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def use_native_kernels(model: nn.Module, blocks: dict[str, BlockTensor], q8: bool = False) -> int:
-    """Swap every module whose weights all have native blocks; returns how many. `q8`: one-row
-    calls quantize their activations (`--cpu-activation-quant q8`)."""
-    count = 0
+def use_native_kernels(model: nn.Module, blocks: dict[str, BlockTensor], q8: bool = False) -> frozenset[str]:
+    """Swap every module whose weights all have native blocks; returns the checkpoint names now
+    held in blocks. `q8`: one-row calls quantize their activations (`--cpu-activation-quant q8`).
+    Runs before the weights load (biases and norms load into the new modules afterwards)."""
+    used: set[str] = set()
     for i, layer in enumerate(model.layers):
         for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             names = [f"layers.{i}.{part}.weight" for part in _PARTS.get(attr, (attr,))]
             if all(n in blocks for n in names):
                 old = getattr(layer, attr)
                 setattr(layer, attr, GGUFLinear([blocks[n] for n in names], old.bias, q8))
-                count += 1
+                used.update(names)
     table = blocks.get("embed_tokens.weight")
     if table is not None:
         model.embed_tokens = GGUFEmbedding(table)
         if model.lm_head is None:  # tied: the same blocks serve as the LM head
-            model.lm_head = GGUFLinear([table], q8=q8)
-        count += 1
+            model.lm_head = model.embed_tokens.as_linear(q8)
+        used.add("embed_tokens.weight")
     head = blocks.get("lm_head.weight")
     if head is not None and model.lm_head is not None and not isinstance(model.lm_head, GGUFLinear):
         model.lm_head = GGUFLinear([head], q8=q8)
-        count += 1
-    return count
+        used.add("lm_head.weight")
+    return frozenset(used)

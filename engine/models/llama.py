@@ -92,7 +92,6 @@ class DecoderLayer(nn.Module):
         self.fused = False
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend, kv_cache) -> torch.Tensor:
-        cfg = self.cfg
         n = x.shape[0]
         q, k, v = self._qkv(x, rope)  # [n, heads, head_dim] each
         o = attn.forward(q, k, v, kv_cache)  # [num_tokens, heads, head_dim]
@@ -124,11 +123,15 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Weights come from the checkpoint: no random init (on the meta device, nn.Embedding's
+        # normal_ would import torch._dynamo and with it libtriton, ~65 MB resident).
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = Rotary(cfg, max_positions)
+        with torch.device("cpu"):  # computed tables, not weights: never built on the meta device
+            self.rotary = Rotary(cfg, max_positions)
 
     def forward(self, input_ids, positions, attn: AttentionBackend, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """input_ids/positions [num_tokens] -> final hidden states [num_tokens, hidden]."""

@@ -73,7 +73,7 @@ def load_model_config(src: ModelSource) -> ModelConfig:
     return config_parse.from_gguf_fields(fields, {t.name for t in reader.tensors})
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=2)  # load_model clears it: the reader maps the whole file
 def _gguf_reader(path: Path):
     import gguf
     return gguf.GGUFReader(str(path))
@@ -93,12 +93,14 @@ def load_tokenizer(src: ModelSource):
     return AutoTokenizer.from_pretrained(str(src.path))
 
 
-def iter_weights(src: ModelSource, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF-style name without the `model.` prefix, float tensor) pairs."""
+def iter_weights(src: ModelSource, cfg: ModelConfig,
+                 skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF-style name without the `model.` prefix, float tensor) pairs; names in `skip` (GGUF
+    tensors the model already holds in their blocks) are never read or dequantized."""
     if src.kind == "hf":
         yield from _iter_safetensors(src.path)
     else:
-        yield from _iter_gguf(src.path, cfg)
+        yield from _iter_gguf(src.path, cfg, skip)
 
 
 def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -112,15 +114,17 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name.removeprefix("model."), f.get_tensor(name)
 
 
-def _iter_gguf(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(path: Path, cfg: ModelConfig, skip: frozenset[str]) -> Iterator[tuple[str, torch.Tensor]]:
     import numpy as np
     from gguf.quants import dequantize
     reader = _gguf_reader(path)
     for t in reader.tensors:
+        name = _gguf_to_hf_name(t.name)
+        if name in skip:
+            continue
         shape = [int(x) for x in reversed(t.shape)]
         data = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
         tensor = torch.from_numpy(data.copy())
-        name = _gguf_to_hf_name(t.name)
         if cfg.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_heads if "q_proj" in name else cfg.num_kv_heads
             tensor = _unpermute_rope(tensor, heads)

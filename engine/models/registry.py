@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -17,7 +18,11 @@ _LAYER = re.compile(r"layers\.(\d+)\.(?:self_attn\.|mlp\.)?(\w+)\.(weight|bias)$
 
 
 def build_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-                max_positions: int, progress: bool = False) -> LlamaModel:
+                max_positions: int, progress: bool = False,
+                prepare: Callable[[torch.nn.Module], frozenset[str]] | None = None) -> LlamaModel:
+    """`prepare` runs on the allocated (unwritten) model before the weights load: it may swap
+    modules for ones holding their own weights (GGUF blocks) and returns the checkpoint names
+    it consumed, which are then never read (their fp32 parameters are never touched)."""
     model_cls = ARCHITECTURES.get(cfg.architecture)
     if model_cls is None:
         raise UnsupportedModelError(f"no implementation for architecture {cfg.architecture!r}")
@@ -25,7 +30,7 @@ def build_model(src: ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: 
         model = model_cls(cfg, max_positions)
     model = model.to_empty(device=device)
     model.rotary = type(model.rotary)(cfg, max_positions).to(device)  # buffers are not weights
-    weights = iter_weights(src, cfg)
+    weights = iter_weights(src, cfg, prepare(model) if prepare else frozenset())
     if progress:
         from tqdm import tqdm
         weights = tqdm(weights, desc="loading weights", unit="tensor")
