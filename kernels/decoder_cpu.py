@@ -17,17 +17,17 @@ def supported(hidden_size: int, head_dim: int) -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [n, d] -> weight * x / rms(x)."""
-    return torch.ops.strix_cpu.rms_norm(x, weight, eps)
+    return torch.ops.strix_cpu.rms_norm(x.contiguous(), weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + residual, rms_norm(x + residual)), both [n, d], in one pass."""
-    return torch.ops.strix_cpu.add_rms_norm(x, residual, weight, eps)
+    return torch.ops.strix_cpu.add_rms_norm(x.contiguous(), residual.contiguous(), weight, eps)
 
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
              num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [n, (hq + 2 hkv) * d], cos/sin [n, (1,) d] -> rotated q [n, hq, d], k [n, hkv, d]."""
-    return torch.ops.strix_cpu.rope_qkv(qkv, cos, sin, num_heads, num_kv_heads)
+    return torch.ops.strix_cpu.rope_qkv(qkv.contiguous(), cos.contiguous(), sin.contiguous(), num_heads, num_kv_heads)
 
