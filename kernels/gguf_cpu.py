@@ -37,7 +37,8 @@ _loaded: bool | None = None
 def build_dir() -> Path:
     """Cache of the compiled extension per torch version and source: a checkout with other
     kernel sources builds beside it instead of relinking a library other processes map."""
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:12]
+    files = SOURCES + sorted(SOURCES[0].parent.glob("*.h"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in files) + " ".join(FLAGS).encode()).hexdigest()[:12]
     return Path.home() / ".cache" / "strix" / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
@@ -78,6 +79,12 @@ def _load() -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
     """x [M, K] fp32 contiguous, weight [N, row_bytes] uint8 -> [M, N] fp32."""
     return torch.ops.strix_gguf.linear(x, weight, qtype, out_features)
+
+
+def set_avx512(on: bool) -> bool:
+    """Use the AVX-512 variants of the GEMV / small-M kernels where the CPU has them (the
+    default) or force AVX2; returns whether AVX-512 is now on."""
+    return torch.ops.strix_gguf.set_avx512(on)
 
 
 def linear_q8(x: torch.Tensor, weight: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:

@@ -38,6 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,4,16,64")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--isa", choices=["auto", "avx2"], default="auto",
+                    help="auto: AVX-512 variants where the CPU has them; avx2: force AVX2")
     ap.add_argument("--json")
     args = ap.parse_args()
     from engine.config import ModelConfig  # noqa: F401  (engine import order)
@@ -47,6 +49,8 @@ def main() -> None:
     from kernels import gguf_cpu
 
     assert gguf_cpu.available(), "the native kernels did not build here"
+    isa = "avx512" if gguf_cpu.set_avx512(args.isa == "auto") else "avx2"
+    print(f"our kernels on {isa}", flush=True)
     src = resolve_model("smollm2-135m")
     cfg = load_model_config(src)
     blocks = read_blocks(src.path, cfg)  # every linear of every layer + the tied LM head (Q8_0)
@@ -69,7 +73,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "command": " ".join(sys.argv), "device": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows_out}, indent=2))
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "isa": isa, "rows": rows_out}, indent=2))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@
 // thread-local buffer (no allocation after the first call, L1/L2-resident) and
 // reused by every one of the M activation rows through 3 x 4 register tiles.
 // Large M (prefill): tiles of kBigTile weight rows are dequantized and
-// multiplied with at::mm.
+// multiplied with at::mm. On CPUs with AVX-512 the GEMV and the small-M tiles run on 16
+// lanes (runtime dispatch, same dequantization); otherwise on AVX2's 8.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -36,6 +37,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "row_split.h"
 
 namespace {
 
@@ -236,20 +239,154 @@ inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, f
   for (int r = 0; r < R; ++r) y[r] = hsum(acc[r]);
 }
 
+// ---- AVX-512 variants (runtime dispatch): the same tiles on 16 lanes ----------------------
+// Used when the CPU has AVX-512 (F/DQ/VL/BW); `avx512_enabled` can switch them off (tests run
+// both). Within one ISA the one-row GEMV and the small-M tiles sum each output in the same
+// order (16 lanes over k, then one reduction), so a row alone equals that row in a batch.
+#define STRIX_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c")))
+
+bool avx512_enabled = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+
+// 16 bytes -> 16 floats (unsigned / signed bytes).
+STRIX_AVX512 inline __m512 u8_ps(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)); }
+STRIX_AVX512 inline __m512 i8_ps(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
+
+// group_values on 16 lanes: the same per-element arithmetic (so the same values), 2 x 16 floats.
+template <int64_t TYPE>
+STRIX_AVX512 inline void group_values16(const uint8_t* row, int64_t g, __m512 v[2]) {
+  if (TYPE == kQ4_K || TYPE == kQ6_K) {
+    __m256i q;
+    __m512 d0, d1, off = _mm512_setzero_ps();
+    const int j = static_cast<int>(g & 7);
+    if (TYPE == kQ4_K) {
+      const uint8_t* p = row + (g >> 3) * 144;
+      int sc, mn;
+      q4k_scale_min(p + 4, j, &sc, &mn);
+      d0 = d1 = _mm512_set1_ps(half_at(p) * static_cast<float>(sc));
+      off = _mm512_set1_ps(half_at(p + 2) * static_cast<float>(mn));
+      q = bits(p + 16 + 32 * (j >> 1), 4 * (j & 1), 0x0F);
+    } else {
+      const uint8_t* p = row + (g >> 3) * 210;
+      const int n = j >> 2, qd = j & 3;
+      const __m256i lo = bits(p + 64 * n + 32 * (qd & 1), 4 * (qd >> 1), 0x0F);
+      q = _mm256_or_si256(lo, _mm256_slli_epi16(bits(p + 128 + 32 * n, 2 * qd, 0x03), 4));
+      const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192 + 8 * n + 2 * qd);
+      const float d = half_at(p + 208);
+      d0 = _mm512_set1_ps(d * static_cast<float>(sc[0]));
+      d1 = _mm512_set1_ps(d * static_cast<float>(sc[1]));
+    }
+    v[0] = u8_ps(_mm256_castsi256_si128(q));
+    v[1] = u8_ps(_mm256_extracti128_si256(q, 1));
+    if (TYPE == kQ4_K) {
+      for (int i = 0; i < 2; ++i) v[i] = _mm512_sub_ps(_mm512_mul_ps(d0, v[i]), off);
+    } else {
+      const __m512 c32 = _mm512_set1_ps(32.0f);
+      v[0] = _mm512_mul_ps(d0, _mm512_sub_ps(v[0], c32));
+      v[1] = _mm512_mul_ps(d1, _mm512_sub_ps(v[1], c32));
+    }
+    return;
+  }
+  const uint8_t* p = row + g * block_bytes(TYPE);
+  const __m512 d = _mm512_set1_ps(half_at(p));
+  if (TYPE == kQ8_0) {
+    for (int i = 0; i < 2; ++i)
+      v[i] = _mm512_mul_ps(d, i8_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 + 16 * i))));
+    return;
+  }
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (TYPE == kQ4_0 ? 2 : 4)));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  v[0] = u8_ps(_mm_and_si128(bytes, mask));
+  v[1] = u8_ps(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+  if (TYPE == kQ4_0) {
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    for (int i = 0; i < 2; ++i) v[i] = _mm512_mul_ps(d, _mm512_sub_ps(v[i], eight));
+  } else {
+    const __m512 m = _mm512_set1_ps(half_at(p + 2));
+    for (int i = 0; i < 2; ++i) v[i] = _mm512_add_ps(_mm512_mul_ps(d, v[i]), m);
+  }
+}
+
+template <int64_t TYPE>
+STRIX_AVX512 void dequant_row16(const uint8_t* row, int64_t K, float* out) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    __m512 v[2];
+    group_values16<TYPE>(row, g, v);
+    _mm512_storeu_ps(out + g * 32, v[0]);
+    _mm512_storeu_ps(out + g * 32 + 16, v[1]);
+  }
+}
+
+template <int R, int C>
+STRIX_AVX512 inline void micro16(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * ldx + k);
+    for (int c = 0; c < C; ++c) {
+      const __m512 wv = _mm512_loadu_ps(w + c * K + k);
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
+}
+
+template <int R>
+STRIX_AVX512 void micro_cols16(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
+                               int64_t cols) {
+  int64_t c = 0;
+  for (; c + 4 <= cols; c += 4) micro16<R, 4>(x, ldx, w + c * K, K, y + c, ldy);
+  switch (cols - c) {
+    case 3: micro16<R, 3>(x, ldx, w + c * K, K, y + c, ldy); break;
+    case 2: micro16<R, 2>(x, ldx, w + c * K, K, y + c, ldy); break;
+    case 1: micro16<R, 1>(x, ldx, w + c * K, K, y + c, ldy); break;
+    default: break;
+  }
+}
+
+// tile_gemm on 16 lanes, 4 x 4 register tiles (16 of the 32 zmm registers as accumulators).
+STRIX_AVX512 void tile_gemm16(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t ldy,
+                              int64_t cols) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) micro_cols16<4>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
+  switch (M - m) {
+    case 3: micro_cols16<3>(x + m * K, K, w, K, y + m * ldy, ldy, cols); break;
+    case 2: micro_cols16<2>(x + m * K, K, w, K, y + m * ldy, ldy, cols); break;
+    case 1: micro_cols16<1>(x + m * K, K, w, K, y + m * ldy, ldy, cols); break;
+    default: break;
+  }
+}
+
+template <int64_t TYPE, int R>
+STRIX_AVX512 void gemv_rows16(const float* x, const uint8_t* w, int64_t rb, int64_t K, float* y) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const __m512 x0 = _mm512_loadu_ps(x + b * 32), x1 = _mm512_loadu_ps(x + b * 32 + 16);
+    for (int r = 0; r < R; ++r) {
+      __m512 v[2];
+      group_values16<TYPE>(w + r * rb, b, v);
+      acc[r] = _mm512_fmadd_ps(x0, v[0], acc[r]);
+      acc[r] = _mm512_fmadd_ps(x1, v[1], acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
 // M == 1 (a single decode): rows split across threads, 4 rows at a time.
 template <int64_t TYPE>
 void gemv(const float* x, const uint8_t* w, int64_t N, int64_t K, float* y) {
   const int64_t rb = row_bytes(TYPE, K);
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t * 4;
-      if (n + 4 <= N) {
-        gemv_rows<TYPE, 4>(x, w + n * rb, rb, K, y + n);
-      } else {
-        for (int64_t j = n; j < N; ++j) gemv_rows<TYPE, 1>(x, w + j * rb, rb, K, y + j);
-      }
-    }
-  });
+  if (avx512_enabled) {
+    for_row_quads(N, [&](int64_t n) { gemv_rows16<TYPE, 4>(x, w + n * rb, rb, K, y + n); },
+                  [&](int64_t j) { gemv_rows16<TYPE, 1>(x, w + j * rb, rb, K, y + j); });
+  } else {
+    for_row_quads(N, [&](int64_t n) { gemv_rows<TYPE, 4>(x, w + n * rb, rb, K, y + n); },
+                  [&](int64_t j) { gemv_rows<TYPE, 1>(x, w + j * rb, rb, K, y + j); });
+  }
 }
 
 void check_weight(const torch::Tensor& w, int64_t type, int64_t rows, int64_t K) {
@@ -268,8 +405,13 @@ void small_m(const float* x, const uint8_t* w, int64_t M, int64_t N, int64_t K, 
     buf.resize(kTile * K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * kTile, nt = std::min(kTile, N - n0);
-      for (int64_t j = 0; j < nt; ++j) dequant_row<TYPE>(w + (n0 + j) * rb, K, buf.data() + j * K);
-      tile_gemm(x, M, buf.data(), K, y + n0, N, nt);
+      if (avx512_enabled) {
+        for (int64_t j = 0; j < nt; ++j) dequant_row16<TYPE>(w + (n0 + j) * rb, K, buf.data() + j * K);
+        tile_gemm16(x, M, buf.data(), K, y + n0, N, nt);
+      } else {
+        for (int64_t j = 0; j < nt; ++j) dequant_row<TYPE>(w + (n0 + j) * rb, K, buf.data() + j * K);
+        tile_gemm(x, M, buf.data(), K, y + n0, N, nt);
+      }
     }
   });
 }
@@ -321,9 +463,17 @@ torch::Tensor gguf_embedding(const torch::Tensor& ids, const torch::Tensor& w, i
   return out;
 }
 
+// Switch the AVX-512 variants on (where the CPU has them) or off; returns whether they are on.
+bool set_avx512(bool on) {
+  avx512_enabled = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  return avx512_enabled;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(strix_gguf, m) {
+  m.def("set_avx512(bool on) -> bool", &set_avx512);  // no tensors: a catch-all kernel
   m.def("linear(Tensor x, Tensor w, int qtype, int n) -> Tensor");
   m.def("embedding(Tensor ids, Tensor w, int qtype, int k) -> Tensor");
 }

@@ -20,6 +20,8 @@
 #include <cstring>
 #include <vector>
 
+#include "row_split.h"
+
 namespace {
 
 constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
@@ -122,16 +124,8 @@ inline void gemv_q8_rows(const QuantRow& x, const uint8_t* w, int64_t rb, int64_
 template <int64_t TYPE>
 void gemv_q8(const QuantRow& x, const uint8_t* w, int64_t N, int64_t K, float* y) {
   const int64_t nb = K / 32, rb = nb * (TYPE == kQ8_0 ? 34 : TYPE == kQ4_0 ? 18 : 20);
-  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t * 4;
-      if (n + 4 <= N) {
-        gemv_q8_rows<TYPE, 4>(x, w + n * rb, rb, nb, y + n);
-      } else {
-        for (int64_t j = n; j < N; ++j) gemv_q8_rows<TYPE, 1>(x, w + j * rb, rb, nb, y + j);
-      }
-    }
-  });
+  for_row_quads(N, [&](int64_t n) { gemv_q8_rows<TYPE, 4>(x, w + n * rb, rb, nb, y + n); },
+                [&](int64_t j) { gemv_q8_rows<TYPE, 1>(x, w + j * rb, rb, nb, y + j); });
 }
 
 torch::Tensor gguf_linear_q8(const torch::Tensor& x, const torch::Tensor& w, int64_t type, int64_t N) {

@@ -27,6 +27,16 @@ def built():
     assert gguf_cpu.available(), "the native GGUF kernels did not build (see the log line above)"
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request):
+    """Each kernel test runs on AVX2 and, where the CPU has it, on the AVX-512 variants."""
+    if request.param == "avx512" and not gguf_cpu.set_avx512(True):
+        pytest.skip("this CPU has no AVX-512")
+    gguf_cpu.set_avx512(request.param == "avx512")
+    yield request.param
+    gguf_cpu.set_avx512(True)
+
+
 def random_blocks(rows: int, cols: int, qtype: int, seed: int = 0) -> torch.Tensor:
     """[rows, row_bytes] uint8: random quants (and K-quant sub-scales), fp16 scales finite."""
     weights, nbytes = gguf_cpu.BLOCKS[qtype]
@@ -40,7 +50,7 @@ def random_blocks(rows: int, cols: int, qtype: int, seed: int = 0) -> torch.Tens
 
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 64, 100])
-def test_linear_matches_dequantized_matmul(qtype, m):
+def test_linear_matches_dequantized_matmul(qtype, m, isa):
     n, k = 300, width(qtype, 224)  # n not a multiple of the tiles (8, 256 rows); K-quants 256
     w = random_blocks(n, k, qtype, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
@@ -52,7 +62,7 @@ def test_linear_matches_dequantized_matmul(qtype, m):
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
-def test_single_row_kernel_equals_the_small_m_path_bit_for_bit(qtype):
+def test_single_row_kernel_equals_the_small_m_path_bit_for_bit(qtype, isa):
     """M = 1 has its own kernel (weights dequantized in registers); each output row sums
     in the same order as the small-M tiles, so a row alone equals that row in a batch."""
     n, k = 301, 1536  # n not a multiple of the 4 rows per pass
