@@ -181,3 +181,18 @@ def test_q8_mode_is_an_engine_option():
     model = load_model(EngineArgs(cpu_activation_quant="q8")).model
     linears = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     assert linears and all(m.q8 for m in linears)
+
+
+def test_native_tensors_are_never_dequantized(monkeypatch):
+    """The modules are swapped before the weights load, so no tensor in a native format is
+    dequantized to fp32 (only the norms, stored as F32, go through the fp32 loader)."""
+    import gguf.quants
+
+    from engine.config import EngineArgs
+    from engine.setup import load_model
+
+    seen = []
+    real = gguf.quants.dequantize
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda data, qtype: seen.append(int(qtype)) or real(data, qtype))
+    load_model(EngineArgs())
+    assert seen and not set(seen) & set(gguf_cpu.BLOCKS), sorted(set(seen))
