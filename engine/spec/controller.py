@@ -36,17 +36,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
+ONE_TOKEN_EMA = 0.1  # weight of a new one-token step time in `LatencyModel.one_token`
+
+
 @dataclass
 class LatencyModel:
     """T(N, S) = fixed + per_token * N + per_sample * S seconds for a step of N tokens of which
     S compute logits and sample (each such row costs an LM-head row and the sampler, which a
     prefill token does not). `fit3` measures all three from probes of both shapes; online,
-    `observe` refines fixed and per_token by weighted least squares on T - per_sample * S."""
+    `observe` refines fixed and per_token by weighted least squares on T - per_sample * S.
+
+    A one-token step can cost less than the line through the others predicts (the native
+    GGUF kernels run one row as a GEMV, two or more as GEMM tiles: a jump of ~30% at batch
+    1); `fit3` then keeps it apart: `one_token` is that step's measured time (refined
+    online by an EMA) and the line is fitted to N >= 2 only, so a draft at batch 1 pays
+    for the jump it causes."""
     fixed: float
     per_token: float
     per_sample: float = 0.0
     decay: float = 0.98  # weight of the past per new sample (online refinement)
     _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wN, wT, wNN, wNT
+    one_token: float | None = None  # measured T of a one-token step; None: on the line
 
     @classmethod
     def fit(cls, samples: Sequence[tuple[int, float]], decay: float = 0.98) -> "LatencyModel":
@@ -61,6 +71,10 @@ class LatencyModel:
         """Least squares over (N, S, T) samples; needs both shapes (S ~ N and S << N)."""
         import torch
 
+        ones = [t for n, _, t in samples if n == 1]
+        rest = [x for x in samples if x[0] > 1]
+        if ones and len(rest) >= 3 and len({n == s for n, s, _ in rest}) == 2:
+            samples = rest  # the one-token step is measured on its own
         x = torch.tensor([[1.0, n, s] for n, s, _ in samples], dtype=torch.float64)
         y = torch.tensor([[t] for _, _, t in samples], dtype=torch.float64)
         coef = [max(float(c), 0.0) for c in torch.linalg.lstsq(x, y).solution.flatten()]
@@ -68,12 +82,19 @@ class LatencyModel:
         for n, s, t in samples:  # fixed and per_token given per_sample (and its clamp)
             model._add(n, t - model.per_sample * s, 1.0)
         model._solve()
+        if samples is rest:
+            model.one_token = min(min(ones), model.predict(1, 1))  # only ever a discount
         return model
 
     def predict(self, num_tokens: int, num_sampled: int = 0) -> float:
+        if num_tokens == 1 and self.one_token is not None:
+            return self.one_token
         return max(self.fixed + self.per_token * num_tokens + self.per_sample * num_sampled, 1e-6)
 
     def observe(self, num_tokens: int, seconds: float, num_sampled: int = 0) -> None:
+        if num_tokens == 1 and self.one_token is not None:
+            self.one_token += ONE_TOKEN_EMA * (seconds - self.one_token)
+            return
         self._sums = [s * self.decay for s in self._sums]
         self._add(num_tokens, seconds - self.per_sample * num_sampled, 1.0)
         self._solve()
@@ -221,7 +242,8 @@ class DraftController:
 
 def describe(model: LatencyModel) -> str:
     return (f"latency model: T(N, S) = {model.fixed * 1e3:.2f} ms + "
-            f"{model.per_token * 1e3:.3f} ms x N tokens + {model.per_sample * 1e3:.3f} ms x S sampled")
+            f"{model.per_token * 1e3:.3f} ms x N tokens + {model.per_sample * 1e3:.3f} ms x S sampled"
+            + (f"; a one-token step {model.one_token * 1e3:.2f} ms" if model.one_token is not None else ""))
 
 
 def fit_quality(model: LatencyModel, samples: Sequence[tuple]) -> float:

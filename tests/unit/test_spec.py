@@ -266,3 +266,39 @@ def test_plain_decodes_in_the_step_count_as_committed_tokens():
     assert set(ctl.choose({f"r{i}": 8 for i in range(7)}, 9, None, 9).values()) == {0}
     alone = DraftController(8, lat).choose({f"r{i}": 8 for i in range(7)}, 0, None, 0)
     assert any(alone.values())  # 7 tokens / 48 ms: the same drafts pay
+
+
+def test_a_cheap_one_token_step_is_measured_apart_and_priced(monkeypatch):
+    """The native kernels run one row as a GEMV, cheaper than the line through N >= 2: the
+    fit keeps that step apart (and refines it online), so at batch 1 a draft pays for the
+    jump from T(1) to T(2). On the line alone, a 10%-acceptance draft looks free."""
+    from engine.spec.decoder import measure_step_latency
+
+    line = LatencyModel(0.024, 0.0004, 0.0002)
+
+    def cost(n, s):
+        return 0.6 * line.predict(n, s) if n == 1 else line.predict(n, s)
+
+    clock = [0.0]
+
+    def probe(rows, per_row, sample_all):
+        n = rows * per_row
+        clock[0] += cost(n, n if sample_all else rows)
+        return True
+
+    import engine.spec.decoder as decoder
+    monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])
+    model = measure_step_latency(probe)
+    assert model.one_token == pytest.approx(cost(1, 1), rel=1e-6)
+    assert model.fixed == pytest.approx(0.024, rel=1e-6) and model.per_token == pytest.approx(0.0004, rel=1e-6)
+    assert model.predict(2, 2) == pytest.approx(cost(2, 2), rel=1e-6)
+    model.observe(1, 2 * cost(1, 1))  # online: the one-token estimate moves, the line does not
+    assert model.one_token > cost(1, 1) and model.fixed == pytest.approx(0.024, rel=1e-6)
+    model.one_token = cost(1, 1)
+
+    def plan(latency):
+        ctl = DraftController(4, latency, prior=0.1)
+        return ctl.choose({"a": 4}, other_tokens=0)
+
+    assert plan(model) == {"a": 0}
+    assert plan(LatencyModel(0.024, 0.0004, 0.0002)) != {"a": 0}  # the line alone drafts
