@@ -20,14 +20,9 @@
 #include <cstdint>
 #include <tuple>
 
-namespace {
+#include "ggml_blocks.h"
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+namespace {
 
 // out[d] = w * (x * inv_rms(x)) for one row (d % 8 == 0 checked by the caller).
 void norm_row(const float* x, const float* w, int64_t d, float eps, float* out) {
@@ -36,7 +31,7 @@ void norm_row(const float* x, const float* w, int64_t d, float eps, float* out) 
     const __m256 v = _mm256_loadu_ps(x + i);
     acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
   }
-  const float mean = hsum8(acc) / static_cast<float>(d);
+  const float mean = strix::hsum(acc) / static_cast<float>(d);
   const __m256 r = _mm256_set1_ps(1.0f / std::sqrt(mean + eps));
   for (int64_t i = 0; i < d; i += 8) {
     const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), r);

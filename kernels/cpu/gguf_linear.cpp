@@ -38,34 +38,14 @@
 #include <cstring>
 #include <vector>
 
+#include "ggml_blocks.h"
 #include "row_split.h"
 
 namespace {
 
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;  // ggml type ids
+using namespace strix;  // block formats, half_at, hsum (ggml_blocks.h)
+
 constexpr int64_t kTile = 8, kSmallM = 64, kBigTile = 256;
-
-// Bytes of one block and the weights it holds (0 for a format without a kernel).
-constexpr int64_t block_bytes(int64_t type) {
-  switch (type) {
-    case kQ4_0: return 18;
-    case kQ4_1: return 20;
-    case kQ8_0: return 34;
-    case kQ4_K: return 144;
-    case kQ6_K: return 210;
-    default: return 0;
-  }
-}
-
-constexpr int64_t block_weights(int64_t type) { return type == kQ4_K || type == kQ6_K ? 256 : 32; }
-
-constexpr int64_t row_bytes(int64_t type, int64_t K) { return K / block_weights(type) * block_bytes(type); }
-
-inline float half_at(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
 
 // 16 bytes of nibbles -> the block's 32 values as floats, in element order.
 inline void nibbles(const uint8_t* qs, __m256 out[4]) {
@@ -174,13 +154,6 @@ void dequant_row(const uint8_t* row, int64_t K, float* out) {
   }
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // y[r * ldy + c] = dot(x row r, w row c) for an R x C register tile: R * C accumulators,
 // each k step loads R activation and C weight vectors for R * C FMAs.
 template <int R, int C>
@@ -245,8 +218,12 @@ inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, f
 // order (16 lanes over k, then one reduction), so a row alone equals that row in a batch.
 #define STRIX_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c")))
 
-bool avx512_enabled = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+}
+
+bool avx512_enabled = cpu_has_avx512();
 
 // 16 bytes -> 16 floats (unsigned / signed bytes).
 STRIX_AVX512 inline __m512 u8_ps(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)); }
@@ -465,8 +442,7 @@ torch::Tensor gguf_embedding(const torch::Tensor& ids, const torch::Tensor& w, i
 
 // Switch the AVX-512 variants on (where the CPU has them) or off; returns whether they are on.
 bool set_avx512(bool on) {
-  avx512_enabled = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  avx512_enabled = on && cpu_has_avx512();
   return avx512_enabled;
 }
 

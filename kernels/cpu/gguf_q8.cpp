@@ -20,31 +20,12 @@
 #include <cstring>
 #include <vector>
 
+#include "ggml_blocks.h"
 #include "row_split.h"
 
 namespace {
 
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
-
-inline float half_to_float(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return _cvtsh_ss(h);
-}
-
-inline float hsum_ps(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline int hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
+using namespace strix;  // block formats, half_at, hsum, hsum_epi32 (ggml_blocks.h)
 
 // A quantized activation row: q[K] int8, per block d (scale) and d * sum(q).
 struct QuantRow {
@@ -97,7 +78,7 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 // R weight rows against the quantized row: y[r] = dot(w row r, x).
 template <int64_t TYPE, int R>
 inline void gemv_q8_rows(const QuantRow& x, const uint8_t* w, int64_t rb, int64_t nb, float* y) {
-  constexpr int64_t bb = TYPE == kQ8_0 ? 34 : TYPE == kQ4_0 ? 18 : 20;
+  constexpr int64_t bb = block_bytes(TYPE);
   __m256 acc[R];
   float corr[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), corr[r] = 0.0f;
@@ -106,24 +87,24 @@ inline void gemv_q8_rows(const QuantRow& x, const uint8_t* w, int64_t rb, int64_
     const float dx = x.d[b];
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = w + r * rb + b * bb;
-      const float dw = half_to_float(p);
+      const float dw = half_at(p);
       __m256i dot;
       if (TYPE == kQ8_0) {
         const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
         dot = dot_u8s8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq));
       } else {
         dot = dot_u8s8(nibble_bytes(p + (TYPE == kQ4_0 ? 2 : 4)), xq);
-        corr[r] += TYPE == kQ4_0 ? -8.0f * dw * x.ds[b] : half_to_float(p + 2) * x.ds[b];
+        corr[r] += TYPE == kQ4_0 ? -8.0f * dw * x.ds[b] : half_at(p + 2) * x.ds[b];
       }
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dw * dx), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = hsum_ps(acc[r]) + corr[r];
+  for (int r = 0; r < R; ++r) y[r] = hsum(acc[r]) + corr[r];
 }
 
 template <int64_t TYPE>
 void gemv_q8(const QuantRow& x, const uint8_t* w, int64_t N, int64_t K, float* y) {
-  const int64_t nb = K / 32, rb = nb * (TYPE == kQ8_0 ? 34 : TYPE == kQ4_0 ? 18 : 20);
+  const int64_t nb = K / 32, rb = row_bytes(TYPE, K);
   for_row_quads(N, [&](int64_t n) { gemv_q8_rows<TYPE, 4>(x, w + n * rb, rb, nb, y + n); },
                 [&](int64_t j) { gemv_q8_rows<TYPE, 1>(x, w + j * rb, rb, nb, y + j); });
 }
@@ -133,10 +114,9 @@ torch::Tensor gguf_linear_q8(const torch::Tensor& x, const torch::Tensor& w, int
               "x: contiguous fp32 [1, K] (q8 activations run one row)");
   TORCH_CHECK(type == kQ8_0 || type == kQ4_0 || type == kQ4_1, "q8 activations: Q4_0, Q4_1 or Q8_0 weights, got ", type);
   const int64_t K = x.size(1);
-  const int64_t bb = type == kQ8_0 ? 34 : type == kQ4_0 ? 18 : 20;
   TORCH_CHECK(K % 32 == 0, "K must be a multiple of 32, got ", K);
   TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && w.size(0) == N &&
-              w.size(1) == K / 32 * bb, "weight shape ", w.sizes(), " does not hold ", N, " rows of ", K, " weights");
+              w.size(1) == row_bytes(type, K), "weight shape ", w.sizes(), " does not hold ", N, " rows of ", K, " weights");
   thread_local QuantRow row;  // the caller's thread quantizes; workers only read it
   quantize_row(x.data_ptr<float>(), K, row);
   torch::Tensor y = torch::empty({1, N}, x.options());
