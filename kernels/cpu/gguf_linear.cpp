@@ -173,26 +173,6 @@ inline void micro(const float* x, int64_t ldx, const float* w, int64_t K, float*
     for (int c = 0; c < C; ++c) y[r * ldy + c] = hsum(acc[r][c]);
 }
 
-template <int R>
-inline void micro_cols(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, int64_t cols) {
-  int64_t c = 0;
-  for (; c + 4 <= cols; c += 4) micro<R, 4>(x, ldx, w + c * K, K, y + c, ldy);
-  switch (cols - c) {
-    case 3: micro<R, 3>(x, ldx, w + c * K, K, y + c, ldy); break;
-    case 2: micro<R, 2>(x, ldx, w + c * K, K, y + c, ldy); break;
-    case 1: micro<R, 1>(x, ldx, w + c * K, K, y + c, ldy); break;
-    default: break;
-  }
-}
-
-// y[M, cols] (row stride ldy) = x[M, K] @ w[cols, K]^T, 3 x 4 tiles (16 ymm registers).
-void tile_gemm(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t ldy, int64_t cols) {
-  int64_t m = 0;
-  for (; m + 3 <= M; m += 3) micro_cols<3>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
-  if (M - m == 2) micro_cols<2>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
-  if (M - m == 1) micro_cols<1>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
-}
-
 // R weight rows against one activation row, the weights dequantized in registers and
 // never stored. Each row's accumulation order is micro<1, C>'s (8 lanes over k, then
 // hsum), so the result equals the small-M path bit for bit.
@@ -311,28 +291,45 @@ STRIX_AVX512 inline void micro16(const float* x, int64_t ldx, const float* w, in
     for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
-template <int R>
-STRIX_AVX512 void micro_cols16(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy,
-                               int64_t cols) {
+// The register tiles of one ISA: `run<R, C>` is its R x C micro kernel, kRows the tallest.
+struct Avx2Tiles {
+  static constexpr int kRows = 3;  // 3 x 4 accumulators + 3 activations + 1 weight = 16 ymm
+  template <int R, int C>
+  static void run(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
+    micro<R, C>(x, ldx, w, K, y, ldy);
+  }
+};
+
+struct Avx512Tiles {
+  static constexpr int kRows = 4;  // 4 x 4 accumulators: 16 of the 32 zmm registers
+  template <int R, int C>
+  STRIX_AVX512 static void run(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
+    micro16<R, C>(x, ldx, w, K, y, ldy);
+  }
+};
+
+template <class Tiles, int R>
+void micro_cols(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy, int64_t cols) {
   int64_t c = 0;
-  for (; c + 4 <= cols; c += 4) micro16<R, 4>(x, ldx, w + c * K, K, y + c, ldy);
+  for (; c + 4 <= cols; c += 4) Tiles::template run<R, 4>(x, ldx, w + c * K, K, y + c, ldy);
   switch (cols - c) {
-    case 3: micro16<R, 3>(x, ldx, w + c * K, K, y + c, ldy); break;
-    case 2: micro16<R, 2>(x, ldx, w + c * K, K, y + c, ldy); break;
-    case 1: micro16<R, 1>(x, ldx, w + c * K, K, y + c, ldy); break;
+    case 3: Tiles::template run<R, 3>(x, ldx, w + c * K, K, y + c, ldy); break;
+    case 2: Tiles::template run<R, 2>(x, ldx, w + c * K, K, y + c, ldy); break;
+    case 1: Tiles::template run<R, 1>(x, ldx, w + c * K, K, y + c, ldy); break;
     default: break;
   }
 }
 
-// tile_gemm on 16 lanes, 4 x 4 register tiles (16 of the 32 zmm registers as accumulators).
-STRIX_AVX512 void tile_gemm16(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t ldy,
-                              int64_t cols) {
+// y[M, cols] (row stride ldy) = x[M, K] @ w[cols, K]^T in the ISA's register tiles.
+template <class Tiles>
+void tile_gemm(const float* x, int64_t M, const float* w, int64_t K, float* y, int64_t ldy, int64_t cols) {
+  constexpr int R = Tiles::kRows;
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) micro_cols16<4>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
+  for (; m + R <= M; m += R) micro_cols<Tiles, R>(x + m * K, K, w, K, y + m * ldy, ldy, cols);
   switch (M - m) {
-    case 3: micro_cols16<3>(x + m * K, K, w, K, y + m * ldy, ldy, cols); break;
-    case 2: micro_cols16<2>(x + m * K, K, w, K, y + m * ldy, ldy, cols); break;
-    case 1: micro_cols16<1>(x + m * K, K, w, K, y + m * ldy, ldy, cols); break;
+    case 3: micro_cols<Tiles, 3>(x + m * K, K, w, K, y + m * ldy, ldy, cols); break;
+    case 2: micro_cols<Tiles, 2>(x + m * K, K, w, K, y + m * ldy, ldy, cols); break;
+    case 1: micro_cols<Tiles, 1>(x + m * K, K, w, K, y + m * ldy, ldy, cols); break;
     default: break;
   }
 }
@@ -384,10 +381,10 @@ void small_m(const float* x, const uint8_t* w, int64_t M, int64_t N, int64_t K, 
       const int64_t n0 = t * kTile, nt = std::min(kTile, N - n0);
       if (avx512_enabled) {
         for (int64_t j = 0; j < nt; ++j) dequant_row16<TYPE>(w + (n0 + j) * rb, K, buf.data() + j * K);
-        tile_gemm16(x, M, buf.data(), K, y + n0, N, nt);
+        tile_gemm<Avx512Tiles>(x, M, buf.data(), K, y + n0, N, nt);
       } else {
         for (int64_t j = 0; j < nt; ++j) dequant_row<TYPE>(w + (n0 + j) * rb, K, buf.data() + j * K);
-        tile_gemm(x, M, buf.data(), K, y + n0, N, nt);
+        tile_gemm<Avx2Tiles>(x, M, buf.data(), K, y + n0, N, nt);
       }
     }
   });
