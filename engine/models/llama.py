@@ -23,8 +23,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False  # our fused CPU op (kernels/decoder_cpu.py): the same math in one op
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, norm(x + residual)): the residual add and this norm (one op when fused)."""
+        if self.fused:
+            return decoder_cpu.add_rms_norm(x, residual, self.weight, self.eps)
+        x = x + residual
+        return x, self(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return decoder_cpu.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -87,33 +97,29 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.splits = (q, kv, kv)
-        # Fused CPU ops (kernels/decoder_cpu.py) for the norms and RoPE: set by
-        # LlamaModel.use_fused_cpu_ops; the same math as the torch path below.
+        # Fused CPU ops (kernels/decoder_cpu.py) for the norms and RoPE (`set_fused`, from
+        # LlamaModel.use_fused_cpu_ops); the same math as the torch path.
         self.fused = False
+
+    def set_fused(self, on: bool) -> None:
+        self.fused = self.input_layernorm.fused = self.post_attention_layernorm.fused = on
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBackend, kv_cache) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self._qkv(x, rope)  # [n, heads, head_dim] each
         o = attn.forward(q, k, v, kv_cache)  # [num_tokens, heads, head_dim]
-        a = self.o_proj(o.reshape(n, -1))
-        if self.fused:
-            norm = self.post_attention_layernorm
-            x, h = decoder_cpu.add_rms_norm(x, a, norm.weight, norm.eps)
-        else:
-            x = x + a
-            h = self.post_attention_layernorm(x)
+        x, h = self.post_attention_layernorm.add_forward(x, self.o_proj(o.reshape(n, -1)))
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
     def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         cfg, n = self.cfg, x.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(x))
         if self.fused:
-            norm = self.input_layernorm
-            qkv = self.qkv_proj(decoder_cpu.rms_norm(x, norm.weight, norm.eps))
             q, k = decoder_cpu.rope_qkv(qkv, *rope, cfg.num_heads, cfg.num_kv_heads)
             v = qkv[:, self.splits[0] + self.splits[1]:]
         else:
-            q, k, v = self.qkv_proj(self.input_layernorm(x)).split(self.splits, dim=-1)
+            q, k, v = qkv.split(self.splits, dim=-1)
             q = apply_rotary(q.view(n, cfg.num_heads, cfg.head_dim), *rope)
             k = apply_rotary(k.view(n, cfg.num_kv_heads, cfg.head_dim), *rope)
         return q, k, v.view(n, cfg.num_kv_heads, cfg.head_dim)
@@ -148,7 +154,7 @@ class LlamaModel(nn.Module):
         if w.device.type != "cpu" or w.dtype != torch.float32 or not decoder_cpu.supported(cfg.hidden_size, cfg.head_dim):
             return False
         for layer in self.layers:
-            layer.fused = True
+            layer.set_fused(True)
         return True
 
     def tie_lm_head(self) -> None:

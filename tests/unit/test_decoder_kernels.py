@@ -67,7 +67,8 @@ def test_real_model_layers_run_the_fused_ops(smol_loaded):
     """The default CPU load switches every layer to the fused path (the HF parity tests then
     check its output), and a layer's fused forward equals the torch forward to rounding."""
     model = smol_loaded.model
-    assert all(layer.fused for layer in model.layers)
+    assert all(layer.fused and layer.input_layernorm.fused and layer.post_attention_layernorm.fused
+               for layer in model.layers)
     layer = model.layers[3]
 
     class NoCacheAttention:  # attention over the step's own keys only (no KV cache involved)
@@ -83,9 +84,9 @@ def test_real_model_layers_run_the_fused_ops(smol_loaded):
     rope = model.rotary.lookup(torch.arange(n), x.dtype)
     with torch.inference_mode():
         fused = layer(x, rope, NoCacheAttention(), None)
-        layer.fused = False
+        layer.set_fused(False)
         try:
             plain = layer(x, rope, NoCacheAttention(), None)
         finally:
-            layer.fused = True
+            layer.set_fused(True)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5 * float(plain.abs().max()))
