@@ -64,17 +64,22 @@ def plain(smol_loaded):
     return llm, run(llm, PROMPTS, mixed_params())
 
 
+def use_synthetic_latency(llm) -> None:
+    """A synthetic latency model under which good drafts pay: the controller's choices, not
+    this machine's timings (noisy, and at batch 1 a GEMV jump), decide what is drafted."""
+    from engine.spec import LatencyModel
+    fixed = LatencyModel(0.05, 0.0005)
+    fixed.observe = lambda *args, **kwargs: None  # no online refinement: deterministic choices
+    llm.core.spec.controller.latency = fixed
+
+
 @pytest.mark.parametrize("method, adaptive", [("ngram", False), ("ngram", True), ("recycling", False)])
 def test_greedy_mixed_batch_with_preemption_and_prefix_hits(make_llm, hf_smol, plain, method, adaptive):
     base_llm, ref = plain
     llm = make_llm(num_kv_blocks=16, speculative_method=method, num_speculative_tokens=8,
                    speculative_adaptive=adaptive)
-    if adaptive:  # a synthetic latency model under which good drafts pay: the controller's
-        # choices, not this machine's timings, decide what is drafted
-        from engine.spec import LatencyModel
-        fixed = LatencyModel(0.05, 0.0005)
-        fixed.observe = lambda *args, **kwargs: None  # no online refinement: deterministic choices
-        llm.core.spec.controller.latency = fixed
+    if adaptive:
+        use_synthetic_latency(llm)
     if method == "recycling":  # learn the adjacency first (it is shared across requests)
         run(llm, PROMPTS[4:], [greedy()] * 4)
     outs = run(llm, PROMPTS, mixed_params())
@@ -97,6 +102,7 @@ def test_greedy_mixed_batch_with_preemption_and_prefix_hits(make_llm, hf_smol, p
 def test_greedy_batch_1(make_llm, hf_smol, plain):
     base_llm, ref = plain
     llm = make_llm(speculative_method="ngram", num_speculative_tokens=8)
+    use_synthetic_latency(llm)
     for i in (0, 1, 6):
         out = run(llm, [PROMPTS[i]], [greedy()])[0]
         assert_same_or_near_tie(hf_smol, base_llm, PROMPTS[i], ref[i].outputs[0], out.outputs[0])
