@@ -157,7 +157,9 @@ def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | 
         raise ValueError(f"shared_prefix_attention must be one of {SHARED_PREFIX_MODES}")
     sched_cfg = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_len, args.max_waiting_requests,
                                 shared_prefix_groups=args.shared_prefix_attention != "off")
-    runner = ModelRunner(loaded.model, RunnerConfig(cfg, cache, loaded.dtype, loaded.device, args.attention_backend,
+    # Without our CPU kernels, `auto` keeps torch's attention on the CPU too.
+    attention = "torch" if args.attention_backend == "auto" and not args.cpu_native_kernels else args.attention_backend
+    runner = ModelRunner(loaded.model, RunnerConfig(cfg, cache, loaded.dtype, loaded.device, attention,
                                                     args.shared_prefix_attention))
     eos = cfg.eos_token_ids or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
     log.info("model %s: %d layers, %d KV blocks x %d tokens, max_model_len %d, %s on %s",

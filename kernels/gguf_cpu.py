@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("gguf_linear.cpp", "gguf_q8.cpp", "decoder_ops.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("gguf_linear.cpp", "gguf_q8.cpp", "decoder_ops.cpp", "paged_attention.cpp")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 # ggml type id -> block (weights, bytes); the formats the kernels run natively.
 BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}  # Q4_0 Q4_1 Q8_0 Q4_K Q6_K

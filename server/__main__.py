@@ -49,7 +49,7 @@ ENGINE_HELP = {
     "max_waiting_requests": "waiting-queue bound; beyond it requests get 503",
     "seed": "engine seed",
     "step_watchdog_s": "log a step running longer than this many seconds, with its batch (0: off)",
-    "attention_backend": "auto | torch | triton (auto: triton on CUDA, torch otherwise)",
+    "attention_backend": "auto | cpu | torch | triton (auto: triton on CUDA, our native op on an fp32 CPU model, torch otherwise)",
     "shared_prefix_attention": "auto | on | off: attention over prefixes shared by running requests read "
                                "once per group (auto: where the cost model says it pays)",
     "cpu_native_kernels": "fp32 CPU: our AVX2 kernels (GGUF weights kept in their blocks, fused norms and RoPE)",

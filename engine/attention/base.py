@@ -88,6 +88,11 @@ class AttentionShape:
 class AttentionBackend(ABC):
     name: str = "abstract"
 
+    @classmethod
+    def usable(cls, shape: AttentionShape) -> bool:
+        """Whether `auto` may pick this backend for the shape (device, dtype, head sizes)."""
+        return True
+
     def __init__(self, shape: AttentionShape, shared_prefix: str = "auto"):
         self.shape = shape
         self.shared_prefix = shared_prefix  # auto | on | off (engine.attention.cascade)
@@ -153,8 +158,11 @@ def register_backend(name: str):
 
 
 def create_backend(name: str, shape: AttentionShape, shared_prefix: str = "auto") -> AttentionBackend:
-    if name == "auto":
-        name = "triton" if shape.device.type == "cuda" and "triton" in _REGISTRY else "torch"
+    if name == "auto":  # triton on CUDA; our native op on an fp32 CPU model with the extension built
+        if shape.device.type == "cuda":
+            name = "triton" if "triton" in _REGISTRY else "torch"
+        else:
+            name = "cpu" if "cpu" in _REGISTRY and _REGISTRY["cpu"].usable(shape) else "torch"
     if name not in _REGISTRY:
         raise ValueError(f"unknown attention backend {name!r}; known: {available_backends()}")
     return _REGISTRY[name](shape, shared_prefix)

@@ -64,22 +64,25 @@ def attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 @register_backend("torch")
 class TorchReferenceBackend(AttentionBackend):
     def plan(self, layout: BatchLayout) -> None:
+        self.plan_torch(layout, self.plan_levels(layout), range(len(layout.q_lens)))
+
+    def plan_torch(self, layout: BatchLayout, cascade, rows) -> None:
+        """Padded SDPA groups for the request `rows` (ascending) and the decomposed levels."""
         device = self.shape.device
         page = layout.page_size
         self.write_rows = self.slot_k_rows(layout.slot_mapping, page)
         qo = layout.qo_indptr.tolist()  # host tensors at plan time; not a device sync on CPU
         kv_ptr = layout.kv_indptr.tolist()
         pages = layout.kv_indices.tolist()
-        cascade = self.plan_levels(layout)
         own = cascade.own_first_page if cascade.active else (0,) * len(layout.q_lens)
         # Rows grouped by query-length class (1, 2, 3-4, 5-8, ...): a group pads its queries
         # to its longest, so a verification (1 + k queries) never pads to a prefill chunk.
         classes: dict[int, list[int]] = {}
-        for i, q in enumerate(layout.q_lens):
-            classes.setdefault((q - 1).bit_length(), []).append(i)
+        for i in rows:
+            classes.setdefault((layout.q_lens[i] - 1).bit_length(), []).append(i)
         trees = dict(layout.tree_masks)
-        self.groups = [self._group(rows, layout, (qo, kv_ptr, pages, own), trees, device)
-                       for _, rows in sorted(classes.items())]
+        self.groups = [self._group(group, layout, (qo, kv_ptr, pages, own), trees, device)
+                       for _, group in sorted(classes.items())]
         self.levels = [self._level(lv, layout, qo, kv_ptr, pages, device) for lv in cascade.levels]
         # With levels to merge, the own-key groups return their LSE too: additive masks with
         # each token's row repeated for the g query heads of a KV head.
@@ -133,8 +136,12 @@ class TorchReferenceBackend(AttentionBackend):
         self.write_kv(kv_cache, k, v, self.write_rows)
         if self.levels:
             return self._forward_cascade(q, kv_cache)
+        return self.attend_groups(q, kv_cache, torch.empty_like(q))
+
+    def attend_groups(self, q: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The planned groups' attention from the (written) cache into out [num_tokens, heads, d]
+        (or the whole-batch group's output itself)."""
         flat, page = self.flat_rows(kv_cache), kv_cache.shape[2]
-        out = torch.empty_like(q)  # [num_tokens, num_heads, head_dim]
         for g in self.groups:
             n, max_q = g.q_index.shape
             qg = (q.view(n, max_q, *q.shape[1:]) if g.whole_batch else q[g.q_index]).transpose(1, 2)

@@ -32,6 +32,7 @@ def hf_greedy(hf_model, ids: list[int]):
 def test_greedy_matches_hf_with_continuous_batching(make_llm, hf_smol):
     llm = make_llm(max_num_batched_tokens=40, max_num_seqs=6, block_size=16, num_kv_blocks=128)
     core, tok = llm.core, llm.tokenizer
+    assert core.runner.attn.name == "cpu"  # the native paged-attention op (decodes, short chunks)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, logprobs=5)
     prompt_ids = [tok.encode(p) for p in PROMPTS]
     assert len({len(p) for p in prompt_ids}) >= 8
