@@ -33,6 +33,15 @@ inline float half_at(const uint8_t* p) {
   return _cvtsh_ss(h);
 }
 
+// Weights stream from DRAM once per step: each kernel prefetches the bytes this far ahead of
+// the group it reads (measured on the default model: the one-row GEMVs of a step 6.0 -> 4.2 ms
+// on 2 threads; the hardware prefetcher alone restarts at every small matrix and row quad).
+constexpr int64_t kPrefetchBytes = 8192;
+
+inline void prefetch_ahead(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBytes), _MM_HINT_T0);
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

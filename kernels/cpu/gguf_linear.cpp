@@ -4,8 +4,9 @@
 // K / block_weights blocks, `row_bytes` bytes per row. Activations and
 // accumulation are fp32, so y is the fp32 matmul over the dequantized weights
 // up to summation order. Dequantization is exactly gguf-py's (fp16 scales to
-// fp32, then d * q, d * (q - 8) or d * q + m, each rounded once per operation:
-// built with -ffp-contract=off so the compiler fuses nothing).
+// fp32, then d * q, d * (q - 8) or d * q + m, each rounded as numpy rounds it; an
+// explicit FMA only where the product is exact, see group_values; built with
+// -ffp-contract=off so the compiler fuses nothing else).
 //
 // Block layouts. Legacy formats hold 32 weights per block:
 //   Q8_0 (type 8): fp16 d, int8 q[32]                 34 bytes, w = d * q
@@ -47,25 +48,25 @@ using namespace strix;  // block formats, half_at, hsum (ggml_blocks.h)
 
 constexpr int64_t kTile = 8, kSmallM = 64, kBigTile = 256;
 
-// 16 bytes of nibbles -> the block's 32 values as floats, in element order.
+// 16 bytes of nibbles -> the block's 32 values as floats, in element order (element j < 16 is
+// the low nibble of byte j, element j + 16 its high nibble): each 8 bytes widened to 8 lanes
+// once, then masked (low) or shifted (high).
 inline void nibbles(const uint8_t* qs, __m256 out[4]) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  const __m256i mask = _mm256_set1_epi32(0x0F);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * h)));
+    out[h] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+    out[2 + h] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
 }
 
-// 32 bytes -> 4 x 8 floats of (byte >> shift) & mask, in byte order.
+// 32 bytes -> 4 x 8 floats, in byte order (signed bytes when SIGNED).
+template <bool SIGNED = false>
 inline void bytes_values(__m256i q, __m256 out[4]) {
   const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int i = 0; i < 4; ++i)
+    out[i] = _mm256_cvtepi32_ps(SIGNED ? _mm256_cvtepi8_epi32(parts[i]) : _mm256_cvtepu8_epi32(parts[i]));
 }
 
 inline __m256i bits(const uint8_t* p, int shift, int mask) {
@@ -84,9 +85,13 @@ inline void q4k_scale_min(const uint8_t* s, int j, int* sc, int* mn) {
   }
 }
 
-// Group g (32 weights) of a row as 4 x 8 floats, gguf-py's dequantization (every product
-// and difference rounded once, as numpy does); the only place it is written, so the
-// buffered and in-register paths see the same values.
+// Group g (32 weights) of a row as 4 x 8 floats, gguf-py's dequantization; the only place it
+// is written, so the buffered and in-register paths see the same values. gguf-py rounds each
+// product and sum once (numpy fp32); here one FMA stands for a product and the sum after it
+// where the product is exact in fp32 (then both round once, at the sum): an fp16 scale (11
+// significant bits) times a 4-bit quant, or Q4_K's d * sc (17 bits) times a 4-bit quant, needs
+// at most 21 bits. So Q4_0: d * (q - 8) = fma(d, q, -8d) (exact, the difference is representable),
+// Q4_1: fma(d, q, m), Q4_K: fma(d * sc, q, -(dmin * mn)); Q8_0 and Q6_K products are exact too.
 template <int64_t TYPE>
 inline void group_values(const uint8_t* row, int64_t g, __m256 v[4]) {
   if (TYPE == kQ4_K) {
@@ -95,9 +100,9 @@ inline void group_values(const uint8_t* row, int64_t g, __m256 v[4]) {
     int sc, mn;
     q4k_scale_min(p + 4, j, &sc, &mn);
     const __m256 d = _mm256_set1_ps(half_at(p) * static_cast<float>(sc));
-    const __m256 m = _mm256_set1_ps(half_at(p + 2) * static_cast<float>(mn));
+    const __m256 neg_m = _mm256_set1_ps(-(half_at(p + 2) * static_cast<float>(mn)));
     bytes_values(bits(p + 16 + 32 * (j >> 1), 4 * (j & 1), 0x0F), v);
-    for (int i = 0; i < 4; ++i) v[i] = _mm256_sub_ps(_mm256_mul_ps(d, v[i]), m);
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_fmadd_ps(d, v[i], neg_m);
     return;
   }
   if (TYPE == kQ6_K) {
@@ -105,31 +110,28 @@ inline void group_values(const uint8_t* row, int64_t g, __m256 v[4]) {
     const int j = static_cast<int>(g & 7), n = j >> 2, qd = j & 3;
     const __m256i lo = bits(p + 64 * n + 32 * (qd & 1), 4 * (qd >> 1), 0x0F);
     const __m256i hi = bits(p + 128 + 32 * n, 2 * qd, 0x03);
-    bytes_values(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), v);  // q in 0..63
+    const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));  // 0..63
+    bytes_values<true>(_mm256_sub_epi8(q, _mm256_set1_epi8(32)), v);  // q - 32, exact in bytes
     const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192 + 8 * n + 2 * qd);
     const float d = half_at(p + 208);
     const __m256 d0 = _mm256_set1_ps(d * static_cast<float>(sc[0]));
     const __m256 d1 = _mm256_set1_ps(d * static_cast<float>(sc[1]));
-    const __m256 off = _mm256_set1_ps(32.0f);
-    for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(i < 2 ? d0 : d1, _mm256_sub_ps(v[i], off));
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(i < 2 ? d0 : d1, v[i]);
     return;
   }
   const uint8_t* p = row + g * block_bytes(TYPE);
-  const __m256 d = _mm256_set1_ps(half_at(p));
+  const float dh = half_at(p);
+  const __m256 d = _mm256_set1_ps(dh);
   if (TYPE == kQ8_0) {
     for (int i = 0; i < 4; ++i) {
       const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 + 8 * i));
       v[i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
     }
-  } else if (TYPE == kQ4_0) {
-    nibbles(p + 2, v);
-    const __m256 eight = _mm256_set1_ps(8.0f);
-    for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(d, _mm256_sub_ps(v[i], eight));
-  } else {
-    nibbles(p + 4, v);
-    const __m256 m = _mm256_set1_ps(half_at(p + 2));
-    for (int i = 0; i < 4; ++i) v[i] = _mm256_add_ps(_mm256_mul_ps(d, v[i]), m);
+    return;
   }
+  nibbles(p + (TYPE == kQ4_0 ? 2 : 4), v);
+  const __m256 c = _mm256_set1_ps(TYPE == kQ4_0 ? -8.0f * dh : half_at(p + 2));
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_fmadd_ps(d, v[i], c);
 }
 
 // Runs the statement (the macro's tail) with the compile-time constant T set to the runtime format `type` (the one
@@ -147,7 +149,9 @@ inline void group_values(const uint8_t* row, int64_t g, __m256 v[4]) {
 // One row of K weights -> fp32 out[K].
 template <int64_t TYPE>
 void dequant_row(const uint8_t* row, int64_t K, float* out) {
+  const int64_t step = row_bytes(TYPE, K) / (K / 32);
   for (int64_t g = 0; g < K / 32; ++g) {
+    prefetch_ahead(row + g * step);
     __m256 v[4];
     group_values<TYPE>(row, g, v);
     for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + g * 32 + 8 * i, v[i]);
@@ -180,10 +184,12 @@ template <int64_t TYPE, int R>
 inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, float* y) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const int64_t step = rb / (K / 32);  // bytes per group of 32 weights
   for (int64_t b = 0; b < K / 32; ++b) {
     __m256 xv[4];
     for (int g = 0; g < 4; ++g) xv[g] = _mm256_loadu_ps(x + b * 32 + 8 * g);
     for (int r = 0; r < R; ++r) {
+      prefetch_ahead(w + r * rb + b * step);
       __m256 v[4];
       group_values<TYPE>(w + r * rb, b, v);
       for (int g = 0; g < 4; ++g) acc[r] = _mm256_fmadd_ps(xv[g], v[g], acc[r]);
@@ -208,65 +214,63 @@ bool avx512_enabled = cpu_has_avx512();
 // 16 bytes -> 16 floats (unsigned / signed bytes).
 STRIX_AVX512 inline __m512 u8_ps(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)); }
 STRIX_AVX512 inline __m512 i8_ps(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
+STRIX_AVX512 inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// 16 bytes of nibbles (or of K-quant 4-bit pairs) widened to 16 lanes once: the low nibbles
+// and the high nibbles as 16 floats each.
+STRIX_AVX512 inline void nibbles16(const uint8_t* qs, __m512 v[2]) {
+  const __m512i b = _mm512_cvtepu8_epi32(load16(qs));
+  v[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)));
+  v[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
 
 // group_values on 16 lanes: the same per-element arithmetic (so the same values), 2 x 16 floats.
 template <int64_t TYPE>
 STRIX_AVX512 inline void group_values16(const uint8_t* row, int64_t g, __m512 v[2]) {
-  if (TYPE == kQ4_K || TYPE == kQ6_K) {
-    __m256i q;
-    __m512 d0, d1, off = _mm512_setzero_ps();
-    const int j = static_cast<int>(g & 7);
-    if (TYPE == kQ4_K) {
-      const uint8_t* p = row + (g >> 3) * 144;
-      int sc, mn;
-      q4k_scale_min(p + 4, j, &sc, &mn);
-      d0 = d1 = _mm512_set1_ps(half_at(p) * static_cast<float>(sc));
-      off = _mm512_set1_ps(half_at(p + 2) * static_cast<float>(mn));
-      q = bits(p + 16 + 32 * (j >> 1), 4 * (j & 1), 0x0F);
-    } else {
-      const uint8_t* p = row + (g >> 3) * 210;
-      const int n = j >> 2, qd = j & 3;
-      const __m256i lo = bits(p + 64 * n + 32 * (qd & 1), 4 * (qd >> 1), 0x0F);
-      q = _mm256_or_si256(lo, _mm256_slli_epi16(bits(p + 128 + 32 * n, 2 * qd, 0x03), 4));
-      const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192 + 8 * n + 2 * qd);
-      const float d = half_at(p + 208);
-      d0 = _mm512_set1_ps(d * static_cast<float>(sc[0]));
-      d1 = _mm512_set1_ps(d * static_cast<float>(sc[1]));
+  const int j = static_cast<int>(g & 7);
+  if (TYPE == kQ4_K) {
+    const uint8_t* p = row + (g >> 3) * 144;
+    int sc, mn;
+    q4k_scale_min(p + 4, j, &sc, &mn);
+    const __m512 d = _mm512_set1_ps(half_at(p) * static_cast<float>(sc));
+    const __m512 neg_m = _mm512_set1_ps(-(half_at(p + 2) * static_cast<float>(mn)));
+    const uint8_t* qs = p + 16 + 32 * (j >> 1);  // group j: low (j even) or high nibbles of 32 bytes
+    for (int h = 0; h < 2; ++h) {
+      const __m512i b = _mm512_cvtepu8_epi32(load16(qs + 16 * h));
+      const __m512i q = (j & 1) ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(0x0F));
+      v[h] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q), neg_m);
     }
-    v[0] = u8_ps(_mm256_castsi256_si128(q));
-    v[1] = u8_ps(_mm256_extracti128_si256(q, 1));
-    if (TYPE == kQ4_K) {
-      for (int i = 0; i < 2; ++i) v[i] = _mm512_sub_ps(_mm512_mul_ps(d0, v[i]), off);
-    } else {
-      const __m512 c32 = _mm512_set1_ps(32.0f);
-      v[0] = _mm512_mul_ps(d0, _mm512_sub_ps(v[0], c32));
-      v[1] = _mm512_mul_ps(d1, _mm512_sub_ps(v[1], c32));
-    }
+    return;
+  }
+  if (TYPE == kQ6_K) {
+    const uint8_t* p = row + (g >> 3) * 210;
+    const int n = j >> 2, qd = j & 3;
+    const __m256i lo = bits(p + 64 * n + 32 * (qd & 1), 4 * (qd >> 1), 0x0F);
+    const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(bits(p + 128 + 32 * n, 2 * qd, 0x03), 4)),
+                                      _mm256_set1_epi8(32));  // q - 32 in bytes (exact)
+    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192 + 8 * n + 2 * qd);
+    const float d = half_at(p + 208);
+    v[0] = _mm512_mul_ps(_mm512_set1_ps(d * static_cast<float>(sc[0])), i8_ps(_mm256_castsi256_si128(q)));
+    v[1] = _mm512_mul_ps(_mm512_set1_ps(d * static_cast<float>(sc[1])), i8_ps(_mm256_extracti128_si256(q, 1)));
     return;
   }
   const uint8_t* p = row + g * block_bytes(TYPE);
-  const __m512 d = _mm512_set1_ps(half_at(p));
+  const float dh = half_at(p);
+  const __m512 d = _mm512_set1_ps(dh);
   if (TYPE == kQ8_0) {
-    for (int i = 0; i < 2; ++i)
-      v[i] = _mm512_mul_ps(d, i8_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 2 + 16 * i))));
+    for (int i = 0; i < 2; ++i) v[i] = _mm512_mul_ps(d, i8_ps(load16(p + 2 + 16 * i)));
     return;
   }
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (TYPE == kQ4_0 ? 2 : 4)));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  v[0] = u8_ps(_mm_and_si128(bytes, mask));
-  v[1] = u8_ps(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
-  if (TYPE == kQ4_0) {
-    const __m512 eight = _mm512_set1_ps(8.0f);
-    for (int i = 0; i < 2; ++i) v[i] = _mm512_mul_ps(d, _mm512_sub_ps(v[i], eight));
-  } else {
-    const __m512 m = _mm512_set1_ps(half_at(p + 2));
-    for (int i = 0; i < 2; ++i) v[i] = _mm512_add_ps(_mm512_mul_ps(d, v[i]), m);
-  }
+  nibbles16(p + (TYPE == kQ4_0 ? 2 : 4), v);
+  const __m512 c = _mm512_set1_ps(TYPE == kQ4_0 ? -8.0f * dh : half_at(p + 2));
+  for (int i = 0; i < 2; ++i) v[i] = _mm512_fmadd_ps(d, v[i], c);
 }
 
 template <int64_t TYPE>
 STRIX_AVX512 void dequant_row16(const uint8_t* row, int64_t K, float* out) {
+  const int64_t step = row_bytes(TYPE, K) / (K / 32);
   for (int64_t g = 0; g < K / 32; ++g) {
+    prefetch_ahead(row + g * step);
     __m512 v[2];
     group_values16<TYPE>(row, g, v);
     _mm512_storeu_ps(out + g * 32, v[0]);
@@ -338,9 +342,11 @@ template <int64_t TYPE, int R>
 STRIX_AVX512 void gemv_rows16(const float* x, const uint8_t* w, int64_t rb, int64_t K, float* y) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int64_t step = rb / (K / 32);  // bytes per group of 32 weights
   for (int64_t b = 0; b < K / 32; ++b) {
     const __m512 x0 = _mm512_loadu_ps(x + b * 32), x1 = _mm512_loadu_ps(x + b * 32 + 16);
     for (int r = 0; r < R; ++r) {
+      prefetch_ahead(w + r * rb + b * step);
       __m512 v[2];
       group_values16<TYPE>(w + r * rb, b, v);
       acc[r] = _mm512_fmadd_ps(x0, v[0], acc[r]);

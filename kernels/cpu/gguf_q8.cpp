@@ -87,6 +87,7 @@ inline void gemv_q8_rows(const QuantRow& x, const uint8_t* w, int64_t rb, int64_
     const float dx = x.d[b];
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = w + r * rb + b * bb;
+      prefetch_ahead(p);
       const float dw = half_at(p);
       __m256i dot;
       if (TYPE == kQ8_0) {
