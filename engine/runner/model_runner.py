@@ -27,6 +27,7 @@ from engine.attention import AttentionShape, BatchLayout, build_layout, create_b
 from engine.attention.cascade import PrefixLevel
 from engine.config import CacheConfig, ModelConfig
 from engine.errors import RequestFault
+from engine.runner.kv_memory import KVMemory
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata, position_seed
 from engine.sched.output import ModelRunnerOutput, SchedulerOutput
 from engine.spec.rejection import DraftBatch, rejection_sample_torch
@@ -98,8 +99,9 @@ class ModelRunner:
         self.cfg = cfg
         m, c = cfg.model, cfg.cache
         # Per layer [num_blocks, 2, block_size, num_kv_heads, head_dim] (NHD), shared by all backends.
-        self.kv_caches = [torch.zeros(c.num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim,
-                                      dtype=cfg.dtype, device=cfg.device) for _ in range(m.num_layers)]
+        self.kv_memory = KVMemory(m.num_layers, (c.num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim),
+                                  cfg.dtype, cfg.device)
+        self.kv_caches = self.kv_memory.layers
         shape = AttentionShape(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim ** -0.5, cfg.dtype, cfg.device)
         self.attn = create_backend(cfg.attention_backend, shape, cfg.shared_prefix_attention)
         self.sampler = Sampler()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from engine.attention import AttentionShape, BatchLayout, build_layout, create_backend
+from engine.runner.kv_memory import KVMemory
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata
 from engine.sched.output import ScheduledRequest, SchedulerOutput
 from engine.spec.base import Drafter, register_drafter
@@ -202,9 +203,9 @@ class DraftModelDrafter(ModelDrafter):
     def attach(self, runner) -> None:
         super().attach(runner)
         m, c = self.model_config, runner.cfg.cache
-        self.kv_caches = [torch.zeros(c.num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim,
-                                      dtype=runner.cfg.dtype, device=runner.cfg.device)
-                          for _ in range(m.num_layers)]
+        self.kv_memory = KVMemory(m.num_layers, (c.num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim),
+                                  runner.cfg.dtype, runner.cfg.device)
+        self.kv_caches = self.kv_memory.layers
         shape = AttentionShape(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim ** -0.5,
                                runner.cfg.dtype, runner.cfg.device)
         self.attn = create_backend(runner.cfg.attention_backend, shape)
