@@ -104,7 +104,7 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
     model = build_model(src, cfg, dtype, device, max_positions, progress, prepare)
     _drop_file_maps()
     if native and model.use_fused_cpu_ops():
-        log.info("fused CPU decoder ops: RMSNorm, residual add + RMSNorm, RoPE")
+        log.info("fused CPU decoder ops: RMSNorm, residual add + RMSNorm, RoPE, SiLU * up")
     if args.cpu_packed_linear and device.type == "cpu" and dtype == torch.float32 and packing_available():
         model.tie_lm_head()
         n = pack_linears(model, batch_hint=min(args.max_num_seqs, 64))

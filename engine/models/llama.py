@@ -97,7 +97,7 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.splits = (q, kv, kv)
-        # Fused CPU ops (kernels/decoder_cpu.py) for the norms and RoPE (`set_fused`, from
+        # Fused CPU ops (kernels/decoder_cpu.py) for the norms, RoPE and SiLU * up (`set_fused`, from
         # LlamaModel.use_fused_cpu_ops); the same math as the torch path.
         self.fused = False
 
@@ -109,8 +109,13 @@ class DecoderLayer(nn.Module):
         q, k, v = self._qkv(x, rope)  # [n, heads, head_dim] each
         o = attn.forward(q, k, v, kv_cache)  # [num_tokens, heads, head_dim]
         x, h = self.post_attention_layernorm.add_forward(x, self.o_proj(o.reshape(n, -1)))
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return x + self.down_proj(self._act(self.gate_up_proj(h)))
+
+    def _act(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return decoder_cpu.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
     def _qkv(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
         cfg, n = self.cfg, x.shape[0]
@@ -148,10 +153,11 @@ class LlamaModel(nn.Module):
         return x
 
     def use_fused_cpu_ops(self) -> bool:
-        """Run the layers' norms and RoPE as our fused CPU ops (fp32 CPU models whose shapes
+        """Run the layers' norms, RoPE and SiLU * up as our fused CPU ops (fp32 CPU models whose shapes
         fit the kernels; the caller checked the extension is built). True when switched on."""
         cfg, w = self.cfg, self.norm.weight
-        if w.device.type != "cpu" or w.dtype != torch.float32 or not decoder_cpu.supported(cfg.hidden_size, cfg.head_dim):
+        fits = decoder_cpu.supported(cfg.hidden_size, cfg.head_dim, cfg.intermediate_size)
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not fits:
             return False
         for layer in self.layers:
             layer.set_fused(True)

@@ -9,6 +9,7 @@
 // Numerics (built with -ffp-contract=off, nothing fused into FMAs):
 //   rope_qkv: rotate-half RoPE, out = x * cos + rotate_half(x) * sin with the same
 //     two products and one sum per element as torch: bit-identical to it.
+//   silu_mul: g / (1 + e^-g) * u, e^-g to a few ulp (strix::exp8) where torch uses Sleef.
 //   rms_norm / add_rms_norm: w * (x * (1 / sqrt(mean(x^2) + eps))), as HF's RMSNorm;
 //     the sum of squares runs in 8 lanes then a horizontal sum, so it differs from
 //     torch's reduction by summation order only.
@@ -115,16 +116,42 @@ std::tuple<torch::Tensor, torch::Tensor> rope_qkv(const torch::Tensor& qkv, cons
   return {q, k};
 }
 
+// gate_up [n, 2 I] (the fused gate/up projection's output) -> silu(gate) * up [n, I], with
+// silu(g) = g / (1 + e^-g) as torch computes it (e^-g by strix::exp8, to a few ulp).
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == torch::kFloat && gate_up.dim() == 2 && gate_up.is_contiguous(),
+              "gate_up: contiguous fp32 [n, 2 I]");
+  const int64_t n = gate_up.size(0), inter = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(1) == 2 * inter && inter % 8 == 0, "intermediate size must be a multiple of 8");
+  torch::Tensor out = torch::empty({n, inter}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  at::parallel_for(0, n, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float *g = gp + r * 2 * inter, *u = g + inter;
+      for (int64_t i = 0; i < inter; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, strix::exp8(_mm256_sub_ps(zero, gv))));
+        _mm256_storeu_ps(op + r * inter + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(strix_cpu, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor r, Tensor w, float eps) -> (Tensor, Tensor)");
   m.def("rope_qkv(Tensor qkv, Tensor cos, Tensor sin, int hq, int hkv) -> (Tensor, Tensor)");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(strix_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_qkv", &rope_qkv);
+  m.impl("silu_mul", &silu_mul);
 }

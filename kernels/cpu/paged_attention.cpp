@@ -32,24 +32,6 @@ constexpr int64_t kMaxRows = 32;  // rows per work item (query tokens x heads of
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kKeys = 8;  // keys per online-softmax block (one AVX2 vector of scores)
 
-// e^x on 8 lanes: x = n ln2 + r (two-part ln2), e^r = 1 + r + r^2 P(r), times 2^n.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
 inline float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -97,7 +79,7 @@ inline void row_block(const Problem& P, Rows& s, int64_t i, const float* const* 
                                          transpose_sum(a), valid);
   const float m_new = std::max(s.m[i], hmax(scores));
   const float corr = std::exp(s.m[i] - m_new);  // 0 for the first block (m = -inf)
-  const __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(scores, _mm256_set1_ps(m_new))), valid);
+  const __m256 p = _mm256_and_ps(strix::exp8(_mm256_sub_ps(scores, _mm256_set1_ps(m_new))), valid);
   s.m[i] = m_new;
   s.l[i] = s.l[i] * corr + strix::hsum(p);
   alignas(32) float pw[kKeys];
