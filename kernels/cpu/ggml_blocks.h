@@ -26,6 +26,9 @@ constexpr int64_t block_weights(int64_t type) { return type == kQ4_K || type == 
 
 constexpr int64_t row_bytes(int64_t type, int64_t K) { return K / block_weights(type) * block_bytes(type); }
 
+// Whether the AVX-512 variants run (CPU support and the `set_avx512` switch; gguf_linear.cpp).
+bool avx512_on();
+
 // An fp16 scale stored at p (unaligned) as fp32.
 inline float half_at(const uint8_t* p) {
   uint16_t h;

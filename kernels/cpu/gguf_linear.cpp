@@ -451,6 +451,8 @@ bool set_avx512(bool on) {
 
 }  // namespace
 
+bool strix::avx512_on() { return avx512_enabled; }
+
 TORCH_LIBRARY(strix_gguf, m) {
   m.def("set_avx512(bool on) -> bool", &set_avx512);  // no tensors: a catch-all kernel
   m.def("linear(Tensor x, Tensor w, int qtype, int n) -> Tensor");

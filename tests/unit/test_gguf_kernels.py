@@ -118,12 +118,14 @@ def test_fallback_without_the_extension(monkeypatch):
     assert not any(isinstance(m, GGUFLinear) for m in loaded.model.modules())
 
 
+@pytest.mark.parametrize("k", [1536, 96 + 32 * 4])  # even and odd block counts (the VNNI pairs' tail)
 @pytest.mark.parametrize("qtype", gguf_cpu.Q8_ACTIVATION_TYPES)
-def test_q8_activation_kernel_is_the_integer_math_and_near_fp32(qtype):
-    """q8 mode (one row): equals its own math (activations quantized per 32-block, float64
-    reference) to fp32 rounding, and stays within 2% of max|y| of the exact fp32 linear
-    (its stated tolerance; a zero block quantizes to zeros, not NaN)."""
-    n, k = 301, 1536
+def test_q8_activation_kernel_is_the_integer_math_and_near_fp32(qtype, k, isa):
+    """q8 mode (one row; AVX2, and AVX-512 VNNI where the CPU has it): equals its own math
+    (activations quantized per 32-block, float64 reference) to fp32 rounding, and stays within
+    2% of max|y| of the exact fp32 linear (its stated tolerance; a zero block quantizes to
+    zeros, not NaN)."""
+    n = 301
     w = random_blocks(n, k, qtype, seed=5)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(5))
     x[0, 64:96] = 0.0  # an all-zero activation block
@@ -147,7 +149,7 @@ def test_q8_mode_on_the_real_model_tracks_fp32(smol_loaded):
     """`cpu_activation_quant="q8"` turns on every one-row linear of the default model (Q4_1
     layers, Q8_0 head); scoring a text one token at a time (the rows q8 changes), its
     greedy tokens agree with fp32's at >= 90% of positions and its perplexity stays within
-    5% (loadtest/q8_quality.py measures the full text: 96.6%, 11.33 -> 11.32)."""
+    5% (loadtest/q8_quality.py measures a longer text: 96.9%, 11.33 -> 11.38)."""
     import importlib.util
     from pathlib import Path
 
@@ -156,8 +158,15 @@ def test_q8_mode_on_the_real_model_tracks_fp32(smol_loaded):
     q8_quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(q8_quality)
     model, tok = smol_loaded.model, smol_loaded.tokenizer
+    # ~110 positions: q8 flips a near-tied argmax at ~3-4% of positions, and which ones moves with
+    # any fp32 rounding upstream (a quantum boundary), so a short text would test noise.
     ids = tok("The heap queue algorithm keeps the smallest item at index zero, so a priority queue "
-              "built on a list can pop it in logarithmic time.")["input_ids"]
+              "built on a list can pop it in logarithmic time. Pushing an item appends it to the list "
+              "and sifts it up until its parent is no larger; popping swaps the last item into the "
+              "root and sifts it down. Because the tree is stored in the list itself, no pointers are "
+              "needed, and building a heap from an arbitrary list takes linear time, which is why "
+              "the module offers heapify alongside push and pop.")["input_ids"]
+    assert len(ids) >= 100
     target = torch.tensor(ids[1:])[:, None]
     try:
         assert q8_quality.set_q8(model, True) == 4 * len(model.layers) + 1
