@@ -201,7 +201,7 @@ inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, f
 // ---- AVX-512 variants (runtime dispatch): the same tiles on 16 lanes ----------------------
 // Used when the CPU has AVX-512 (F/DQ/VL/BW); `avx512_enabled` can switch them off (tests run
 // both). Within one ISA the one-row GEMV and the small-M tiles sum each output in the same
-// order (16 lanes over k, then one reduction), so a row alone equals that row in a batch.
+// order (16 lanes over k, then one reduction, sum16x4's), so a row alone equals that row in a batch.
 #define STRIX_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,f16c")))
 
 bool cpu_has_avx512() {
@@ -278,6 +278,23 @@ STRIX_AVX512 void dequant_row16(const uint8_t* row, int64_t K, float* out) {
   }
 }
 
+// Horizontal sums of four 16-lane accumulators in one pass: per 128-bit chunk (l0 + l2) + (l1 + l3),
+// then chunks (c0 + c2) + (c1 + c3). Every accumulator is summed in that same order, whatever the
+// other three hold, and `sum16` (one accumulator) follows it too, so an output's value does not
+// depend on which kernel or tile position computed it.
+STRIX_AVX512 inline __m128 sum16x4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+  const __m256 u = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+STRIX_AVX512 inline float sum16(__m512 a) {
+  const __m512 z = _mm512_setzero_ps();
+  return _mm_cvtss_f32(sum16x4(a, z, z, z));
+}
+
 template <int R, int C>
 STRIX_AVX512 inline void micro16(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
   __m512 acc[R][C];
@@ -292,7 +309,11 @@ STRIX_AVX512 inline void micro16(const float* x, int64_t ldx, const float* w, in
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]);
+    if constexpr (C == 4) {
+      _mm_storeu_ps(y + r * ldy, sum16x4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    } else {
+      for (int c = 0; c < C; ++c) y[r * ldy + c] = sum16(acc[r][c]);
+    }
 }
 
 // The register tiles of one ISA: `run<R, C>` is its R x C micro kernel, kRows the tallest.
@@ -353,7 +374,11 @@ STRIX_AVX512 void gemv_rows16(const float* x, const uint8_t* w, int64_t rb, int6
       acc[r] = _mm512_fmadd_ps(x1, v[1], acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+  if constexpr (R == 4) {
+    _mm_storeu_ps(y, sum16x4(acc[0], acc[1], acc[2], acc[3]));
+  } else {
+    for (int r = 0; r < R; ++r) y[r] = sum16(acc[r]);
+  }
 }
 
 // M == 1 (a single decode): rows split across threads, 4 rows at a time.
