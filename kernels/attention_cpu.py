@@ -55,7 +55,7 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 def reference(q: torch.Tensor, kv_cache: torch.Tensor, layout, rows: list[int], scale: float) -> torch.Tensor:
     """Softmax attention of `rows` in float64 from an already written cache -> [T, hq, d]
     (zeros at other rows' tokens). Query t of a request sees keys 0 .. kv_len - q_len + t."""
-    nb, _, page, hkv, d = kv_cache.shape
+    page, hkv = kv_cache.shape[2], kv_cache.shape[3]
     g = q.shape[1] // hkv
     out = torch.zeros(q.shape, dtype=torch.float64)
     qo, kv_ptr, pages = layout.qo_indptr.tolist(), layout.kv_indptr.tolist(), layout.kv_indices.tolist()

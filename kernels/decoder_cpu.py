@@ -1,7 +1,8 @@
 """Fused decoder-layer ops on CPU (`kernels/cpu/decoder_ops.cpp`), with their torch references.
 
 One op each for RMSNorm, residual add + RMSNorm, RoPE of the fused q/k/v
-projection's output, and SiLU(gate) * up of the fused gate/up output; built with the GGUF kernels (`kernels.gguf_cpu.available()`).
+projection's output, and SiLU(gate) * up of the fused gate/up output; built with the GGUF
+kernels (`kernels.gguf_cpu.available()`).
 fp32, CPU, contiguous inputs only; `supported` says whether a model's shapes fit. The torch
 references are the model's own modules (`engine.models.llama.RMSNorm`, `apply_rotary`).
 """
@@ -11,7 +12,7 @@ import torch
 
 
 def supported(hidden_size: int, head_dim: int, intermediate_size: int = 8) -> bool:
-    """The kernels' vector widths: rows of 8 floats, half heads of 8."""
+    """The kernels' vector widths: rows and SiLU halves of 8 floats, half heads of 8."""
     return hidden_size % 8 == 0 and head_dim % 16 == 0 and intermediate_size % 8 == 0
 
 
@@ -30,7 +31,6 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads:
              num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """qkv [n, (hq + 2 hkv) * d], cos/sin [n, (1,) d] -> rotated q [n, hq, d], k [n, hkv, d]."""
     return torch.ops.strix_cpu.rope_qkv(qkv.contiguous(), cos.contiguous(), sin.contiguous(), num_heads, num_kv_heads)
-
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,9 @@ class TorchReferenceBackend(AttentionBackend):
 
     def plan_torch(self, layout: BatchLayout, cascade, rows) -> None:
         """Padded SDPA groups for the request `rows` (ascending) and the decomposed levels."""
+        if not rows and not cascade.levels:  # nothing for torch this step (the cpu backend's decodes)
+            self.write_rows, self.groups, self.levels, self.lse_masks = None, [], [], []
+            return
         device = self.shape.device
         page = layout.page_size
         self.write_rows = self.slot_k_rows(layout.slot_mapping, page)

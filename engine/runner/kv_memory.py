@@ -24,7 +24,7 @@ class KVMemory:
             self.layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
             return
         per_layer = math.prod(shape)
-        nbytes = per_layer * num_layers * torch.empty((), dtype=dtype).element_size()
+        nbytes = per_layer * num_layers * dtype.itemsize
         self._mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)  # anonymous: zero-filled on demand
         flat = torch.frombuffer(self._mapping, dtype=dtype, count=per_layer * num_layers)
         self.layers = [flat[i * per_layer:(i + 1) * per_layer].view(shape) for i in range(num_layers)]

@@ -26,6 +26,9 @@ constexpr int64_t block_weights(int64_t type) { return type == kQ4_K || type == 
 
 constexpr int64_t row_bytes(int64_t type, int64_t K) { return K / block_weights(type) * block_bytes(type); }
 
+// Bytes of a row per group of 32 weights (a K-quant super-block holds 8 groups).
+constexpr int64_t group_bytes(int64_t type) { return block_bytes(type) * 32 / block_weights(type); }
+
 // Whether the AVX-512 variants run (CPU support and the `set_avx512` switch; gguf_linear.cpp).
 bool avx512_on();
 

@@ -149,9 +149,8 @@ inline void group_values(const uint8_t* row, int64_t g, __m256 v[4]) {
 // One row of K weights -> fp32 out[K].
 template <int64_t TYPE>
 void dequant_row(const uint8_t* row, int64_t K, float* out) {
-  const int64_t step = row_bytes(TYPE, K) / (K / 32);
   for (int64_t g = 0; g < K / 32; ++g) {
-    prefetch_ahead(row + g * step);
+    prefetch_ahead(row + g * group_bytes(TYPE));
     __m256 v[4];
     group_values<TYPE>(row, g, v);
     for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + g * 32 + 8 * i, v[i]);
@@ -184,12 +183,11 @@ template <int64_t TYPE, int R>
 inline void gemv_rows(const float* x, const uint8_t* w, int64_t rb, int64_t K, float* y) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const int64_t step = rb / (K / 32);  // bytes per group of 32 weights
   for (int64_t b = 0; b < K / 32; ++b) {
     __m256 xv[4];
     for (int g = 0; g < 4; ++g) xv[g] = _mm256_loadu_ps(x + b * 32 + 8 * g);
     for (int r = 0; r < R; ++r) {
-      prefetch_ahead(w + r * rb + b * step);
+      prefetch_ahead(w + r * rb + b * group_bytes(TYPE));
       __m256 v[4];
       group_values<TYPE>(w + r * rb, b, v);
       for (int g = 0; g < 4; ++g) acc[r] = _mm256_fmadd_ps(xv[g], v[g], acc[r]);
@@ -211,13 +209,12 @@ bool cpu_has_avx512() {
 
 bool avx512_enabled = cpu_has_avx512();
 
-// 16 bytes -> 16 floats (unsigned / signed bytes).
-STRIX_AVX512 inline __m512 u8_ps(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)); }
+// 16 signed bytes -> 16 floats.
 STRIX_AVX512 inline __m512 i8_ps(__m128i q) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)); }
 STRIX_AVX512 inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 
-// 16 bytes of nibbles (or of K-quant 4-bit pairs) widened to 16 lanes once: the low nibbles
-// and the high nibbles as 16 floats each.
+// A Q4_0/Q4_1 block's 16 bytes of nibbles widened to 16 lanes once: the low nibbles and the
+// high nibbles as 16 floats each.
 STRIX_AVX512 inline void nibbles16(const uint8_t* qs, __m512 v[2]) {
   const __m512i b = _mm512_cvtepu8_epi32(load16(qs));
   v[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)));
@@ -268,9 +265,8 @@ STRIX_AVX512 inline void group_values16(const uint8_t* row, int64_t g, __m512 v[
 
 template <int64_t TYPE>
 STRIX_AVX512 void dequant_row16(const uint8_t* row, int64_t K, float* out) {
-  const int64_t step = row_bytes(TYPE, K) / (K / 32);
   for (int64_t g = 0; g < K / 32; ++g) {
-    prefetch_ahead(row + g * step);
+    prefetch_ahead(row + g * group_bytes(TYPE));
     __m512 v[2];
     group_values16<TYPE>(row, g, v);
     _mm512_storeu_ps(out + g * 32, v[0]);
@@ -363,11 +359,10 @@ template <int64_t TYPE, int R>
 STRIX_AVX512 void gemv_rows16(const float* x, const uint8_t* w, int64_t rb, int64_t K, float* y) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  const int64_t step = rb / (K / 32);  // bytes per group of 32 weights
   for (int64_t b = 0; b < K / 32; ++b) {
     const __m512 x0 = _mm512_loadu_ps(x + b * 32), x1 = _mm512_loadu_ps(x + b * 32 + 16);
     for (int r = 0; r < R; ++r) {
-      prefetch_ahead(w + r * rb + b * step);
+      prefetch_ahead(w + r * rb + b * group_bytes(TYPE));
       __m512 v[2];
       group_values16<TYPE>(w + r * rb, b, v);
       acc[r] = _mm512_fmadd_ps(x0, v[0], acc[r]);

@@ -107,18 +107,13 @@ inline void gemv_q8_rows(const QuantRow& x, const uint8_t* w, int64_t rb, int64_
 // ---- AVX-512 VNNI variant (runtime dispatch): two blocks per zmm, one vpdpbusd each ------------
 #define STRIX_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")))
 
-bool cpu_has_vnni() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512vnni");
-}
-
-const bool vnni_cpu = cpu_has_vnni();
+// VNNI on top of the AVX-512 set `avx512_on()` already requires (F/DQ/VL/BW).
+const bool vnni_cpu = __builtin_cpu_supports("avx512vnni");
 
 // Two weight blocks as the 64 u8 operands of vpdpbusd: Q4 nibbles in element order, Q8_0 + 128.
 template <int64_t TYPE>
 STRIX_VNNI inline __m512i pair_bytes(const uint8_t* p0, const uint8_t* p1) {
-  constexpr int64_t off = TYPE == kQ8_0 ? 2 : TYPE == kQ4_0 ? 2 : 4;
+  constexpr int64_t off = TYPE == kQ4_1 ? 4 : 2;  // quants after the fp16 scale (and Q4_1's min)
   if (TYPE == kQ8_0) {
     const __m512i q = _mm512_inserti64x4(
         _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + off))),
