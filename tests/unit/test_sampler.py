@@ -327,3 +327,29 @@ def test_zero_logprobs_gives_empty_topk():
 def test_empty_batch():
     out = Sampler()(torch.empty(0, V), build_sampling_metadata([], V, "cpu"))
     assert out.sampled_token_ids.shape == (0,)
+
+
+def test_inverse_cdf_never_picks_zero_weight_tokens_at_either_end_of_u(monkeypatch):
+    """u = 0 and the largest u must land on the first and last token of positive weight,
+    never on the masked (-inf) tokens around and between them."""
+    import engine.sample.sampler as sampler_mod
+
+    logits = torch.full((2, 8), float("-inf"))
+    logits[:, 2] = 0.0
+    logits[:, 5] = 1.0  # weight only on tokens 2 and 5
+    monkeypatch.setattr(sampler_mod, "uniforms",
+                        lambda seeds, device: torch.tensor([0.0, sampler_mod._U_MAX], dtype=torch.float64))
+    out = run([row(temperature=1.0), row(temperature=1.0)], logits).sampled_token_ids
+    assert out.tolist() == [2, 5]
+
+
+def test_seeded_uniform_is_a_function_of_the_key_alone():
+    from engine.sample.sampler import uniforms
+
+    keys = [position_seed(3, i) for i in range(4)]
+    torch.manual_seed(0)
+    a = uniforms([None, keys[0], None, keys[1]], "cpu")
+    torch.manual_seed(1)
+    b = uniforms([keys[0], None, keys[1], None], "cpu")
+    assert a[1] == b[0] and a[3] == b[2] and a[1] != a[3]
+    assert a[0] != b[1]  # unseeded rows come from the global RNG
