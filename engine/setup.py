@@ -191,7 +191,7 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
                       draft: LoadedModel | None = None) -> Any:
     """The speculative decoder of `args`, its latency models measured on this runner; None if off."""
     from engine.spec import DraftController, LatencyModel, create_drafter
-    from engine.spec.decoder import SpeculativeDecoder, measure_latency, measure_step_latency
+    from engine.spec.decoder import SpeculativeDecoder, measure_latency, measure_step_latency, probe_shapes
 
     method, k = args.resolved_speculative()
     if method is None:
@@ -210,7 +210,9 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
         runner.model_drafter = drafter
     latency, draft_latency = LatencyModel(1.0, 0.0), None
     if args.speculative_adaptive:
-        latency = measure_step_latency(lambda *shape: _probe_step(scheduler, runner, *shape))
+        max_tokens = min(args.max_num_batched_tokens, args.max_num_seqs * (k + 1))
+        latency = measure_step_latency(lambda *shape: _probe_step(scheduler, runner, *shape),
+                                       probe_shapes(k, max_tokens))
         if drafter.needs_runner:
             draft_latency = measure_latency(lambda n: _probe_draft(scheduler, drafter, n), what="draft pass")
     log.info("speculative decoding: %s, up to %d tokens, %s", method, k,
@@ -219,26 +221,24 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
                                                        draft_latency=draft_latency))
 
 
-def _probe_step(scheduler: Scheduler, runner: ModelRunner, rows: int, per_row: int, sample_all: bool) -> bool:
-    """One model step on scratch KV blocks (freed after): `rows` requests of `per_row` new
-    tokens each. sample_all: each row is a decode of its token plus per_row - 1 drafts
-    after a 128-token context (every token samples, like a verification); else a prompt
-    (one sampled row). False when the KV pool has no room for it."""
+def _probe_step(scheduler: Scheduler, runner: ModelRunner, rows: int, per_row: int) -> bool:
+    """One model step on scratch KV blocks (freed after): `rows` requests, each a decode of
+    its token plus per_row - 1 drafts after a 128-token context (every token samples, like
+    a verification). False when the KV pool has no room for it."""
     from engine.request import Request
     from engine.sampling_params import SamplingParams
     from engine.sched.output import ScheduledRequest, SchedulerOutput
 
-    context = 128 if sample_all else 0
-    reqs = [Request(f"__latency_probe_{i}__", [j % 1000 for j in range(context + (1 if sample_all else per_row))],
+    context = 128
+    reqs = [Request(f"__latency_probe_{i}__", [j % 1000 for j in range(context + 1)],
                     SamplingParams(max_tokens=1)) for i in range(rows)]
     try:
         entries = []
         for req in reqs:
             if not scheduler.kv.allocate(req, context + per_row):
                 return False
-            drafts = (7,) * (per_row - 1) if sample_all else ()
             entries.append(ScheduledRequest(req, context, per_row, tuple(scheduler.kv.block_table(req.request_id)),
-                                            True, draft_token_ids=drafts))
+                                            True, draft_token_ids=(7,) * (per_row - 1)))
         runner.execute(SchedulerOutput(tuple(entries), rows * per_row))
         return True
     finally:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from engine.request import Request
 from engine.sched.output import ScheduledRequest
 from engine.spec.base import Drafter, Proposal
-from engine.spec.controller import DraftController, LatencyModel, describe, fit_quality
+from engine.spec.controller import DraftController
+from engine.spec.latency import LatencyModel, LatencyTable, describe, fit_quality
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ class SpeculativeDecoder:
         if not candidates:
             return
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
-        chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other,
-                                        gains, other_sampled=other)
+        chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains)
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
@@ -128,11 +128,18 @@ class SpeculativeDecoder:
         self.controller.forget(request_id)
 
 
-# Start-up probe shapes (rows, tokens per row, every token sampled?): prefill-like steps
-# (one sampled row) and verify-like steps (every token sampled), so per-token and
-# per-sampled-row costs are told apart.
-STEP_PROBES = ((1, 16, False), (1, 64, False), (1, 160, False),
-               (1, 1, True), (1, 9, True), (8, 1, True), (8, 5, True), (24, 1, True), (24, 3, True))
+def probe_shapes(max_k: int, max_tokens: int) -> list[tuple[int, int]]:
+    """(rows, tokens per row) of the start-up probes: one row of 1 .. 1 + max_k tokens (batch
+    1 at every draft length: the GEMV-to-GEMM jump lies here), then rows of 2 tokens at about
+    1.5x steps up to `max_tokens` (the most tokens a decode step of the engine can have)."""
+    shapes = [(1, n) for n in range(1, min(max_k + 1, max_tokens) + 1)]
+    target = float(shapes[-1][1])
+    while target < max_tokens:
+        target = min(target * 1.5, max_tokens)
+        rows = max(int(target) // 2, 1)
+        if 2 * rows > shapes[-1][0] * shapes[-1][1]:
+            shapes.append((rows, 2))
+    return shapes
 
 
 def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), repeats: int = 2,
@@ -148,22 +155,19 @@ def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), re
     return model
 
 
-def measure_step_latency(run_probe, probes: Sequence[tuple[int, int, bool]] = STEP_PROBES,
-                         repeats: int = 2) -> LatencyModel:
-    """Fit T(N, S): `run_probe(rows, per_row, sample_all)` runs one such step and returns
-    False when it could not (no KV room): that probe is left out."""
+def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: int = 2) -> LatencyTable:
+    """The table of T(N): `run_probe(rows, per_row)` runs one all-sampled step of that shape
+    and returns False when it could not (no KV room): that probe and larger ones are left out."""
     samples = []
-    run_probe(*probes[0])  # warm-up
-    for rows, per_row, sample_all in probes:
-        seconds = _best_time(lambda: run_probe(rows, per_row, sample_all), repeats)
-        if seconds is not None:
-            samples.append((rows * per_row, rows * per_row if sample_all else rows, seconds))
-    shapes = {(n == s) for n, s, _ in samples}
-    model = LatencyModel.fit3(samples) if len(shapes) == 2 and len(samples) >= 3 else \
-        LatencyModel.fit([(n, t) for n, _, t in samples] or [(1, 0.05)])
-    log.info("step %s (fit rms error %.1f%% over %d probes)", describe(model),
-             100 * fit_quality(model, samples), len(samples))
-    return model
+    run_probe(*shapes[0])  # warm-up
+    for rows, per_row in shapes:
+        seconds = _best_time(lambda: run_probe(rows, per_row), repeats)
+        if seconds is None:
+            break
+        samples.append((rows * per_row, seconds))
+    table = LatencyTable(samples or [(1, 0.05)])
+    log.info("step %s (%d probes)", describe(table), len(samples))
+    return table
 
 
 def _best_time(run, repeats: int) -> float | None:

@@ -10,7 +10,7 @@ import torch
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata
 from engine.sampling_params import SamplingParams
 from engine.spec import DraftController, LatencyModel, accept_drafts, create_drafter
-from engine.spec.controller import fit_quality
+from engine.spec.latency import LatencyTable, fit_quality
 from engine.spec.ngram import NgramDrafter
 
 
@@ -219,86 +219,73 @@ def test_controller_sizes_trees_from_the_drafters_node_gains():
     assert set(plan.values()) == {0}
 
 
-def test_step_latency_tells_sampled_rows_from_tokens(monkeypatch):
-    """Probes of both shapes identify T(N, S) = a + b N + c S; a probe without KV room is
-    left out; online steps refine a and b around the measured c."""
-    from engine.spec.decoder import STEP_PROBES, measure_step_latency
+def test_latency_table_interpolates_extrapolates_and_stays_monotone():
+    table = LatencyTable([(1, 0.005), (2, 0.008), (9, 0.015), (4, 0.010)])
+    assert table.knots == [1, 2, 4, 9]
+    assert table.predict(1, 1) == pytest.approx(0.005) and table.predict(0) == pytest.approx(0.005)
+    assert table.predict(3, 3) == pytest.approx(0.009)  # halfway between the knots at 2 and 4
+    assert table.predict(19, 19) == pytest.approx(0.015 + 10 * 0.005 / 5)  # last segment's slope
+    bumpy = LatencyTable([(1, 0.010), (2, 0.008), (3, 0.012)])  # a noisy probe below its left knot
+    assert bumpy.times == [0.010, 0.010, 0.012]
 
-    truth = LatencyModel(0.024, 0.0012, 0.0018)
-    ran = []
 
-    def probe(rows, per_row, sample_all):
+def test_latency_table_learns_only_all_sampled_steps_near_their_n():
+    table = LatencyTable([(1, 0.005), (2, 0.008), (9, 0.015), (64, 0.050)])
+    for _ in range(100):
+        table.observe(5, 0.020, 5)  # the machine is slower around N = 5 than probed
+    assert table.predict(5) == pytest.approx(0.020, rel=0.02)
+    assert table.times[0] == pytest.approx(0.005)  # a knot outside the bracket is untouched
+    before = list(table.times)
+    table.observe(40, 1.0, 4)  # 36 prefill tokens: not the table's shape
+    assert table.times == before
+    for _ in range(100):
+        table.observe(128, 0.2, 128)  # past the last knot: the last segment scales
+    assert table.predict(128) == pytest.approx(0.2, rel=0.02)
+
+
+def test_step_latency_probes_every_draft_length_at_batch_1_and_prices_the_gemv_jump(monkeypatch):
+    """One row runs as a GEMV (cheap), two or more as GEMM tiles: the table measures one
+    row at each 1 + k, stops at the first probe without KV room, and a 20%-acceptance
+    draft at batch 1 does not pay for the jump. A line through the larger steps would
+    make that draft look nearly free."""
+    from engine.spec.decoder import measure_step_latency, probe_shapes
+
+    def cost(n):
+        return 0.004 if n == 1 else 0.006 + 0.0005 * n
+
+    ran, clock = [], [0.0]
+
+    def probe(rows, per_row):
         if rows * per_row > 64:
             return False  # "no KV room"
-        ran.append((rows, per_row, sample_all))
-        n = rows * per_row
-        clock[0] += truth.predict(n, n if sample_all else rows)
+        ran.append((rows, per_row))
+        clock[0] += cost(rows * per_row)
         return True
 
-    clock = [0.0]
     import engine.spec.decoder as decoder
     monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])  # probes take model time
-    model = measure_step_latency(probe)
-    assert (24, 3, True) not in ran and (1, 160, False) not in ran and len(ran) > 5
-    assert model.fixed == pytest.approx(0.024, rel=1e-6)
-    assert model.per_token == pytest.approx(0.0012, rel=1e-6)
-    assert model.per_sample == pytest.approx(0.0018, rel=1e-6)
-    assert sum(1 for _, _, s in STEP_PROBES if not s) >= 2  # both shapes are probed
+    shapes = probe_shapes(8, 200)
+    assert shapes[:9] == [(1, n) for n in range(1, 10)] and shapes[-1][0] * shapes[-1][1] == 200
+    table = measure_step_latency(probe, shapes)
+    assert all(rows * per_row <= 64 for rows, per_row in ran) and max(table.knots) <= 64 < table.knots[-1] + 32
+    for n in (1, 2, 5, 9):
+        assert table.predict(n, n) == pytest.approx(cost(n), rel=1e-9)
 
+    def plan(latency):
+        ctl = DraftController(4, latency, prior=0.2)
+        return ctl.choose({"a": 4}, other_tokens=0)
 
-def test_sampled_row_cost_makes_drafts_dearer_at_large_batch():
-    """Prefill probes alone see 0.5 ms per token; a draft also samples (+2 ms for its LM-head
-    row and the sampler). Priced without that, 0.5-acceptance drafts look worth it at batch
-    32; priced with it they do not. At batch 1 they pay either way."""
-    prefill_only, with_rows = LatencyModel(0.03, 0.0005), LatencyModel(0.03, 0.0005, 0.002)
-    for lat, expect_big in ((prefill_only, True), (with_rows, False)):
-        big = DraftController(4, lat, prior=0.5).choose({f"r{i}": 4 for i in range(32)}, 0, other_sampled=0)
-        assert any(big.values()) is expect_big
-        assert DraftController(4, lat, prior=0.5).choose({"a": 4}, other_tokens=0)["a"] > 0
+    assert plan(table) == {"a": 0}
+    assert plan(LatencyModel(0.006, 0.0005)) != {"a": 0}  # the line through N >= 2 drafts
 
 
 def test_plain_decodes_in_the_step_count_as_committed_tokens():
     """7 drafting candidates beside 9 plain decodes: the step commits 16 tokens without
     drafts, so a 0.6-acceptance draft (3.3 ms for 0.6 tokens) does not pay against a 78 ms
     step of 16 tokens, although it would against the candidates' 7 tokens alone."""
-    lat = LatencyModel(0.025, 0.00128, 0.00204)
+    lat = LatencyModel(0.025, 0.00332)
     ctl = DraftController(8, lat)
-    assert set(ctl.choose({f"r{i}": 8 for i in range(7)}, 9, None, 9).values()) == {0}
-    alone = DraftController(8, lat).choose({f"r{i}": 8 for i in range(7)}, 0, None, 0)
+    assert set(ctl.choose({f"r{i}": 8 for i in range(7)}, 9).values()) == {0}
+    alone = DraftController(8, lat).choose({f"r{i}": 8 for i in range(7)}, 0)
     assert any(alone.values())  # 7 tokens / 48 ms: the same drafts pay
 
-
-def test_a_cheap_one_token_step_is_measured_apart_and_priced(monkeypatch):
-    """The native kernels run one row as a GEMV, cheaper than the line through N >= 2: the
-    fit keeps that step apart (and refines it online), so at batch 1 a draft pays for the
-    jump from T(1) to T(2). On the line alone, a 10%-acceptance draft looks free."""
-    from engine.spec.decoder import measure_step_latency
-
-    line = LatencyModel(0.024, 0.0004, 0.0002)
-
-    def cost(n, s):
-        return 0.6 * line.predict(n, s) if n == 1 else line.predict(n, s)
-
-    clock = [0.0]
-
-    def probe(rows, per_row, sample_all):
-        n = rows * per_row
-        clock[0] += cost(n, n if sample_all else rows)
-        return True
-
-    import engine.spec.decoder as decoder
-    monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])
-    model = measure_step_latency(probe)
-    assert model.one_token == pytest.approx(cost(1, 1), rel=1e-6)
-    assert model.fixed == pytest.approx(0.024, rel=1e-6) and model.per_token == pytest.approx(0.0004, rel=1e-6)
-    assert model.predict(2, 2) == pytest.approx(cost(2, 2), rel=1e-6)
-    model.observe(1, 2 * cost(1, 1))  # online: the one-token estimate moves, the line does not
-    assert model.one_token > cost(1, 1) and model.fixed == pytest.approx(0.024, rel=1e-6)
-    model.one_token = cost(1, 1)
-
-    def plan(latency):
-        ctl = DraftController(4, latency, prior=0.1)
-        return ctl.choose({"a": 4}, other_tokens=0)
-
-    assert plan(model) == {"a": 0}
-    assert plan(LatencyModel(0.024, 0.0004, 0.0002)) != {"a": 0}  # the line alone drafts

@@ -1,0 +1,135 @@
+"""Step-latency models the draft controller prices its plans with.
+
+`LatencyTable` is the target step's cost T(N) for a step of N tokens that all sample
+(decodes and verifications: the steps a draft-length choice changes). It is a
+piecewise-linear curve through knots measured at start-up (one timed forward pass
+per knot: one row of N tokens up to the longest verification, then rows of 1 + k
+tokens), so it follows whatever shape the kernels give it: on the native CPU path
+one row runs as a GEMV and two or more as GEMM tiles (a jump of ~60% from N = 1
+to N = 2), and attention and sampling grow with the rows. Online, every step
+whose tokens all sampled moves the two knots around its N towards its measured
+time (an EMA split by the interpolation weights); steps with prefill tokens are
+not of the table's shape and are skipped. Beyond the last knot the curve goes
+on with the last segment's slope. Knot times are kept non-decreasing in N.
+
+`LatencyModel` is a straight line T(N) = fixed + per_token * N fitted by
+(exponentially weighted) least squares: a model drafter's pass over B rows, and
+the synthetic models the controller's unit tests inject.
+
+Both answer `predict(num_tokens, num_sampled)` and `observe(num_tokens, seconds,
+num_sampled)`; `num_sampled` only tells the table which steps to learn from.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+TABLE_EMA = 0.1  # weight of one observed step in the knots around its N
+
+
+@dataclass
+class LatencyModel:
+    """T(N) = fixed + per_token * N seconds; `observe` refines both by least squares with
+    the past's weight decaying by `decay` per new sample."""
+    fixed: float
+    per_token: float
+    decay: float = 0.98
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wN, wT, wNN, wNT
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[int, float]], decay: float = 0.98) -> "LatencyModel":
+        model = cls(0.0, 0.0, decay)
+        for n, t in samples:
+            model._add(n, t)
+        model._solve()
+        return model
+
+    def predict(self, num_tokens: int, num_sampled: int = 0) -> float:
+        return max(self.fixed + self.per_token * num_tokens, 1e-6)
+
+    def observe(self, num_tokens: int, seconds: float, num_sampled: int = 0) -> None:
+        self._sums = [s * self.decay for s in self._sums]
+        self._add(num_tokens, seconds)
+        self._solve()
+
+    def _add(self, n: int, t: float) -> None:
+        s = self._sums
+        s[0] += 1.0
+        s[1] += n
+        s[2] += t
+        s[3] += n * n
+        s[4] += n * t
+
+    def _solve(self) -> None:
+        w, sn, st, snn, snt = self._sums
+        det = w * snn - sn * sn
+        if w <= 0:
+            return
+        if abs(det) < 1e-12 * max(w * snn, 1.0):  # one distinct N so far: keep the slope
+            self.fixed = st / w - self.per_token * sn / w
+            return
+        self.per_token = max((w * snt - sn * st) / det, 0.0)
+        self.fixed = max((st - self.per_token * sn) / w, 0.0)
+
+
+class LatencyTable:
+    """T(N) of all-sampled steps, piecewise linear through (knots[i], times[i])."""
+
+    def __init__(self, samples: Sequence[tuple[int, float]], ema: float = TABLE_EMA):
+        points = sorted(dict(samples).items())  # one time per N (the last given wins)
+        if not points:
+            raise ValueError("a latency table needs at least one measured step")
+        self.knots = [n for n, _ in points]
+        self.times = [t for _, t in points]
+        self.ema = ema
+        self._monotone(0)
+
+    def predict(self, num_tokens: int, num_sampled: int | None = None) -> float:
+        (i, wi), (j, wj) = self._weights(num_tokens)
+        return max(wi * self.times[i] + wj * self.times[j], 1e-6)
+
+    def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None) -> None:
+        if num_sampled is not None and num_sampled != num_tokens:
+            return  # prefill tokens in the step: not the table's shape
+        (i, wi), (j, wj) = self._weights(num_tokens)
+        if num_tokens > self.knots[-1]:  # extrapolated: scale the last segment's knots
+            ratio = 1.0 + self.ema * (seconds / self.predict(num_tokens) - 1.0)
+            self.times[i] *= ratio
+            self.times[j] *= ratio
+        else:
+            error = seconds - self.predict(num_tokens)
+            self.times[i] += self.ema * wi * error
+            self.times[j] += self.ema * wj * error
+        self._monotone(min(i, j))
+
+    def _weights(self, n: int) -> tuple[tuple[int, float], tuple[int, float]]:
+        """Interpolation (or, past either end, extrapolation) weights of the two knots
+        around n: T(n) = wi * times[i] + wj * times[j]."""
+        knots = self.knots
+        if len(knots) == 1:
+            return (0, 1.0), (0, 0.0)
+        j = min(max(bisect.bisect_left(knots, n), 1), len(knots) - 1)
+        i = j - 1
+        f = (n - knots[i]) / (knots[j] - knots[i])
+        if n < knots[0]:
+            f = 0.0  # below the first knot: its time (a step costs at least that)
+        return (i, 1.0 - f), (j, f)
+
+    def _monotone(self, start: int) -> None:
+        for k in range(max(start, 1), len(self.times)):
+            self.times[k] = max(self.times[k], self.times[k - 1])
+
+
+def describe(model: LatencyModel | LatencyTable) -> str:
+    if isinstance(model, LatencyTable):
+        shown = ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in zip(model.knots, model.times))
+        return f"latency table: T(N tokens) in ms = {{{shown}}}"
+    return f"latency model: T(N) = {model.fixed * 1e3:.2f} ms + {model.per_token * 1e3:.3f} ms x N tokens"
+
+
+def fit_quality(model: LatencyModel | LatencyTable, samples: Sequence[tuple[int, float]]) -> float:
+    """Root-mean-square relative error of the model on (N, T) samples."""
+    errs = [(model.predict(n) - t) / t for n, t in samples if t > 0]
+    return math.sqrt(sum(e * e for e in errs) / len(errs)) if errs else 0.0
