@@ -1,25 +1,25 @@
 """Per-step choice of each request's draft length k from a measured cost model.
 
-Expected goodput of a step = sum_r E[committed tokens of r | k_r, a_r] / T(N),
+Expected goodput of a step = sum_r E[committed tokens of r | k_r] / T(N),
 N = the step's decode tokens (1 + k_r per decoding request; prefill chunks are
 owed whatever k is, so they are not priced in: a draft must beat the decode rate).
-With a per-position acceptance rate a_r (EMA per request, starting from the
-drafter-wide EMA over every request's verifications, itself starting at `prior`:
-short requests on a workload the drafter does not suit start pessimistic),
-E[committed | k] = 1 + a + a^2 + ... + a^k, so adding the j-th draft to r adds
-a_r^j to the numerator and one token to N. The controller takes drafts in
-decreasing order of a_r^j and keeps the prefix of that order with the best
-goodput (for a T linear in N and free drafts this is the optimum); k = 0 for
-every request is the non-speculative step. A tree drafter (`recycling`) gives
-each node's acceptance probability itself (`gains`, decreasing), used in place
-of a_r^j.
+E[committed | k] = 1 + g_r(1) + ... + g_r(k), with g_r(j) = P(drafts 1..j of r all
+accepted): from `AcceptanceModel` (engine/spec/acceptance.py: the request's own
+first-draft rate, starting from the drafter-wide one, times drafter-wide
+continuation rates) for chain drafters, or the drafter's own per-node
+probabilities (`gains`, decreasing) for a tree drafter (`recycling`). Adding r's
+j-th draft adds g_r(j) to the numerator and one token to N; the controller takes
+drafts in decreasing order of gain and keeps the prefix of that order with the
+best goodput (for a T linear in N and free drafts this is the optimum); k = 0
+for every request is the non-speculative step.
 
 T(N) is the measured cost of a step of N tokens that all sample
 (`LatencyTable`, engine/spec/latency.py: knots timed at start-up, refined online
 from every such step). Hysteresis: a request keeps last
 step's k unless the new plan's goodput beats the old plan's (both under the
 current estimates) by `switch_margin`, so k does not flicker on a stationary
-input.
+input; a plan with fewer drafts only has to beat it (a draft that stopped
+paying is dropped at once, not kept at a small loss).
 
 A model drafter adds its passes to the step: pass j runs B_j requests (those
 with k >= j) at D(B) = fixed + per_token * B (`draft_latency`, measured the
@@ -30,34 +30,27 @@ j, pass j's fixed cost.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-
+from engine.spec.acceptance import AcceptanceModel
 from engine.spec.latency import LatencyModel, LatencyTable
-
-
-@dataclass
-class _Acceptance:
-    rate: float
-    k: int = 0
 
 
 class DraftController:
     """Chooses k per request per step; `adaptive=False` gives every request max_k."""
 
     def __init__(self, max_k: int, latency: LatencyModel | LatencyTable, adaptive: bool = True,
-                 prior: float = 0.6, ema: float = 0.05, switch_margin: float = 0.05,
+                 prior: float = 0.6, switch_margin: float = 0.05,
                  draft_latency: LatencyModel | None = None):
         self.max_k, self.latency, self.adaptive = max_k, latency, adaptive
         self.draft_latency = draft_latency  # a model drafter's per-pass cost; None: free drafts
-        self.prior, self.ema, self.switch_margin = prior, ema, switch_margin
-        self.shared_rate = prior  # drafter-wide acceptance: a new request's starting estimate
-        self._acc: dict[str, _Acceptance] = {}
+        self.prior, self.switch_margin = prior, switch_margin
+        self.accept = AcceptanceModel(max_k, prior)
+        self._k: dict[str, int] = {}  # each request's k of its last plan (hysteresis)
         self._gains: dict[str, Sequence[float]] = {}  # this choose() call's drafter gains
         self._others = 0  # this choose() call's plain decodes (one committed token each)
 
     def acceptance(self, request_id: str) -> float:
-        state = self._acc.get(request_id)
-        return self.shared_rate if state is None else state.rate
+        """The estimated acceptance of the request's first draft."""
+        return self.accept.first(request_id)
 
     def choose(self, candidates: dict[str, int], other_tokens: int,
                gains: dict[str, Sequence[float]] | None = None) -> dict[str, int]:
@@ -69,21 +62,21 @@ class DraftController:
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
-        self._gains = gains or {}
+        self._gains = {rid: gains[rid] if gains and rid in gains else self.accept.gains(rid, n)
+                       for rid, n in candidates.items()}
         self._others = other_tokens
         new = self._greedy(candidates, base)
-        old = {rid: min(self._acc[rid].k, n) if rid in self._acc else 0
-               for rid, n in candidates.items()}
-        if new != old and self._goodput(new, base) < (1 + self.switch_margin) * self._goodput(old, base):
+        old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
+        # Hysteresis: more drafts must beat the old plan by the margin, fewer only beat it.
+        margin = 1.0 if sum(new.values()) < sum(old.values()) else 1.0 + self.switch_margin
+        if new != old and self._goodput(new, base) < margin * self._goodput(old, base):
             new = old
-        for rid, k in new.items():
-            self._acc.setdefault(rid, _Acceptance(self.shared_rate)).k = k
+        self._k.update(new)
         return new
 
     def _gain(self, rid: str, j: int) -> float:
         """Expected accepted tokens added by request rid's j-th draft (j >= 1)."""
-        g = self._gains.get(rid)
-        return g[j - 1] if g is not None else self.acceptance(rid) ** j
+        return self._gains[rid][j - 1]
 
     def _greedy(self, candidates: dict[str, int], base: int) -> dict[str, int]:
         gains = sorted(((self._gain(rid, j), rid) for rid, n in candidates.items()
@@ -123,31 +116,16 @@ class DraftController:
         return sum(d.fixed + d.per_token * sum(k >= j for k in ks) for j in range(1, max(ks, default=0) + 1))
 
     def _goodput(self, plan: dict[str, int], base: int) -> float:
-        committed = self._others + sum(1.0 + sum(self._gains[rid][:k]) if rid in self._gains
-                        else self._expected(self.acceptance(rid), k) for rid, k in plan.items())
+        committed = self._others + sum(1.0 + sum(self._gains[rid][:k]) for rid, k in plan.items())
         return committed / (self._step(base + sum(plan.values())) + self._draft_cost(plan))
 
     def _step(self, tokens: int) -> float:
         return self.latency.predict(tokens, tokens)  # decodes and drafts all sample
 
-    @staticmethod
-    def _expected(a: float, k: int) -> float:
-        """E[committed tokens] = 1 + a + ... + a^k."""
-        if a >= 1.0 - 1e-9:
-            return k + 1.0
-        return (1.0 - a ** (k + 1)) / (1.0 - a)
-
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        """Update a_r from one verification: accepted of drafted (a run, stops at a miss)."""
-        if num_drafts <= 0:
-            return
-        state = self._acc.setdefault(request_id, _Acceptance(self.shared_rate))
-        # Per-position rate from a truncated-geometric run: accepted / (accepted + 1 miss).
-        tries = num_accepted + (1 if num_accepted < num_drafts else 0)
-        sample = num_accepted / tries if tries else state.rate
-        weight = 1.0 - (1.0 - self.ema) ** max(tries, 1)
-        state.rate = min(max(state.rate + weight * (sample - state.rate), 0.0), 0.99)
-        self.shared_rate = min(max(self.shared_rate + weight * (sample - self.shared_rate), 0.0), 0.99)
+        """Learn from one verification: accepted of drafted (a run, stops at a miss)."""
+        self.accept.observe(request_id, num_drafts, num_accepted)
 
     def forget(self, request_id: str) -> None:
-        self._acc.pop(request_id, None)
+        self._k.pop(request_id, None)
+        self.accept.forget(request_id)

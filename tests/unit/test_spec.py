@@ -289,3 +289,34 @@ def test_plain_decodes_in_the_step_count_as_committed_tokens():
     alone = DraftController(8, lat).choose({f"r{i}": 8 for i in range(7)}, 0)
     assert any(alone.values())  # 7 tokens / 48 ms: the same drafts pay
 
+
+
+def test_a_request_that_keeps_missing_stops_being_drafted_within_a_few_verifications():
+    """Batch 1, drafts cheap (50 ms + 3 ms per token): from the 0.6 prior a request whose
+    drafts all miss wastes at most 16 draft tokens and is not drafted after 10 steps. The
+    per-try EMA with a symmetric switch margin wasted 78 and still drafted at step 30."""
+    ctl = DraftController(8, cpu_like())
+    plans = []
+    for _ in range(30):
+        plans.append(ctl.choose({"a": 8}, other_tokens=0)["a"])
+        ctl.observe("a", plans[-1], 0)
+    assert plans[0] > 0 and sum(plans) <= 16
+    assert set(plans[10:]) == {0}
+
+
+def test_long_runs_raise_the_gain_of_later_drafts_above_a_per_position_rate():
+    """All-or-nothing runs (an n-gram copy is right for 8 tokens or wrong at once) at 50%:
+    P(all 8 accepted) is ~0.5, not 0.5^8; the continuation rates learn that."""
+    from engine.spec.acceptance import AcceptanceModel
+
+    model = AcceptanceModel(8)
+    for i in range(200):
+        model.observe(f"r{i % 10}", 8, 8 if i % 2 else 0)
+    gains = model.gains("new", 8)
+    assert gains == sorted(gains, reverse=True) and len(gains) == 8
+    assert gains[0] == pytest.approx(0.5, abs=0.1)
+    assert gains[7] > 0.8 * gains[0] and gains[7] > 20 * gains[0] ** 8
+    geometric = AcceptanceModel(8)
+    for i in range(200):  # every position accepted with probability 0.5 independently
+        geometric.observe("r", 8, [0, 1, 0, 2, 0, 1, 3, 0][i % 8])
+    assert geometric.gains("r", 3)[2] < 0.25

@@ -1,0 +1,78 @@
+"""How likely a chain drafter's j-th draft is to be accepted: the controller's gains.
+
+A verification of k drafts accepts a run of `accepted` tokens (it stops at the first
+miss). Position j was *tried* if the drafts before it were all accepted (and j <= k),
+and *hit* if it was accepted too. The model keeps
+  * the first draft's acceptance per request (`first(rid)`): whether this request's
+    text is one the drafter can predict at all (a copy of its prompt, or free chat);
+    its prior is the drafter-wide rate of first drafts, so a new request starts from
+    what the workload has shown;
+  * the acceptance of draft j given drafts 1..j-1 were accepted, drafter-wide
+    (`hazard[j]`, j >= 2): once an n-gram lookup is right, its continuation usually
+    is too (runs are longer than a single per-position rate would predict).
+P(drafts 1..j all accepted) = first(rid) * hazard[2] * ... * hazard[j] is the gain of
+the j-th draft (expected tokens it adds). Every rate is a ratio of exponentially
+decayed counts with `strength` pseudo-tries at its prior, so a handful of
+verifications move it (a request that keeps missing stops being drafted within a
+few steps) and the drafter-wide ones remember ~1 / (1 - shared_decay) verifications.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class _Rate:
+    """(hits + strength * prior) / (tries + strength) over decayed counts."""
+    hits: float = 0.0
+    tries: float = 0.0
+
+    def value(self, prior: float, strength: float) -> float:
+        return (self.hits + strength * prior) / (self.tries + strength)
+
+    def add(self, hit: bool, decay: float) -> None:
+        self.hits = self.hits * decay + hit
+        self.tries = self.tries * decay + 1.0
+
+
+class AcceptanceModel:
+    def __init__(self, max_k: int, prior: float = 0.6, strength: float = 2.0,
+                 request_decay: float = 0.8, shared_decay: float = 0.98):
+        self.prior, self.strength = prior, strength
+        self.request_decay, self.shared_decay = request_decay, shared_decay
+        self._shared_first = _Rate()
+        self._hazard = [_Rate() for _ in range(max_k + 1)]  # [j]: draft j given 1..j-1 (j >= 2)
+        self._first: dict[str, _Rate] = {}
+
+    def shared_first(self) -> float:
+        """The drafter-wide acceptance of first drafts (a new request's estimate)."""
+        return self._shared_first.value(self.prior, self.strength)
+
+    def first(self, request_id: str) -> float:
+        rate = self._first.get(request_id)
+        shared = self.shared_first()
+        return shared if rate is None else rate.value(shared, self.strength)
+
+    def hazard(self, j: int) -> float:
+        return self._hazard[j].value(self.prior, self.strength)
+
+    def gains(self, request_id: str, k: int) -> list[float]:
+        """[P(drafts 1..j accepted) for j = 1..k], decreasing."""
+        out, p = [], self.first(request_id)
+        for j in range(1, min(k, len(self._hazard) - 1) + 1):
+            if j > 1:
+                p *= self.hazard(j)
+            out.append(p)
+        return out
+
+    def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        if num_drafts <= 0:
+            return
+        hit = num_accepted >= 1
+        self._first.setdefault(request_id, _Rate()).add(hit, self.request_decay)
+        self._shared_first.add(hit, self.shared_decay)
+        for j in range(2, min(num_drafts, num_accepted + 1, len(self._hazard) - 1) + 1):
+            self._hazard[j].add(num_accepted >= j, self.shared_decay)  # tried: 1..j-1 accepted
+
+    def forget(self, request_id: str) -> None:
+        self._first.pop(request_id, None)
