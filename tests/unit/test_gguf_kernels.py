@@ -49,7 +49,7 @@ def random_blocks(rows: int, cols: int, qtype: int, seed: int = 0) -> torch.Tens
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
-@pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 64, 100])
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 33, 64, 100, 129])
 def test_linear_matches_dequantized_matmul(qtype, m, isa):
     n, k = 300, width(qtype, 224)  # n not a multiple of the tiles (8, 256 rows); K-quants 256
     w = random_blocks(n, k, qtype, seed=m)
@@ -69,6 +69,18 @@ def test_single_row_kernel_equals_the_small_m_path_bit_for_bit(qtype, isa):
     w = random_blocks(n, k, qtype, seed=3)
     x = torch.randn(2, k, generator=torch.Generator().manual_seed(3))
     assert torch.equal(gguf_cpu.linear(x[:1].contiguous(), w, qtype, n), gguf_cpu.linear(x, w, qtype, n)[:1])
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_a_rows_result_does_not_depend_on_m(qtype, isa):
+    """Above 64 rows the kernel runs near-equal chunks of the small-M tiles, so every row
+    of a 129-row (prefill-sized) call equals that row computed alone, bit for bit."""
+    n, k = 67, width(qtype, 224)
+    w = random_blocks(n, k, qtype, seed=5)
+    x = torch.randn(129, k, generator=torch.Generator().manual_seed(5))
+    whole = gguf_cpu.linear(x, w, qtype, n)
+    for i in (0, 42, 43, 100, 128):  # first and last rows of chunks [0, 43), [43, 86), [86, 129)
+        assert torch.equal(whole[i:i + 1], gguf_cpu.linear(x[i:i + 1].contiguous(), w, qtype, n)), i
 
 
 @pytest.mark.parametrize("qtype", FORMATS)
