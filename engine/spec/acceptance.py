@@ -8,13 +8,20 @@ and *hit* if it was accepted too. The model keeps
     its prior is the drafter-wide rate of first drafts, so a new request starts from
     what the workload has shown;
   * the acceptance of draft j given drafts 1..j-1 were accepted, drafter-wide
-    (`hazard[j]`, j >= 2): once an n-gram lookup is right, its continuation usually
-    is too (runs are longer than a single per-position rate would predict).
+    (`hazard(j)`, j >= 2, its prior the rate of draft j - 1): once an n-gram lookup
+    is right, its continuation usually is too (runs are longer than a single
+    per-position rate would predict).
 P(drafts 1..j all accepted) = first(rid) * hazard[2] * ... * hazard[j] is the gain of
 the j-th draft (expected tokens it adds). Every rate is a ratio of exponentially
 decayed counts with `strength` pseudo-tries at its prior, so a handful of
 verifications move it (a request that keeps missing stops being drafted within a
 few steps) and the drafter-wide ones remember ~1 / (1 - shared_decay) verifications.
+
+A request that is not drafted produces no evidence, so a pessimistic estimate would
+never be revisited: each step a candidate is not drafted, its counts decay by
+`idle_decay` (its rate drifts back towards the drafter-wide one and it is tried
+again once that pays), and a step without any verification decays the drafter-wide
+first-draft counts by `shared_idle_decay` (towards the prior).
 """
 from __future__ import annotations
 
@@ -36,10 +43,12 @@ class _Rate:
 
 
 class AcceptanceModel:
-    def __init__(self, max_k: int, prior: float = 0.6, strength: float = 2.0,
-                 request_decay: float = 0.8, shared_decay: float = 0.98):
+    def __init__(self, max_k: int, prior: float = 0.6, strength: float = 4.0,
+                 request_decay: float = 0.8, shared_decay: float = 0.98,
+                 idle_decay: float = 0.95, shared_idle_decay: float = 0.995):
         self.prior, self.strength = prior, strength
         self.request_decay, self.shared_decay = request_decay, shared_decay
+        self.idle_decay, self.shared_idle_decay = idle_decay, shared_idle_decay
         self._shared_first = _Rate()
         self._hazard = [_Rate() for _ in range(max_k + 1)]  # [j]: draft j given 1..j-1 (j >= 2)
         self._first: dict[str, _Rate] = {}
@@ -54,14 +63,21 @@ class AcceptanceModel:
         return shared if rate is None else rate.value(shared, self.strength)
 
     def hazard(self, j: int) -> float:
-        return self._hazard[j].value(self.prior, self.strength)
+        """P(draft j accepted | drafts 1..j-1 accepted), j >= 2. Its prior is the rate of
+        draft j - 1 (draft 2's: `prior`), so positions no plan has reached yet inherit what
+        the last reached one shows instead of staying at `prior`, which would keep k short."""
+        rate = self.prior
+        for i in range(2, j + 1):
+            rate = self._hazard[i].value(rate, self.strength)
+        return rate
 
     def gains(self, request_id: str, k: int) -> list[float]:
         """[P(drafts 1..j accepted) for j = 1..k], decreasing."""
-        out, p = [], self.first(request_id)
+        out, p, rate = [], self.first(request_id), self.prior
         for j in range(1, min(k, len(self._hazard) - 1) + 1):
             if j > 1:
-                p *= self.hazard(j)
+                rate = self._hazard[j].value(rate, self.strength)
+                p *= rate
             out.append(p)
         return out
 
@@ -73,6 +89,17 @@ class AcceptanceModel:
         self._shared_first.add(hit, self.shared_decay)
         for j in range(2, min(num_drafts, num_accepted + 1, len(self._hazard) - 1) + 1):
             self._hazard[j].add(num_accepted >= j, self.shared_decay)  # tried: 1..j-1 accepted
+
+    def idle(self, request_ids, any_verified: bool) -> None:
+        """A step in which `request_ids` (candidates) were not drafted."""
+        for rid in request_ids:
+            rate = self._first.get(rid)
+            if rate is not None:
+                rate.hits *= self.idle_decay
+                rate.tries *= self.idle_decay
+        if not any_verified:
+            self._shared_first.hits *= self.shared_idle_decay
+            self._shared_first.tries *= self.shared_idle_decay
 
     def forget(self, request_id: str) -> None:
         self._first.pop(request_id, None)

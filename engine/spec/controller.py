@@ -72,6 +72,7 @@ class DraftController:
         if new != old and self._goodput(new, base) < margin * self._goodput(old, base):
             new = old
         self._k.update(new)
+        self.accept.idle([rid for rid, k in new.items() if not k], any(new.values()))
         return new
 
     def _gain(self, rid: str, j: int) -> float:
