@@ -24,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("gguf_linear.cpp", "gguf_q8.cpp", "decoder_ops.cpp", "paged_attention.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("gguf_linear.cpp", "gguf_q8.cpp", "gguf_q8_tiles.cpp", "decoder_ops.cpp", "paged_attention.cpp")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 # ggml type id -> block (weights, bytes); the formats the kernels run natively.
 BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}  # Q4_0 Q4_1 Q8_0 Q4_K Q6_K
@@ -90,6 +90,22 @@ def set_avx512(on: bool) -> bool:
 def linear_q8(x: torch.Tensor, weight: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
     """x [1, K] fp32 quantized per 32-block to int8, integer dots -> [1, N] (not exact: q8 mode)."""
     return torch.ops.strix_gguf.linear_q8(x, weight, qtype, out_features)
+
+
+def pack_q8_tiles(weight: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
+    """weight [N, row_bytes] -> the 16-row interleaved layout of `linear_q8_tiles`
+    (kernels/cpu/gguf_q8_tiles.cpp); a copy: the original blocks stay for other calls."""
+    return torch.ops.strix_gguf.pack_q8_tiles(weight, qtype, in_features)
+
+
+def linear_q8_tiles(x: torch.Tensor, packed: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+    """x [M, K] fp32 quantized per 32-block to int8, against packed weights -> [M, N] (q8 mode)."""
+    return torch.ops.strix_gguf.linear_q8_tiles(x, packed, qtype, out_features)
+
+
+def q8_tiles_fast() -> bool:
+    """Whether `linear_q8_tiles` runs on AVX-512 VNNI here (else its portable scalar code)."""
+    return torch.ops.strix_gguf.q8_tiles_fast()
 
 
 def quantize_q8_reference(x: torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,7 @@ def set_q8(model, on: bool) -> int:
     from engine.models.gguf_linear import GGUFLinear
 
     mods = [m for m in model.modules() if isinstance(m, GGUFLinear)]
-    for m in mods:
-        m.q8 = on and m.q8_capable
-    return sum(m.q8 for m in mods)
+    return sum(m.set_q8(on) for m in mods)
 
 
 def main() -> None:

@@ -10,8 +10,9 @@ in the same format (one kernel call for a fused module of one format).
 
 Math: fp32 activations and accumulation over exactly gguf-py's dequantized
 weights, so outputs equal the fp32 path up to summation order. Opt-in q8 mode
-(`cpu_activation_quant="q8"`): one-row calls on Q4_0/Q4_1/Q8_0 blocks quantize the
-activations per 32-block and use integer dot products (kernels/cpu/gguf_q8.cpp).
+(`cpu_activation_quant="q8"`): calls on Q4_0/Q4_1/Q8_0 blocks quantize the activations
+per 32-block and use integer dot products: on AVX-512 VNNI at every M over a packed copy
+of the blocks (kernels/cpu/gguf_q8_tiles.cpp), elsewhere at one row only (gguf_q8.cpp).
 """
 from __future__ import annotations
 
@@ -65,9 +66,8 @@ class GGUFLinear(nn.Module):
                  copy: bool = True):
         super().__init__()
         parts = _merge_same_type(parts, copy)
-        # q8 activations (opt-in) for one-row calls, when every part has an integer kernel
+        # q8 activations (opt-in), when every part has an integer kernel
         self.q8_capable = all(p.qtype in gguf_cpu.Q8_ACTIVATION_TYPES for p in parts)
-        self.q8 = q8 and self.q8_capable
         self.qtypes = [p.qtype for p in parts]
         self.part_rows = [p.rows for p in parts]
         self.in_features = parts[0].cols
@@ -75,12 +75,28 @@ class GGUFLinear(nn.Module):
         for i, p in enumerate(parts):
             self.register_buffer(f"blocks{i}", p.data, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.q8 = False
+        self.q8_tiles: list[torch.Tensor] | None = None  # packed copies (VNNI), built with q8 on
+        self.set_q8(q8)
+
+    def set_q8(self, on: bool) -> bool:
+        """q8 activations on or off (on only where every part has an integer kernel). On an
+        AVX-512 VNNI CPU every call then runs the packed tiles (any M; the packed copy of the
+        blocks is made once); elsewhere one-row calls run the q8 GEMV and the rest stay fp32."""
+        self.q8 = on and self.q8_capable
+        if self.q8 and self.q8_tiles is None and gguf_cpu.q8_tiles_fast():
+            self.q8_tiles = [gguf_cpu.pack_q8_tiles(getattr(self, f"blocks{i}"), qtype, self.in_features)
+                             for i, qtype in enumerate(self.qtypes)]
+        return self.q8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float().contiguous()  # [M, K]
-        op = gguf_cpu.linear_q8 if self.q8 and flat.shape[0] == 1 else gguf_cpu.linear
-        outs = [op(flat, getattr(self, f"blocks{i}"), qtype, rows)
-                for i, (qtype, rows) in enumerate(zip(self.qtypes, self.part_rows))]
+        if self.q8 and self.q8_tiles is not None:
+            weights, op = self.q8_tiles, gguf_cpu.linear_q8_tiles
+        else:
+            weights = [getattr(self, f"blocks{i}") for i in range(len(self.qtypes))]
+            op = gguf_cpu.linear_q8 if self.q8 and flat.shape[0] == 1 else gguf_cpu.linear
+        outs = [op(flat, w, qtype, rows) for w, qtype, rows in zip(weights, self.qtypes, self.part_rows)]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [M, N]
         if self.bias is not None:
             y = y + self.bias

@@ -32,6 +32,11 @@ constexpr int64_t group_bytes(int64_t type) { return block_bytes(type) * 32 / bl
 // Whether the AVX-512 variants run (CPU support and the `set_avx512` switch; gguf_linear.cpp).
 bool avx512_on();
 
+// llama.cpp's Q8_0 quantization of one activation row x[K] (K % 32 == 0, gguf_q8.cpp): per
+// block of 32, d = max|x| / 127, q = round-to-nearest-even(x / d); writes q[K], d[K / 32] and
+// ds[K / 32] = d * sum(q).
+void quantize_q8_row(const float* x, int64_t K, int8_t* q, float* d, float* ds);
+
 // An fp16 scale stored at p (unaligned) as fp32.
 inline float half_at(const uint8_t* p) {
   uint16_t h;

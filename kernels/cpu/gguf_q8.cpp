@@ -38,6 +38,12 @@ void quantize_row(const float* x, int64_t K, QuantRow& out) {
   out.q.resize(K);
   out.d.resize(K / 32);
   out.ds.resize(K / 32);
+  quantize_q8_row(x, K, out.q.data(), out.d.data(), out.ds.data());
+}
+
+}  // namespace
+
+void strix::quantize_q8_row(const float* x, int64_t K, int8_t* q, float* dd, float* dds) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int64_t b = 0; b < K / 32; ++b) {
     __m256 v[4], mx = _mm256_setzero_ps();
@@ -58,11 +64,13 @@ void quantize_row(const float* x, int64_t K, QuantRow& out) {
     // packs interleave 128-bit lanes; the permute restores element order.
     __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
     p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + b * 32), p);
-    out.d[b] = d;
-    out.ds[b] = d * static_cast<float>(total);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), p);
+    dd[b] = d;
+    dds[b] = d * static_cast<float>(total);
   }
 }
+
+namespace {
 
 // A Q4 block's 16 bytes -> 32 nibbles in element order (low nibbles first).
 inline __m256i nibble_bytes(const uint8_t* qs) {
