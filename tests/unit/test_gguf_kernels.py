@@ -157,9 +157,62 @@ def test_q8_activation_kernel_refuses_what_it_does_not_run():
         gguf_cpu.linear_q8(torch.randn(1, 256), random_blocks(8, 256, 12), 12, 8)
 
 
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 33])  # every M-tile remainder (tiles of 6 rows)
+@pytest.mark.parametrize("qtype", gguf_cpu.Q8_ACTIVATION_TYPES)
+def test_q8_tiles_are_the_integer_math_at_every_m(qtype, m, isa):
+    """The packed q8 tiles (VNNI on avx512, portable scalar code on avx2) equal the q8 math
+    (float64 reference) to fp32 rounding for any M and an N that is not a multiple of the
+    16-row groups; padded rows of the last group are never written."""
+    n, k = 40, 96 + 32 * 3
+    w = random_blocks(n, k, qtype, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[0, 32:64] = 0.0  # an all-zero activation block
+    got = gguf_cpu.linear_q8_tiles(x, gguf_cpu.pack_q8_tiles(w, qtype, k), qtype, n)
+    assert got.shape == (m, n) and torch.isfinite(got).all()
+    ref = gguf_cpu.reference_linear_q8(x, w, qtype, k)
+    tol = 1e-5 * ref.abs().amax(dim=1, keepdim=True)
+    assert bool(((got - ref).abs() <= tol).all()), float((got - ref).abs().max())
+    exact = gguf_cpu.reference_linear(x, w, qtype, k)
+    assert float((got - exact).abs().max()) > 1e-6 * float(ref.abs().max())  # quantized activations
+
+
+@pytest.mark.parametrize("qtype", gguf_cpu.Q8_ACTIVATION_TYPES)
+def test_q8_tiles_give_a_row_the_same_bits_whatever_m_and_isa(qtype):
+    """A row's q8 result depends on that row only: the same bits alone or inside a 13-row
+    batch, and the same bits from the VNNI and the portable scalar code (same integer dots,
+    same order of the float operations), so q8 mode's output does not move with batching."""
+    n, k = 37, 256
+    w = random_blocks(n, k, qtype, seed=3)
+    packed = gguf_cpu.pack_q8_tiles(w, qtype, k)
+    x = torch.randn(13, k, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for isa in ("avx512", "avx2"):
+        if gguf_cpu.set_avx512(isa == "avx512") or isa == "avx2":
+            runs.append(gguf_cpu.linear_q8_tiles(x, packed, qtype, n))
+            alone = torch.cat([gguf_cpu.linear_q8_tiles(x[i:i + 1], packed, qtype, n) for i in range(13)])
+            assert torch.equal(runs[-1], alone), isa
+    gguf_cpu.set_avx512(True)
+    assert all(torch.equal(r, runs[0]) for r in runs)
+
+
+def test_q8_tiles_refuse_what_they_do_not_run():
+    with pytest.raises(RuntimeError, match="Q4_0, Q4_1 or Q8_0"):
+        gguf_cpu.pack_q8_tiles(random_blocks(8, 256, 12), 12, 256)
+    w = random_blocks(20, 64, 3)
+    with pytest.raises(RuntimeError, match="does not hold rows"):
+        gguf_cpu.pack_q8_tiles(w, 3, 96)
+    packed = gguf_cpu.pack_q8_tiles(w, 3, 64)
+    with pytest.raises(RuntimeError, match="does not hold 40 rows"):
+        gguf_cpu.linear_q8_tiles(torch.randn(2, 64), packed, 3, 40)  # 3 groups needed, 2 packed
+    with pytest.raises(RuntimeError, match="does not hold"):
+        gguf_cpu.linear_q8_tiles(torch.randn(2, 96), packed, 3, 20)
+    with pytest.raises(RuntimeError, match="fp32"):
+        gguf_cpu.linear_q8_tiles(torch.randn(2, 64, dtype=torch.float64), packed, 3, 20)
+
+
 def test_q8_mode_on_the_real_model_tracks_fp32(smol_loaded):
-    """`cpu_activation_quant="q8"` turns on every one-row linear of the default model (Q4_1
-    layers, Q8_0 head); scoring a text one token at a time (the rows q8 changes), its
+    """`cpu_activation_quant="q8"` turns on every linear of the default model (Q4_1 layers,
+    Q8_0 head; one-row calls everywhere, every call on VNNI); scoring a text one token at a time (the rows q8 changes), its
     greedy tokens agree with fp32's at >= 90% of positions and its perplexity stays within
     5% (loadtest/q8_quality.py measures a longer text: 96.9%, 11.33 -> 11.38)."""
     import importlib.util
@@ -202,6 +255,17 @@ def test_q8_mode_is_an_engine_option():
     model = load_model(EngineArgs(cpu_activation_quant="q8")).model
     linears = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     assert linears and all(m.q8 for m in linears)
+    if not gguf_cpu.q8_tiles_fast():
+        return  # without VNNI only one-row calls are q8 (test above); the rest stay exact fp32
+    # On VNNI every call is q8, a batch too: not the fp32 result, but close to it.
+    assert all(m.q8_tiles is not None for m in linears)
+    down = model.layers[0].down_proj
+    x = torch.randn(16, down.in_features, generator=torch.Generator().manual_seed(0))
+    q8 = down(x)
+    down.set_q8(False)
+    exact = down(x)
+    assert not torch.equal(q8, exact)
+    assert float((q8 - exact).abs().max()) <= 2e-2 * float(exact.abs().max())
 
 
 def test_native_tensors_are_never_dequantized(monkeypatch):
