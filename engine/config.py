@@ -36,8 +36,9 @@ class EngineArgs:
     num_threads: int | None = None  # torch intra-op threads on CPU
     cpu_packed_linear: bool = True  # fp32 CPU: oneDNN pre-packed weights (faster; same math)
     cpu_native_kernels: bool = True  # fp32 CPU: our AVX2 kernels (kernels/cpu): GGUF weights stay in their blocks; fused norms/RoPE
-    # GGUF on CPU: "q8" quantizes one-row linears' activations per 32-block to int8 (integer dot
-    # products, as llama.cpp; not exact, quality printed by loadtest/q8_quality.py); "none" keeps fp32.
+    # GGUF on CPU: "q8" quantizes linears' activations per 32-block to int8 (integer dot products, as
+    # llama.cpp; every M on AVX-512 VNNI, one-row linears elsewhere; not exact, quality printed by
+    # loadtest/q8_quality.py); "none" keeps fp32.
     cpu_activation_quant: str = "none"
     step_watchdog_s: float = 30.0  # log a step running longer than this, with its batch (0: off)
     structured_outputs_backend: str = "llguidance"  # grammar backend (engine/structured registry)

@@ -28,7 +28,7 @@ SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("gguf_lin
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 # ggml type id -> block (weights, bytes); the formats the kernels run natively.
 BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210)}  # Q4_0 Q4_1 Q8_0 Q4_K Q6_K
-Q8_ACTIVATION_TYPES = (2, 3, 8)  # formats with integer kernels for q8 activations (one row)
+Q8_ACTIVATION_TYPES = (2, 3, 8)  # formats with integer kernels for q8 activations
 
 _lock = threading.Lock()
 _loaded: bool | None = None

@@ -53,8 +53,8 @@ ENGINE_HELP = {
     "shared_prefix_attention": "auto | on | off: attention over prefixes shared by running requests read "
                                "once per group (auto: where the cost model says it pays)",
     "cpu_native_kernels": "fp32 CPU: our AVX2 kernels (GGUF weights kept in their blocks, fused norms and RoPE)",
-    "cpu_activation_quant": "none | q8: GGUF on CPU, one-row linears on int8 activations per 32-block "
-                            "(integer dot products like llama.cpp; faster at batch 1, not exact)",
+    "cpu_activation_quant": "none | q8: GGUF on CPU, linears on int8 activations per 32-block (every batch size "
+                            "with AVX-512 VNNI, one-row linears otherwise; integer dots like llama.cpp; not exact)",
 }
 
 

@@ -1,4 +1,4 @@
-// q8 activations for multi-row GGUF linears (`--cpu-activation-quant q8`, M >= 2) on AVX-512
+// q8 activations for GGUF linears at every M (`--cpu-activation-quant q8`) on AVX-512
 // VNNI, over weights repacked once at load so that one vpdpbusd lane is one output row.
 //
 // Packed layout, per group of 16 output rows g and per 32-weight block b (`group_block_bytes`):
