@@ -6,6 +6,8 @@
     python loadtest/plot.py loadtest/results/spec_cpu.json -o loadtest/results/spec_cpu.png
     python loadtest/plot.py loadtest/results/shared_prefix_cpu.json -o loadtest/results/shared_prefix_cpu.png
     python loadtest/plot.py loadtest/results/http_compare_cpu.json -o loadtest/results/http_compare_cpu.png
+    python loadtest/plot.py loadtest/results/http_compare_cpu.json loadtest/results/http_compare_cpu_q8.json \
+        loadtest/results/offline_throughput_cpu_native.json -o loadtest/results/native_cpu.png
 
 The kind of each file is read from its keys: `http_load.py` results (one per
 concurrency: output tokens/s and TTFT/ITL p50/p90/p99 vs concurrency, files with
@@ -13,7 +15,9 @@ the same `--label` prefix drawn as one series), `structured_bench.py` results
 (coverage/compliance per split against the published best, TPOT constrained
 vs unconstrained), `soak.py` results (RSS over the run) and `spec_bench.py`
 results (tokens/s vs batch size, one line per configuration, per workload);
-`http_compare.py` results (tokens/s, TTFT and ITL p50 vs concurrency, one line per server).
+`http_compare.py` results (tokens/s, TTFT and ITL p50 vs concurrency, one line per server);
+`http_compare.py` files together with `offline_throughput.py` results (tokens/s vs concurrency
+through HTTP, ours per file and llama-server, next to offline tokens/s vs batch, ours and HF).
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ def kind_of(data: dict) -> str:
         return "spec"
     if "summary" in data and "concurrency" in data.get("config", {}):
         return "http_load"
+    if "all_runs_columns" in data:
+        return "offline_throughput"
     raise ValueError(f"unknown results file (keys: {sorted(data)})")
 
 
@@ -195,6 +201,38 @@ def plot_http_compare(data: dict, out: Path | str) -> None:
     fig.savefig(out, dpi=120)
 
 
+def plot_native_summary(compares: list[dict], offline: dict, out: Path | str) -> None:
+    """Left: HTTP output tokens/s vs concurrency, our server per compare file (labelled by its
+    `server_args`) and llama-server from each. Right: offline tokens/s vs batch, ours and HF."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = iter(COLORS)
+    for data in compares:
+        args = data.get("meta", {}).get("server_args") or "fp32"
+        for server in dict.fromkeys(r["server"] for r in data["rows"]):
+            rows = sorted((r for r in data["rows"] if r["server"] == server), key=lambda r: r["concurrency"])
+            label = f"ours ({args})" if server == "ours" else f"{server} (run with ours {args})"
+            left.plot([r["concurrency"] for r in rows], [r["output_tok_s"] for r in rows], marker="o",
+                      color=next(colors), label=label, linestyle="-" if server == "ours" else "--")
+    concurrencies = sorted({r["concurrency"] for d in compares for r in d["rows"]})
+    left.set(xlabel="concurrency", ylabel="output tokens/s", title="HTTP streaming, greedy")
+    left.set_xticks(concurrencies, [str(c) for c in concurrencies])
+    batches = sorted(int(k[len("batch"):]) for k in offline if k.startswith("batch"))
+    series = {"ours_tok_s": "ours (fp32)", "ours_q8_tok_s": "ours (q8)", "hf_tok_s": "HF generate (fp32)"}
+    for key, label in series.items():
+        ys = [offline[f"batch{b}"].get(key, float("nan")) for b in batches]
+        right.plot(batches, ys, marker="o", color=next(colors), label=label)
+    right.set(xscale="log", xlabel="batch size", ylabel="tokens/s", title="offline generate")
+    right.set_xticks(batches, [str(b) for b in batches])
+    for ax in (left, right):
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"native GGUF kernels, {compares[0].get('meta', {}).get('model', '?')}, "
+                 f"{offline.get('threads', '?')} threads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def _find(data: object, key: str) -> object:
     """The first value under `key` anywhere in nested dicts."""
     if isinstance(data, dict):
@@ -214,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     loaded = [(f, json.loads(Path(f).read_text())) for f in args.files]
     kinds = {kind_of(d) for _, d in loaded}
+    if kinds == {"http_compare", "offline_throughput"}:
+        compares = [d for _, d in loaded if kind_of(d) == "http_compare"]
+        offline = [d for _, d in loaded if kind_of(d) == "offline_throughput"]
+        plot_native_summary(compares, offline[-1], Path(args.output))
+        print(args.output)
+        return 0
     if len(kinds) != 1:
         sys.exit(f"error: mixed result kinds {sorted(kinds)}")
     kind = kinds.pop()

@@ -34,7 +34,9 @@ def test_dashboard_panels_have_unique_ids_and_targets():
 
 @pytest.mark.parametrize("files", [["http_load_cpu_c1.json", "http_load_cpu_c8.json",
                                     "http_load_cpu_c16.json"],
-                                   ["structured_cpu.json"], ["soak_cpu.json"], ["spec_cpu.json"]])
+                                   ["structured_cpu.json"], ["soak_cpu.json"], ["spec_cpu.json"],
+                                   ["http_compare_cpu.json", "http_compare_cpu_q8.json",
+                                    "offline_throughput_cpu_native.json"]])
 def test_plot_renders_png(tmp_path, files):
     out = tmp_path / "plot.png"
     paths = [str(REPO / "loadtest" / "results" / f) for f in files]
@@ -44,7 +46,9 @@ def test_plot_renders_png(tmp_path, files):
 
 
 @pytest.mark.parametrize("name,kind", [("http_load_cpu_c8.json", "http_load"), ("structured_cpu.json", "structured"),
-                                       ("soak_cpu.json", "soak"), ("spec_cpu.json", "spec")])
+                                       ("soak_cpu.json", "soak"), ("spec_cpu.json", "spec"),
+                                       ("http_compare_cpu.json", "http_compare"),
+                                       ("offline_throughput_cpu_native.json", "offline_throughput")])
 def test_plot_recognises_each_results_kind(name, kind):
     sys.path.insert(0, str(REPO / "loadtest"))
     try:
