@@ -50,6 +50,10 @@ class EngineArgs:
     # vLLM's form, JSON text or dict: {"method": ..., "num_speculative_tokens": ...}; overrides the two above.
     speculative_config: str | None = None
     speculative_model: str | None = None  # method "draft": the draft model (alias or path; same tokenizer)
+    # method "draft": the draft model's cpu_activation_quant ("q8": a GGUF draft on the native q8
+    # kernels, e.g. the target's own GGUF as a cheap, close draft of the exact fp32 target); None:
+    # the draft loads with the target's settings.
+    speculative_draft_activation_quant: str | None = None
     speculative_layerskip_keep: float = 0.5  # method "layerskip": fraction of the layers the draft runs
 
     def _speculative_dict(self) -> dict:
@@ -74,6 +78,8 @@ class EngineArgs:
             raise ValueError("num_speculative_tokens must be an integer in [1, 64]")
         if not 0.0 < self.speculative_layerskip_keep <= 1.0:
             raise ValueError("speculative_layerskip_keep must be in (0, 1]")
+        if self.speculative_draft_activation_quant not in (None, "none", "q8"):
+            raise ValueError("speculative_draft_activation_quant must be 'none' or 'q8'")
         return method, k
 
     def resolved_speculative_model(self) -> str | None:

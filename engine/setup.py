@@ -178,7 +178,9 @@ def _draft_model(args: EngineArgs, target: LoadedModel, draft: LoadedModel | Non
         name = args.resolved_speculative_model()
         if not name:
             raise UnsupportedModelError('speculative method "draft" needs --speculative-model')
-        draft = load_model(args.replace(model=name, max_model_len=max(target.max_positions, 1)))
+        quant = args.speculative_draft_activation_quant
+        own = {} if quant is None else {"cpu_activation_quant": quant, "cpu_native_kernels": True}
+        draft = load_model(args.replace(model=name, max_model_len=max(target.max_positions, 1), **own))
     if draft.config.vocab_size != target.config.vocab_size or draft.device != target.device:
         raise UnsupportedModelError(f"draft model vocabulary {draft.config.vocab_size} / device {draft.device} "
                                     f"differ from the target's ({target.config.vocab_size} / {target.device})")

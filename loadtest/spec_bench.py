@@ -38,23 +38,33 @@ class Config:
     method: str | None = None
     k: int = 0
     adaptive: bool = False
+    draft_model: str | None = None  # method "draft"
+    draft_quant: str | None = None  # method "draft": the draft's activation quant
 
     def engine_args(self) -> dict:
         if self.method is None:
             return {}
-        return {"speculative_method": self.method, "num_speculative_tokens": self.k,
-                "speculative_adaptive": self.adaptive}
+        out = {"speculative_method": self.method, "num_speculative_tokens": self.k,
+               "speculative_adaptive": self.adaptive}
+        if self.draft_model:
+            out["speculative_model"] = self.draft_model
+        if self.draft_quant:
+            out["speculative_draft_activation_quant"] = self.draft_quant
+        return out
 
     def server_args(self) -> list[str]:
         if self.method is None:
             return []
         out = ["--speculative-method", self.method, "--num-speculative-tokens", str(self.k)]
+        out += ["--speculative-model", self.draft_model] if self.draft_model else []
+        out += ["--speculative-draft-activation-quant", self.draft_quant] if self.draft_quant else []
         return out + ([] if self.adaptive else ["--no-speculative-adaptive"])
 
 
-def configs(method: str, fixed: list[int], max_k: int) -> list[Config]:
-    return [Config("no spec"), *(Config(f"{method} k={k}", method, k) for k in fixed),
-            Config(f"{method} adaptive", method, max_k, adaptive=True)]
+def configs(method: str, fixed: list[int], max_k: int, draft: tuple[str | None, str | None] = (None, None)
+            ) -> list[Config]:
+    return [Config("no spec"), *(Config(f"{method} k={k}", method, k, False, *draft) for k in fixed),
+            Config(f"{method} adaptive", method, max_k, True, *draft)]
 
 
 def load_workload(name: str) -> list[list[dict]]:
@@ -203,6 +213,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="offline rounds per configuration (best kept)")
     ap.add_argument("--server", action="store_true", help="also measure through HTTP")
     ap.add_argument("--server-batches", default="1,16")
+    ap.add_argument("--draft-model", help="method draft: the draft model (e.g. smollm2-135m, the target's own GGUF)")
+    ap.add_argument("--draft-activation-quant", choices=("none", "q8"),
+                    help="method draft: the draft's activation quant on the native kernels (q8: a cheap close draft)")
     ap.add_argument("--native", action="store_true",
                     help="linears on our GGUF block kernels (default: the dequantized fp32 path)")
     ap.add_argument("--json")
@@ -216,7 +229,8 @@ def main() -> None:
     tok = loaded.tokenizer
     workloads = {name: load_workload(name) for name in args.workloads.split(",")}
     batches = [int(b) for b in args.batches.split(",")]
-    cfgs = configs(args.method, [int(k) for k in args.fixed_k.split(",")], args.max_k)
+    cfgs = configs(args.method, [int(k) for k in args.fixed_k.split(",")], args.max_k,
+                   (args.draft_model, args.draft_activation_quant))
     rows: list[dict] = []
     t_start = time.perf_counter()
     for name, chats in workloads.items():
@@ -242,6 +256,8 @@ def main() -> None:
               "linear_path": ("native GGUF blocks (Q4_1 + Q8_0 head), our AVX2 kernels, fp32 activations"
                               if args.native else "fp32 dequantized GGUF, oneDNN packed" if packing_available()
                               else "fp32 dequantized GGUF, F.linear"),
+              "draft": ({"model": args.draft_model, "activation_quant": args.draft_activation_quant}
+                        if args.method == "draft" else None),
               "max_tokens": args.max_tokens, "elapsed_s": time.perf_counter() - t_start,
               "rows": rows, "summary": summary}
     if args.json:

@@ -55,6 +55,9 @@ ENGINE_HELP = {
     "cpu_native_kernels": "fp32 CPU: our AVX2 kernels (GGUF weights kept in their blocks, fused norms and RoPE)",
     "cpu_activation_quant": "none | q8: GGUF on CPU, linears on int8 activations per 32-block (every batch size "
                             "with AVX-512 VNNI, one-row linears otherwise; integer dots like llama.cpp; not exact)",
+    "speculative_draft_activation_quant": "method draft: none | q8, the draft model's activation quant on the "
+                                          "native CPU kernels (unset: the target's), e.g. the target's own "
+                                          "GGUF in q8 as a cheap draft of the exact target",
 }
 
 

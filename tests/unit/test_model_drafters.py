@@ -98,3 +98,35 @@ def test_draft_method_needs_a_model(smol_loaded):
 
     with pytest.raises(UnsupportedModelError, match="speculative-model"):
         LLM(loaded=smol_loaded, speculative_method="draft")
+
+
+def test_q8_self_draft_loads_in_q8_and_is_lossless(make_llm, hf_smol, plain_greedy):
+    """speculative_draft_activation_quant="q8": the draft is the target's own GGUF on the q8
+    kernels while the target stays fp32 activations; greedy output is the plain path's and
+    the close draft is accepted most of the time."""
+    from kernels import gguf_cpu
+
+    if not gguf_cpu.available():
+        pytest.skip("native CPU kernels not built")
+    base, ref = plain_greedy
+    llm = make_llm(num_kv_blocks=16, speculative_method="draft", speculative_model="smollm2-135m",
+                   speculative_draft_activation_quant="q8", num_speculative_tokens=4,
+                   speculative_adaptive=False)
+    draft_model = llm.core.runner.model_drafter.model
+
+    def q8_flags(model):
+        return {m.q8 for m in model.modules() if hasattr(m, "q8_capable") and m.q8_capable}
+    assert q8_flags(draft_model) == {True} and q8_flags(llm.core.runner.model) == {False}
+    outs = run(llm, BATCH, params())
+    stats = llm.core.spec.totals
+    assert stats.num_draft_tokens > 40 and stats.num_accepted_tokens >= 0.7 * stats.num_draft_tokens, stats
+    for prompt, r, o in zip(BATCH, ref, outs):
+        assert_same_or_near_tie(hf_smol, base, prompt, r.outputs[0], o.outputs[0])
+
+
+def test_draft_activation_quant_is_checked():
+    from engine.config import EngineArgs
+
+    EngineArgs(speculative_method="draft", speculative_draft_activation_quant="q8").resolved_speculative()
+    with pytest.raises(ValueError, match="speculative_draft_activation_quant"):
+        EngineArgs(speculative_method="draft", speculative_draft_activation_quant="q4").resolved_speculative()
