@@ -58,6 +58,12 @@ class Drafter(abc.ABC):
         """After a step: (token ids, how many are new) of each request that committed
         tokens, and the step's (input token [S], top ids [S, K]) of its sampled rows."""
 
+    def backlog(self, request_id: str, num_computed_tokens: int) -> int:
+        """Committed tokens this drafter must still process before it can draft for the
+        request (a draft model's KV catching up on the prompt and on tokens committed
+        while it did not draft); 0 for drafters without per-request model state."""
+        return 0
+
     def forget(self, request_id: str) -> None:
         """The request finished or was aborted: drop its state."""
 

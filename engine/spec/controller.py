@@ -25,7 +25,13 @@ A model drafter adds its passes to the step: pass j runs B_j requests (those
 with k >= j) at D(B) = fixed + per_token * B (`draft_latency`, measured the
 same way), so a step costs T(N) + sum_j D(B_j): the j-th draft of a request
 adds one verify token, one row to pass j and, for the first request to reach
-j, pass j's fixed cost.
+j, pass j's fixed cost. A draft model must also have the KV of every committed
+token before it drafts for a request: starting one whose backlog is b tokens
+costs b x D's per-token cost once, which the controller spreads over the tokens
+the request commits while drafting (`catchup[r]` = b / the tokens it may still
+commit): each token r commits in a drafting step carries per_token x catchup[r].
+So a long prompt is caught up on at batch 1, where drafts pay many times over,
+and not at a batch size where they barely pay for their own passes.
 """
 from __future__ import annotations
 
@@ -47,24 +53,28 @@ class DraftController:
         self._k: dict[str, int] = {}  # each request's k of its last plan (hysteresis)
         self._gains: dict[str, Sequence[float]] = {}  # this choose() call's drafter gains
         self._others = 0  # this choose() call's plain decodes (one committed token each)
+        self._catchup: dict[str, float] = {}  # this choose() call's backlog per future token
 
     def acceptance(self, request_id: str) -> float:
         """The estimated acceptance of the request's first draft."""
         return self.accept.first(request_id)
 
     def choose(self, candidates: dict[str, int], other_tokens: int,
-               gains: dict[str, Sequence[float]] | None = None) -> dict[str, int]:
+               gains: dict[str, Sequence[float]] | None = None,
+               catchup: dict[str, float] | None = None) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: the step's
         plain decodes besides them (one sampled token each, committed whatever k is), which
         share the step's cost; gains: request id -> the drafter's P(draft i accepted),
-        decreasing (a tree drafter; others: a_r^(i+1)). Returns id -> k. Every draft adds
-        one sampled token to the step."""
+        decreasing (a tree drafter; others: a_r^(i+1)); catchup: request id -> a model
+        drafter's backlog per token the request may still commit (absent: none). Returns
+        id -> k. Every draft adds one sampled token to the step."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
         self._gains = {rid: gains[rid] if gains and rid in gains else self.accept.gains(rid, n)
                        for rid, n in candidates.items()}
         self._others = other_tokens
+        self._catchup = catchup or {}
         new = self._greedy(candidates, base)
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
         # Hysteresis: more drafts must beat the old plan by the margin, fewer only beat it.
@@ -91,7 +101,7 @@ class DraftController:
         taken: list[str] = []
         for gain, rid in gains:
             j = plan[rid] + 1  # this gain is the request's j-th draft
-            draft_cost += self._draft_increment(j > passes)
+            draft_cost += self._draft_increment(j > passes) + self._catchup_cost(rid, gain + (j == 1))
             plan[rid], passes = j, max(passes, j)
             committed, tokens = committed + gain, tokens + 1
             taken.append(rid)
@@ -109,12 +119,18 @@ class DraftController:
             return 0.0
         return d.per_token + (d.fixed if new_pass else 0.0)
 
+    def _catchup_cost(self, rid: str, tokens: float) -> float:
+        """The share of rid's catch-up carried by `tokens` committed tokens."""
+        c = self._catchup.get(rid)
+        return 0.0 if not c or self.draft_latency is None else self.draft_latency.per_token * c * tokens
+
     def _draft_cost(self, plan: dict[str, int]) -> float:
         d = self.draft_latency
         if d is None:
             return 0.0
         ks = [k for k in plan.values() if k]
-        return sum(d.fixed + d.per_token * sum(k >= j for k in ks) for j in range(1, max(ks, default=0) + 1))
+        passes = sum(d.fixed + d.per_token * sum(k >= j for k in ks) for j in range(1, max(ks, default=0) + 1))
+        return passes + sum(self._catchup_cost(rid, 1.0 + sum(self._gains[rid][:k])) for rid, k in plan.items() if k)
 
     def _goodput(self, plan: dict[str, int], base: int) -> float:
         committed = self._others + sum(1.0 + sum(self._gains[rid][:k]) for rid, k in plan.items())

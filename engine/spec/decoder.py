@@ -27,6 +27,11 @@ from engine.spec.latency import LatencyModel, LatencyTable, describe, fit_qualit
 
 log = logging.getLogger(__name__)
 
+# A model drafter's catch-up (engine/spec/model_drafter.py: the draft KV of a request's
+# prompt) is charged over at most this many of the request's future tokens: a budget of
+# thousands rarely runs to its end, so amortizing over all of it would call the catch-up free.
+CATCHUP_HORIZON = 256
+
 
 @dataclass
 class SpecStats:
@@ -77,13 +82,27 @@ class SpeculativeDecoder:
         if not candidates:
             return
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
-        chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains)
+        chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains,
+                                        self._catchup(r for r in running if r.request_id in candidates))
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
                 proposal = candidates[req.request_id]
                 req.draft_token_ids = proposal.drafts[:k]
                 req.draft_parents = proposal.parents[:k] if proposal.parents is not None else []
+
+    def _catchup(self, requests) -> dict[str, float]:
+        """Request id -> backlog tokens per token it may still commit (its remaining budget,
+        at most CATCHUP_HORIZON): a model drafter pays the backlog once when the request
+        starts drafting, and the controller spreads that over the tokens it commits while
+        drafting, so a long prompt near the end of its budget is not worth catching up on."""
+        out = {}
+        for req in requests:
+            backlog = self.drafter.backlog(req.request_id, req.num_computed_tokens)
+            if backlog:
+                remaining = req.params.max_tokens - req.num_output_tokens if req.params.max_tokens else CATCHUP_HORIZON
+                out[req.request_id] = backlog / max(1, min(remaining, CATCHUP_HORIZON))
+        return out
 
     def _proposal(self, req: Request) -> Proposal:
         if req.matcher is None:

@@ -216,6 +216,10 @@ class DraftModelDrafter(ModelDrafter):
         return [(f, e.start + 1 - f) for e in entries
                 for f in (min(self._computed.get(e.request_id, 0), e.start),)]
 
+    def backlog(self, request_id: str, num_computed_tokens: int) -> int:
+        # Pass 0 feeds the last committed token anyway; the backlog is what comes before it.
+        return num_computed_tokens - min(self._computed.get(request_id, 0), num_computed_tokens)
+
     def forward(self, input_ids, positions, layout):
         self.attn.plan(layout)
         return _run_layers(self.model, range(len(self.kv_caches)), input_ids, positions, self.attn,

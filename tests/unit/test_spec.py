@@ -349,3 +349,56 @@ def test_long_runs_raise_the_gain_of_later_drafts_above_a_per_position_rate():
     for i in range(200):  # every position accepted with probability 0.5 independently
         geometric.observe("r", 8, [0, 1, 0, 2, 0, 1, 3, 0][i % 8])
     assert geometric.gains("r", 3)[2] < 0.25
+
+
+# ------------------------------------------------- a draft model's catch-up cost
+
+
+def measured_fp32_table() -> LatencyTable:
+    """T(N) of the fp32 path as this machine's start-up probes measured it (ms -> s)."""
+    ms = {1: 36.4, 9: 46.6, 12: 49.9, 20: 58.4, 30: 68.3, 44: 90.6, 68: 117.8, 102: 149.8, 144: 198.9}
+    return LatencyTable([(n, t / 1e3) for n, t in ms.items()])
+
+
+class _AlwaysDrafts(NgramDrafter):
+    """Proposes k drafts for every request; `backlog` tokens of catch-up each."""
+
+    def __init__(self, backlog: int):
+        super().__init__()
+        self._backlog = backlog
+
+    def propose(self, request_id, token_ids, k):
+        return [7] * k
+
+    def backlog(self, request_id, num_computed_tokens):
+        return self._backlog
+
+
+def _decoding(n: int, prompt: int = 285, max_tokens: int = 64):
+    from engine.request import Request
+    reqs = [Request(f"r{i}", list(range(prompt)), SamplingParams(temperature=0.0, max_tokens=max_tokens))
+            for i in range(n)]
+    for r in reqs:
+        r.num_computed_tokens = r.num_tokens - 1  # decoding: its last token is next
+    return reqs
+
+
+@pytest.mark.parametrize("backlog,batch,drafts", [(0, 16, True), (285, 16, False), (285, 1, True), (0, 1, True)])
+def test_a_draft_models_catch_up_is_priced_against_what_its_drafts_bring(backlog, batch, drafts):
+    """The q8 self-draft's numbers on the fp32 path: a pass costs 6 ms + 0.46 ms per row,
+    drafts are all accepted. A request whose draft KV must first catch up on a 285-token
+    prompt with 64 tokens to go pays 285 x 0.46 ms once: at batch 1 (36 ms per token
+    without drafts) that is repaid within a step and it drafts; at batch 16 (3.4 ms per
+    token) it never is, while a request already caught up still drafts there. Measured
+    before this rule (fixed k = 4, 32 grounded prompts, B = 16): 92.6 tok/s vs 122.1
+    without drafts, 7.3 s of the 21.4 s spent catching up."""
+    from engine.spec.decoder import SpeculativeDecoder
+    ctl = DraftController(8, measured_fp32_table(), draft_latency=LatencyModel(0.006, 0.00046))
+    for i in range(batch):
+        for _ in range(20):
+            ctl.observe(f"r{i}", 8, 8)
+    decoder = SpeculativeDecoder(_AlwaysDrafts(backlog), ctl)
+    reqs = _decoding(batch)
+    decoder.propose(reqs)
+    ks = [len(r.draft_token_ids) for r in reqs]
+    assert all(k > 0 for k in ks) if drafts else not any(ks), ks
