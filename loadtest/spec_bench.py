@@ -241,7 +241,8 @@ def main() -> None:
             prompts = texts[:prompts_for(batch)]
             # Held-out prompts of the same workload, run before timing: a drafter that learns
             # across requests (recycling) starts warm, as in a server that has run a while.
-            warmup = texts[len(texts) - args.warmup_prompts:] if args.warmup_prompts else []
+            # (fewer where the workload has no prompts left over, e.g. open chat at B = 64).
+            warmup = texts[max(len(texts) - args.warmup_prompts, len(prompts)):] if args.warmup_prompts else []
             assert not set(warmup) & set(prompts), "warm-up prompts must not be measured"
             rows += run_offline_group(loaded, cfgs, prompts, batch, args, warmup, name, t_start)
     if args.server:

@@ -44,6 +44,7 @@ class Drafter(abc.ABC):
     deterministic: bool = True  # q one-hot: exact-match verification applies
     needs_runner: bool = False  # drafts inside the runner's step (engine.spec.model_drafter)
     logit_topk: int = 0  # > 0: `learn` gets the top ids of every sampled row's logits
+    keeps_kv: bool = False  # has its own KV per request, which must catch up (`backlog`)
 
     @abc.abstractmethod
     def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:

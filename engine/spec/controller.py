@@ -31,7 +31,11 @@ costs b x D's per-token cost once, which the controller spreads over the tokens
 the request commits while drafting (`catchup[r]` = b / the tokens it may still
 commit): each token r commits in a drafting step carries per_token x catchup[r].
 So a long prompt is caught up on at batch 1, where drafts pay many times over,
-and not at a batch size where they barely pay for their own passes.
+and not at a batch size where they barely pay for their own passes. Its last
+draft is never fed to the draft model (no pass follows it), so when all k drafts
+are accepted the next step's pass 0 feeds it: a request drafting k adds
+per_token x P(all k accepted) to the step (at k = 1 and 92% acceptance that
+nearly doubles pass 0, which made k = 1 look cheaper than it is).
 """
 from __future__ import annotations
 
@@ -65,8 +69,9 @@ class DraftController:
         """candidates: request id -> drafts available (<= max_k); other_tokens: the step's
         plain decodes besides them (one sampled token each, committed whatever k is), which
         share the step's cost; gains: request id -> the drafter's P(draft i accepted),
-        decreasing (a tree drafter; others: a_r^(i+1)); catchup: request id -> a model
-        drafter's backlog per token the request may still commit (absent: none). Returns
+        decreasing (a tree drafter; others: a_r^(i+1)); catchup: request id -> a draft
+        model's backlog per token the request may still commit (every candidate of a
+        drafter that keeps its own KV, 0 when caught up; absent: no such KV). Returns
         id -> k. Every draft adds one sampled token to the step."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
@@ -101,7 +106,8 @@ class DraftController:
         taken: list[str] = []
         for gain, rid in gains:
             j = plan[rid] + 1  # this gain is the request's j-th draft
-            draft_cost += self._draft_increment(j > passes) + self._catchup_cost(rid, gain + (j == 1))
+            draft_cost += (self._draft_increment(j > passes) + self._catchup_cost(rid, gain + (j == 1))
+                           + self._last_draft_cost(rid, j) - self._last_draft_cost(rid, j - 1))
             plan[rid], passes = j, max(passes, j)
             committed, tokens = committed + gain, tokens + 1
             taken.append(rid)
@@ -124,13 +130,20 @@ class DraftController:
         c = self._catchup.get(rid)
         return 0.0 if not c or self.draft_latency is None else self.draft_latency.per_token * c * tokens
 
+    def _last_draft_cost(self, rid: str, k: int) -> float:
+        """The expected cost of feeding rid's k-th draft to the draft model next step."""
+        if not k or rid not in self._catchup or self.draft_latency is None:
+            return 0.0
+        return self.draft_latency.per_token * self._gains[rid][k - 1]
+
     def _draft_cost(self, plan: dict[str, int]) -> float:
         d = self.draft_latency
         if d is None:
             return 0.0
         ks = [k for k in plan.values() if k]
         passes = sum(d.fixed + d.per_token * sum(k >= j for k in ks) for j in range(1, max(ks, default=0) + 1))
-        return passes + sum(self._catchup_cost(rid, 1.0 + sum(self._gains[rid][:k])) for rid, k in plan.items() if k)
+        return passes + sum(self._catchup_cost(rid, 1.0 + sum(self._gains[rid][:k])) + self._last_draft_cost(rid, k)
+                            for rid, k in plan.items() if k)
 
     def _goodput(self, plan: dict[str, int], base: int) -> float:
         committed = self._others + sum(1.0 + sum(self._gains[rid][:k]) for rid, k in plan.items())

@@ -97,8 +97,11 @@ class SpeculativeDecoder:
         starts drafting, and the controller spreads that over the tokens it commits while
         drafting, so a long prompt near the end of its budget is not worth catching up on."""
         out = {}
+        if not self.drafter.keeps_kv:
+            return out
         for req in requests:
             backlog = self.drafter.backlog(req.request_id, req.num_computed_tokens)
+            out[req.request_id] = 0.0
             if backlog:
                 remaining = req.params.max_tokens - req.num_output_tokens if req.params.max_tokens else CATCHUP_HORIZON
                 out[req.request_id] = backlog / max(1, min(remaining, CATCHUP_HORIZON))

@@ -192,6 +192,7 @@ class LayerSkipDrafter(ModelDrafter):
 @register_drafter("draft")
 class DraftModelDrafter(ModelDrafter):
     """A separate draft model (same tokenizer); its KV tensors use the target's block ids."""
+    keeps_kv = True
 
     def __init__(self, model=None, model_config=None):
         super().__init__()
