@@ -223,10 +223,11 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
                                                        draft_latency=draft_latency))
 
 
-def _probe_step(scheduler: Scheduler, runner: ModelRunner, rows: int, per_row: int) -> bool:
+def _probe_step(scheduler: Scheduler, runner: ModelRunner, rows: int, per_row: int,
+                temperature: float = 0.0) -> bool:
     """One model step on scratch KV blocks (freed after): `rows` requests, each a decode of
     its token plus per_row - 1 drafts after a ~128-token context (every token samples, like
-    a verification). False when the KV pool has no room for it.
+    a verification; greedy, or at `temperature`). False when the KV pool has no room for it.
 
     The rows share one context's blocks (like a prefix-cache hit) and own only the block
     their new tokens go to, so probing touches a few pages per row. Reading never-written
@@ -240,8 +241,9 @@ def _probe_step(scheduler: Scheduler, runner: ModelRunner, rows: int, per_row: i
     bs = scheduler.kv.block_size
     context = bs * -(-128 // bs)  # whole blocks, so each row's new tokens start its own block
     tokens = [j % 1000 for j in range(context + 1)]
-    shared = Request("__latency_probe_context__", tokens[:context], SamplingParams(max_tokens=1))
-    reqs = [Request(f"__latency_probe_{i}__", tokens, SamplingParams(max_tokens=1)) for i in range(rows)]
+    params = SamplingParams(max_tokens=1, temperature=temperature)
+    shared = Request("__latency_probe_context__", tokens[:context], params)
+    reqs = [Request(f"__latency_probe_{i}__", tokens, params) for i in range(rows)]
     try:
         if not scheduler.kv.allocate(shared, context):
             return False

@@ -14,8 +14,9 @@ best goodput (for a T linear in N and free drafts this is the optimum); k = 0
 for every request is the non-speculative step.
 
 T(N) is the measured cost of a step of N tokens that all sample
-(`LatencyTable`, engine/spec/latency.py: knots timed at start-up, refined online
-from every such step). Hysteresis: a request keeps last
+(`LatencyTable`, engine/spec/latency.py: knots timed at start-up with greedy
+rows, refined online from every such step), plus the table's per-row cost of
+sampling at a temperature for the tokens of `stochastic` candidates. Hysteresis: a request keeps last
 step's k unless the new plan's goodput beats the old plan's (both under the
 current estimates) by `switch_margin`, so k does not flicker on a stationary
 input; a plan with fewer drafts only has to beat it (a draft that stopped
@@ -39,7 +40,7 @@ nearly doubles pass 0, which made k = 1 look cheaper than it is).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from engine.spec.acceptance import AcceptanceModel
 from engine.spec.latency import LatencyModel, LatencyTable
 
@@ -58,6 +59,7 @@ class DraftController:
         self._gains: dict[str, Sequence[float]] = {}  # this choose() call's drafter gains
         self._others = 0  # this choose() call's plain decodes (one committed token each)
         self._catchup: dict[str, float] = {}  # this choose() call's backlog per future token
+        self._stochastic: frozenset[str] = frozenset()  # this choose() call's non-argmax candidates
 
     def acceptance(self, request_id: str) -> float:
         """The estimated acceptance of the request's first draft."""
@@ -65,13 +67,14 @@ class DraftController:
 
     def choose(self, candidates: dict[str, int], other_tokens: int,
                gains: dict[str, Sequence[float]] | None = None,
-               catchup: dict[str, float] | None = None) -> dict[str, int]:
+               catchup: dict[str, float] | None = None, stochastic: Collection[str] = ()) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: the step's
         plain decodes besides them (one sampled token each, committed whatever k is), which
         share the step's cost; gains: request id -> the drafter's P(draft i accepted),
         decreasing (a tree drafter; others: a_r^(i+1)); catchup: request id -> a draft
         model's backlog per token the request may still commit (every candidate of a
-        drafter that keeps its own KV, 0 when caught up; absent: no such KV). Returns
+        drafter that keeps its own KV, 0 when caught up; absent: no such KV); stochastic:
+        the candidates sampled at a temperature (their rows cost more than argmax). Returns
         id -> k. Every draft adds one sampled token to the step."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
@@ -80,6 +83,7 @@ class DraftController:
                        for rid, n in candidates.items()}
         self._others = other_tokens
         self._catchup = catchup or {}
+        self._stochastic = frozenset(stochastic)
         new = self._greedy(candidates, base)
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
         # Hysteresis: more drafts must beat the old plan by the margin, fewer only beat it.
@@ -102,7 +106,8 @@ class DraftController:
         plan = dict.fromkeys(candidates, 0)
         committed = float(len(candidates) + self._others)
         tokens, passes, draft_cost = base, 0, 0.0
-        best, best_len = committed / self._step(tokens), 0
+        sto = sum(rid in self._stochastic for rid in candidates)  # tokens sampled at a temperature
+        best, best_len = committed / self._step(tokens, sto), 0
         taken: list[str] = []
         for gain, rid in gains:
             j = plan[rid] + 1  # this gain is the request's j-th draft
@@ -110,8 +115,9 @@ class DraftController:
                            + self._last_draft_cost(rid, j) - self._last_draft_cost(rid, j - 1))
             plan[rid], passes = j, max(passes, j)
             committed, tokens = committed + gain, tokens + 1
+            sto += rid in self._stochastic
             taken.append(rid)
-            value = committed / (self._step(tokens) + draft_cost)
+            value = committed / (self._step(tokens, sto) + draft_cost)
             if value > best:
                 best, best_len = value, len(taken)
         chosen = dict.fromkeys(candidates, 0)
@@ -147,10 +153,11 @@ class DraftController:
 
     def _goodput(self, plan: dict[str, int], base: int) -> float:
         committed = self._others + sum(1.0 + sum(self._gains[rid][:k]) for rid, k in plan.items())
-        return committed / (self._step(base + sum(plan.values())) + self._draft_cost(plan))
+        sto = sum(1 + k for rid, k in plan.items() if rid in self._stochastic)
+        return committed / (self._step(base + sum(plan.values()), sto) + self._draft_cost(plan))
 
-    def _step(self, tokens: int) -> float:
-        return self.latency.predict(tokens, tokens)  # decodes and drafts all sample
+    def _step(self, tokens: int, stochastic: int) -> float:
+        return self.latency.predict(tokens, tokens, stochastic)  # decodes and drafts all sample
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         """Learn from one verification: accepted of drafted (a run, stops at a miss)."""

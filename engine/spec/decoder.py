@@ -82,8 +82,10 @@ class SpeculativeDecoder:
         if not candidates:
             return
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
+        drafting = [r for r in running if r.request_id in candidates]
         chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains,
-                                        self._catchup(r for r in running if r.request_id in candidates))
+                                        self._catchup(drafting),
+                                        [r.request_id for r in drafting if not r.params.greedy])
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
@@ -139,7 +141,8 @@ class SpeculativeDecoder:
             seconds -= p.seconds
         if num_tokens and seconds > 0:
             sampled = sum(1 + e.num_draft_tokens for e in scheduled if e.sample)
-            self.controller.latency.observe(num_tokens, seconds, sampled)
+            stochastic = sum(1 + e.num_draft_tokens for e in scheduled if e.sample and not e.request.params.greedy)
+            self.controller.latency.observe(num_tokens, seconds, sampled, stochastic)
 
     def drain(self) -> SpecStats:
         stats, self.stats = self.stats, SpecStats()
@@ -178,16 +181,24 @@ def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), re
 
 
 def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: int = 2) -> LatencyTable:
-    """The table of T(N): `run_probe(rows, per_row)` runs one all-sampled step of that shape
-    and returns False when it could not (no KV room): that probe and larger ones are left out."""
-    samples = []
-    run_probe(*shapes[0])  # warm-up
+    """The table of T(N): `run_probe(rows, per_row, temperature)` runs one all-sampled step of
+    that shape and returns False when it could not (no KV room): that probe and larger ones
+    are left out. Knots are greedy steps; the largest probed shape is timed once more sampled
+    at temperature 1, and the difference per row is the table's `sample_cost`."""
+    samples, largest = [], None
+    run_probe(*shapes[0], 0.0)  # warm-up
     for rows, per_row in shapes:
-        seconds = _best_time(lambda: run_probe(rows, per_row), repeats)
+        seconds = _best_time(lambda: run_probe(rows, per_row, 0.0), repeats)
         if seconds is None:
             break
         samples.append((rows * per_row, seconds))
-    table = LatencyTable(samples or [(1, 0.05)])
+        largest = (rows, per_row, seconds)
+    sample_cost = 0.0
+    if largest is not None:
+        rows, per_row, greedy = largest
+        sampled = _best_time(lambda: run_probe(rows, per_row, 1.0), repeats)
+        sample_cost = max((sampled - greedy) / (rows * per_row), 0.0) if sampled is not None else 0.0
+    table = LatencyTable(samples or [(1, 0.05)], sample_cost=sample_cost)
     log.info("step %s (%d probes)", describe(table), len(samples))
     return table
 

@@ -16,8 +16,13 @@ on with the last segment's slope. Knot times are kept non-decreasing in N.
 (exponentially weighted) least squares: a model drafter's pass over B rows, and
 the synthetic models the controller's unit tests inject.
 
-Both answer `predict(num_tokens, num_sampled)` and `observe(num_tokens, seconds,
-num_sampled)`; `num_sampled` only tells the table which steps to learn from.
+Both answer `predict(num_tokens, num_sampled, num_stochastic)` and
+`observe(num_tokens, seconds, num_sampled, num_stochastic)`; `num_sampled` only
+tells the table which steps to learn from. The table's knots are greedy steps
+(argmax rows); a row sampled at a temperature (softmax, top-k/top-p, a float64
+cumsum over the vocabulary) costs `sample_cost` more: 0.25 ms per row on this
+CPU's fp32 path, 38 ms of a 186 ms step of 16 verifications of 8 drafts, which
+probes sampled at temperature 1 charged to greedy workloads as well.
 """
 from __future__ import annotations
 
@@ -46,10 +51,10 @@ class LatencyModel:
         model._solve()
         return model
 
-    def predict(self, num_tokens: int, num_sampled: int = 0) -> float:
+    def predict(self, num_tokens: int, num_sampled: int = 0, num_stochastic: int = 0) -> float:
         return max(self.fixed + self.per_token * num_tokens, 1e-6)
 
-    def observe(self, num_tokens: int, seconds: float, num_sampled: int = 0) -> None:
+    def observe(self, num_tokens: int, seconds: float, num_sampled: int = 0, num_stochastic: int = 0) -> None:
         self._sums = [s * self.decay for s in self._sums]
         self._add(num_tokens, seconds)
         self._solve()
@@ -77,22 +82,25 @@ class LatencyModel:
 class LatencyTable:
     """T(N) of all-sampled steps, piecewise linear through (knots[i], times[i])."""
 
-    def __init__(self, samples: Sequence[tuple[int, float]], ema: float = TABLE_EMA):
+    def __init__(self, samples: Sequence[tuple[int, float]], ema: float = TABLE_EMA, sample_cost: float = 0.0):
         points = sorted(dict(samples).items())  # one time per N (the last given wins)
         if not points:
             raise ValueError("a latency table needs at least one measured step")
         self.knots = [n for n, _ in points]
         self.times = [t for _, t in points]
         self.ema = ema
+        self.sample_cost = sample_cost  # seconds per row sampled at a temperature (not argmax)
         self._monotone(0)
 
-    def predict(self, num_tokens: int, num_sampled: int | None = None) -> float:
+    def predict(self, num_tokens: int, num_sampled: int | None = None, num_stochastic: int = 0) -> float:
         (i, wi), (j, wj) = self._weights(num_tokens)
-        return max(wi * self.times[i] + wj * self.times[j], 1e-6)
+        return max(wi * self.times[i] + wj * self.times[j], 1e-6) + self.sample_cost * num_stochastic
 
-    def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None) -> None:
+    def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None,
+                num_stochastic: int = 0) -> None:
         if num_sampled is not None and num_sampled != num_tokens:
             return  # prefill tokens in the step: not the table's shape
+        seconds -= self.sample_cost * num_stochastic  # the knots are greedy steps
         (i, wi), (j, wj) = self._weights(num_tokens)
         if num_tokens > self.knots[-1]:  # extrapolated: scale the last segment's knots
             ratio = 1.0 + self.ema * (seconds / self.predict(num_tokens) - 1.0)
@@ -125,7 +133,8 @@ class LatencyTable:
 def describe(model: LatencyModel | LatencyTable) -> str:
     if isinstance(model, LatencyTable):
         shown = ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in zip(model.knots, model.times))
-        return f"latency table: T(N tokens) in ms = {{{shown}}}"
+        return (f"latency table: T(N greedy tokens) in ms = {{{shown}}}, "
+                f"+{model.sample_cost * 1e3:.3f} ms per row sampled at a temperature")
     return f"latency model: T(N) = {model.fixed * 1e3:.2f} ms + {model.per_token * 1e3:.3f} ms x N tokens"
 
 
