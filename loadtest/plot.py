@@ -4,6 +4,9 @@
     python loadtest/plot.py loadtest/results/structured_cpu.json -o loadtest/results/structured_cpu.png
     python loadtest/plot.py loadtest/results/soak_cpu.json -o loadtest/results/soak_cpu.png
     python loadtest/plot.py loadtest/results/spec_cpu.json -o loadtest/results/spec_cpu.png
+    python loadtest/plot.py loadtest/results/spec_cpu.json loadtest/results/spec_cpu_draft.json \
+        loadtest/results/spec_cpu_recycling.json loadtest/results/spec_cpu_layerskip.json \
+        -o loadtest/results/spec_cpu_drafters.png
     python loadtest/plot.py loadtest/results/shared_prefix_cpu.json -o loadtest/results/shared_prefix_cpu.png
     python loadtest/plot.py loadtest/results/http_compare_cpu.json -o loadtest/results/http_compare_cpu.png
     python loadtest/plot.py loadtest/results/http_compare_cpu.json loadtest/results/http_compare_cpu_q8.json \
@@ -14,7 +17,8 @@ concurrency: output tokens/s and TTFT/ITL p50/p90/p99 vs concurrency, files with
 the same `--label` prefix drawn as one series), `structured_bench.py` results
 (coverage/compliance per split against the published best, TPOT constrained
 vs unconstrained), `soak.py` results (RSS over the run) and `spec_bench.py`
-results (tokens/s vs batch size, one line per configuration, per workload);
+results (tokens/s vs batch size, one line per configuration, per workload; several
+files: one per drafter, adaptive and best fixed k against each run's no speculation);
 `http_compare.py` results (tokens/s, TTFT and ITL p50 vs concurrency, one line per server);
 `http_compare.py` files together with `offline_throughput.py` results (tokens/s vs concurrency
 through HTTP, ours per file and llama-server, next to offline tokens/s vs batch, ours and HF).
@@ -133,6 +137,48 @@ def plot_spec(data: dict, out: Path | str) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"speculative decoding ({data.get('linear_path', '')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def spec_method(data: dict) -> str:
+    """The drafter a spec_bench file measured ("draft (q8 smollm2-135m)" for a model draft)."""
+    label = next(r["config"] for r in data["rows"] if r["config"].endswith("adaptive"))
+    method = label[:-len(" adaptive")]
+    draft = data.get("draft") or {}
+    if method == "draft" and draft.get("model"):
+        quant = draft.get("activation_quant") or ""
+        method += f" ({quant + ' ' if quant and quant != 'none' else ''}{draft['model']})"
+    return method
+
+
+def plot_spec_drafters(files: list[dict], out: Path | str) -> None:
+    """Offline tokens/s vs batch size, one panel per workload: no speculation (from each
+    file's own run, dotted) and, per drafter, adaptive (solid) and its best fixed k (dashed)."""
+    workloads = sorted({r["workload"] for d in files for r in d["rows"]})
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        for color, data in zip(COLORS, files):
+            rows = [r for r in data["rows"] if r["mode"] == "offline" and r["workload"] == workload]
+            batches = sorted({r["batch"] for r in rows})
+            method = spec_method(data)
+
+            def series(pick):
+                return [max((r["tokens_per_s"] for r in rows if r["batch"] == b and pick(r["config"])),
+                            default=float("nan")) for b in batches]
+            ax.plot(batches, series(lambda c: c.endswith("adaptive")), marker="o", color=color,
+                    linewidth=2.2, label=f"{method} adaptive")
+            ax.plot(batches, series(lambda c: " k=" in c), marker=".", color=color, linestyle="--",
+                    linewidth=1, label=f"{method} best fixed k")
+            ax.plot(batches, series(lambda c: c == "no spec"), color=color, linestyle=":", linewidth=1,
+                    label=f"no spec ({method} run)")
+        ticks = sorted({r["batch"] for d in files for r in d["rows"]})
+        ax.set(xscale="log", xlabel="batch size", ylabel="output tokens/s", title=f"offline: {workload}")
+        ax.set_xticks(ticks, [str(b) for b in ticks])
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"speculative decoding by drafter ({files[0].get('linear_path', '')})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -266,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_http_load(loaded, out)
     elif kind == "structured":
         plot_structured(loaded[0][1], out)
+    elif kind == "spec" and len(loaded) > 1:
+        plot_spec_drafters([d for _, d in loaded], out)
     elif kind == "spec":
         plot_spec(loaded[0][1], out)
     elif kind == "shared_prefix":

@@ -92,7 +92,7 @@ def run_offline(loaded, cfg: Config, prompts: list[str], batch: int, args, warmu
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     n = sum(map(len, tokens))
     drafted = after[1] - before[1]
-    return {"tokens_per_s": n / seconds, "tokens": n, "seconds": seconds,
+    return {"tokens_per_s": n / seconds, "tokens": n, "seconds": seconds, "cost_model": _cost_model(llm),
             "verifications": after[0] - before[0], "draft_tokens": drafted,
             "accepted_tokens": after[2] - before[2],
             "acceptance": (after[2] - before[2]) / drafted if drafted else None,
@@ -132,6 +132,17 @@ def _spec_totals(llm) -> tuple[int, int, int]:
         return 0, 0, 0
     t = spec.totals
     return t.num_drafts, t.num_draft_tokens, t.num_accepted_tokens
+
+
+def _cost_model(llm) -> dict | None:
+    """The adaptive controller's cost model at the end of the run (start-up probes refined online)."""
+    spec = llm.core.spec
+    if spec is None or not spec.controller.adaptive:
+        return None
+    from engine.spec.latency import describe
+    ctl = spec.controller
+    return {"step": describe(ctl.latency),
+            "draft_pass": describe(ctl.draft_latency) if ctl.draft_latency is not None else None}
 
 
 def mismatches(ref: list[list[int]], got: list[list[int]]) -> int:

@@ -442,3 +442,21 @@ def test_rows_sampled_at_a_temperature_are_priced_and_learnt_apart_from_greedy_o
         return sum(plan.values())
     # Greedy: a draft costs ~1 ms against 3.5 ms per committed token; sampled: 3 ms against 5.5.
     assert drafts(False) == 32 and drafts(True) == 0
+
+
+def test_a_probe_caught_by_an_interruption_does_not_flatten_the_table(monkeypatch):
+    """Probes take the best of their repeats, and a knot above a later one is lowered to
+    it: a 3-token probe whose every repeat was interrupted (+15 ms) no longer makes the
+    table flat from 3 to 9 tokens, so batch 1 still sees that 8 drafts cost 9 ms, not 16."""
+    from engine.spec.decoder import measure_step_latency
+    import engine.spec.decoder as decoder
+    clock = [0.0]
+
+    def probe(rows, per_row, temperature):
+        n = rows * per_row
+        clock[0] += 0.036 + 0.0012 * (n - 1) + (0.015 if n == 3 else 0.0)
+        return True
+    monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])
+    table = measure_step_latency(probe, [(1, n) for n in range(1, 10)])
+    assert table.predict(3) == pytest.approx(0.036 + 0.0012 * 3)  # lowered to the 4-token knot
+    assert table.predict(9) - table.predict(2) == pytest.approx(0.0012 * 7)
