@@ -35,8 +35,7 @@ def test_dashboard_panels_have_unique_ids_and_targets():
 @pytest.mark.parametrize("files", [["http_load_cpu_c1.json", "http_load_cpu_c8.json",
                                     "http_load_cpu_c16.json"],
                                    ["structured_cpu.json"], ["soak_cpu.json"], ["spec_cpu.json"],
-                                   ["spec_cpu.json", "spec_cpu_draft.json", "spec_cpu_recycling.json",
-                                    "spec_cpu_layerskip.json"],
+                                   ["spec_cpu.json", "spec_cpu_draft.json", "spec_cpu_recycling.json"],
                                    ["http_compare_cpu.json", "http_compare_cpu_q8.json",
                                     "offline_throughput_cpu_native.json"]])
 def test_plot_renders_png(tmp_path, files):
