@@ -66,6 +66,7 @@ class SpeculativeDecoder:
 
     def propose(self, running: Sequence[Request]) -> None:
         candidates: dict[str, Proposal] = {}
+        drafting: list[Request] = []  # the candidates' requests
         # Plain decodes besides the candidates. Prefill chunks are left out of the step the
         # controller prices: that work is owed whatever k is, and counting it would make
         # drafts look cheap beside it (a draft must pay at the decode rate).
@@ -77,12 +78,12 @@ class SpeculativeDecoder:
             proposal = self._proposal(req)
             if proposal.drafts:
                 candidates[req.request_id] = proposal
+                drafting.append(req)
             else:
                 other += 1
         if not candidates:
             return
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
-        drafting = [r for r in running if r.request_id in candidates]
         chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains,
                                         self._catchup(drafting),
                                         [r.request_id for r in drafting if not r.params.greedy])

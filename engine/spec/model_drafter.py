@@ -212,13 +212,13 @@ class DraftModelDrafter(ModelDrafter):
         self.attn = create_backend(runner.cfg.attention_backend, shape)
 
     def first_rows(self, entries):
-        # Catch up from where this request's draft KV ends (never past the target's start:
-        # after a preemption the target recomputes, and so does the draft).
-        return [(f, e.start + 1 - f) for e in entries
-                for f in (min(self._computed.get(e.request_id, 0), e.start),)]
+        # Pass 0 catches up on the backlog, then feeds the last committed token.
+        return [(e.start - b, b + 1) for e in entries for b in (self.backlog(e.request_id, e.start),)]
 
     def backlog(self, request_id: str, num_computed_tokens: int) -> int:
-        # Pass 0 feeds the last committed token anyway; the backlog is what comes before it.
+        # Tokens from where this request's draft KV ends up to its last committed token
+        # (never past the target's start: after a preemption the target recomputes, and
+        # so does the draft).
         return num_computed_tokens - min(self._computed.get(request_id, 0), num_computed_tokens)
 
     def forward(self, input_ids, positions, layout):

@@ -11,6 +11,7 @@ from engine.sample import Sampler, SamplingRow, build_sampling_metadata
 from engine.sampling_params import SamplingParams
 from engine.spec import DraftController, LatencyModel, accept_drafts, create_drafter
 from engine.spec.latency import LatencyTable, fit_quality
+from engine.spec.base import Drafter
 from engine.spec.ngram import NgramDrafter
 
 
@@ -363,12 +364,11 @@ def measured_fp32_table() -> LatencyTable:
     return LatencyTable([(n, t / 1e3) for n, t in ms.items()])
 
 
-class _AlwaysDrafts(NgramDrafter):
+class _AlwaysDrafts(Drafter):
     """Proposes k drafts for every request; `backlog` tokens of catch-up each."""
     keeps_kv = True
 
     def __init__(self, backlog: int):
-        super().__init__()
         self._backlog = backlog
 
     def propose(self, request_id, token_ids, k):
