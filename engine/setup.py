@@ -194,6 +194,7 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
     """The speculative decoder of `args`, its latency models measured on this runner; None if off."""
     from engine.spec import DraftController, LatencyModel, create_drafter
     from engine.spec.decoder import SpeculativeDecoder, measure_latency, measure_step_latency, probe_shapes
+    from engine.spec.probes import ProbeScratch
 
     method, k = args.resolved_speculative()
     if method is None:
@@ -213,71 +214,11 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
     latency, draft_latency = LatencyModel(1.0, 0.0), None
     if args.speculative_adaptive:
         max_tokens = min(args.max_num_batched_tokens, args.max_num_seqs * (k + 1))
-        latency = measure_step_latency(lambda *shape: _probe_step(scheduler, runner, *shape),
-                                       probe_shapes(k, max_tokens))
-        if drafter.needs_runner:
-            draft_latency = measure_latency(lambda n: _probe_draft(scheduler, drafter, n), what="draft pass")
+        with ProbeScratch(scheduler, runner) as scratch:
+            latency = measure_step_latency(scratch.step, probe_shapes(k, max_tokens))
+            if drafter.needs_runner:
+                draft_latency = measure_latency(lambda n: scratch.draft_pass(drafter, n), what="draft pass")
     log.info("speculative decoding: %s, up to %d tokens, %s", method, k,
              "adaptive" if args.speculative_adaptive else "fixed k")
     return SpeculativeDecoder(drafter, DraftController(k, latency, args.speculative_adaptive,
                                                        draft_latency=draft_latency))
-
-
-def _probe_step(scheduler: Scheduler, runner: ModelRunner, rows: int, per_row: int,
-                temperature: float = 0.0) -> bool:
-    """One model step on scratch KV blocks (freed after): `rows` requests, each a decode of
-    its token plus per_row - 1 drafts after a ~128-token context (every token samples, like
-    a verification; greedy, or at `temperature`). False when the KV pool has no room for it.
-
-    The rows share one context's blocks (like a prefix-cache hit) and own only the block
-    their new tokens go to, so probing touches a few pages per row. Reading never-written
-    pages maps the kernel's zero page there, and the first real write to such a page then
-    costs a copy-on-write break with a TLB shootdown: probing every row's own context made
-    the engine's first minutes ~5-10% slower."""
-    from engine.request import Request
-    from engine.sampling_params import SamplingParams
-    from engine.sched.output import ScheduledRequest, SchedulerOutput
-
-    bs = scheduler.kv.block_size
-    context = bs * -(-128 // bs)  # whole blocks, so each row's new tokens start its own block
-    tokens = [j % 1000 for j in range(context + 1)]
-    params = SamplingParams(max_tokens=1, temperature=temperature)
-    shared = Request("__latency_probe_context__", tokens[:context], params)
-    reqs = [Request(f"__latency_probe_{i}__", tokens, params) for i in range(rows)]
-    try:
-        if not scheduler.kv.allocate(shared, context):
-            return False
-        prefix = tuple(scheduler.kv.block_table(shared.request_id))
-        entries = []
-        for req in reqs:
-            if not scheduler.kv.allocate(req, per_row):  # blocks for positions context .. + per_row
-                return False
-            entries.append(ScheduledRequest(req, context, per_row, prefix + tuple(scheduler.kv.block_table(req.request_id)),
-                                            True, draft_token_ids=(7,) * (per_row - 1)))
-        runner.execute(SchedulerOutput(tuple(entries), rows * per_row))
-        return True
-    finally:
-        for req in (*reqs, shared):
-            scheduler.kv.free(req)
-            if runner.model_drafter is not None:
-                runner.model_drafter.forget(req.request_id)
-
-
-def _probe_draft(scheduler: Scheduler, drafter: Any, num_rows: int) -> None:
-    """One draft pass of `num_rows` one-token rows on scratch KV blocks (freed after)."""
-    from engine.request import Request
-    from engine.sampling_params import SamplingParams
-    from engine.spec.model_drafter import decode_layout
-
-    req = Request("__draft_probe__", [i % 1000 for i in range(num_rows)], SamplingParams(max_tokens=1))
-    if not scheduler.kv.allocate(req, num_rows):
-        return
-    try:
-        blocks = tuple(scheduler.kv.block_table(req.request_id))
-        runner = drafter.runner
-        layout, pos = decode_layout([(blocks, i, 1) for i in range(num_rows)], runner.cfg.cache.block_size,
-                                    runner.cfg.device)
-        with torch.inference_mode():
-            drafter.forward(torch.tensor(req.token_ids, device=runner.cfg.device), pos, layout)
-    finally:
-        scheduler.kv.free(req)

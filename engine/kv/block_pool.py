@@ -74,9 +74,13 @@ class BlockPool:
                 del self.evictable[block_id]
             block.ref_count += 1
 
-    def free(self, block_ids: list[int]) -> None:
+    def free(self, block_ids: list[int], reuse_first: bool = False) -> None:
         """Drop one reference each; blocks reaching 0 join the tail of their queue in
-        the order given (callers pass a sequence's tail first so it is evicted first)."""
+        the order given (callers pass a sequence's tail first so it is evicted first).
+        reuse_first: they join the head instead, so the next allocation hands the same
+        blocks out again (the last one given first: pass a sequence tail first and it
+        comes back in order). Scratch work (start-up probes) then keeps to a few blocks
+        instead of touching pages all over the cache."""
         for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count <= 0:
@@ -85,6 +89,8 @@ class BlockPool:
             if block.ref_count == 0:
                 queue = self.free_queue if block.block_hash is None else self.evictable
                 queue[block_id] = None
+                if reuse_first:
+                    queue.move_to_end(block_id, last=False)
 
     def cache(self, block_id: int, block_hash: bytes) -> int:
         """Register a full, computed, in-use block under its hash. If another block

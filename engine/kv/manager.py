@@ -142,13 +142,14 @@ class KVCacheManager:
         self.forest.extend(req.request_id, blocks[start:num_full])
         self._clear_pending(req, start, num_full)
 
-    def free(self, req: Request) -> None:
-        """Release every block of the request (tail first, so it is evicted first)."""
+    def free(self, req: Request, reuse_first: bool = False) -> None:
+        """Release every block of the request (tail first, so it is evicted first;
+        reuse_first: handed out again next, in the same order, see BlockPool.free)."""
         blocks = self.req_blocks.pop(req.request_id, [])
         hashed = self.num_hashed_blocks.pop(req.request_id, 0)
         self._clear_pending(req, hashed, len(req.block_hashes))
         self.forest.remove(req.request_id)
-        self.pool.free(list(reversed(blocks)))
+        self.pool.free(list(reversed(blocks)), reuse_first)
 
     def truncate(self, req: Request) -> None:
         """Release blocks beyond what the request's computed tokens need (rollback)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import mmap
+from collections.abc import Sequence
 
 import torch
 
@@ -28,3 +29,14 @@ class KVMemory:
         self._mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE)  # anonymous: zero-filled on demand
         flat = torch.frombuffer(self._mapping, dtype=dtype, count=per_layer * num_layers)
         self.layers = [flat[i * per_layer:(i + 1) * per_layer].view(shape) for i in range(num_layers)]
+
+    def zero_blocks(self, block_ids: Sequence[int]) -> None:
+        """Write zeros over these blocks in every layer. On the CPU this makes their pages
+        the process's own before anything reads them: a read of a never-written page maps
+        the kernel's shared zero page there, and the first write to it later costs a
+        copy-on-write fault with a TLB shootdown across the compute threads."""
+        if not block_ids:
+            return
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.layers[0].device)
+        for layer in self.layers:
+            layer.index_fill_(0, index, 0)

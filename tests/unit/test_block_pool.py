@@ -63,6 +63,21 @@ def test_lru_least_recently_freed_first():
     assert pool.num_evictions == 0
 
 
+def test_reuse_first_hands_the_same_blocks_out_again_in_order():
+    pool = BlockPool(6)
+    assert pool.allocate(2) == [0, 1]
+    pool.free([1, 0])
+    assert pool.free_order() == [2, 3, 4, 5, 1, 0]  # the tail of the queue
+    assert pool.allocate(3) == [2, 3, 4]
+    pool.free([4, 3, 2], reuse_first=True)  # a sequence, tail first
+    assert pool.free_order() == [2, 3, 4, 5, 1, 0]
+    assert pool.allocate(3) == [2, 3, 4]
+    pool.cache(3, "h")
+    pool.free([4, 3, 2], reuse_first=True)  # a cached block heads the evictable queue
+    assert pool.free_order() == [2, 4, 5, 1, 0, 3]
+    pool.check_invariants()
+
+
 def test_cached_blocks_evicted_after_free_ones_in_lru_order():
     pool = BlockPool(3)
     a, b, c = pool.allocate(3)

@@ -38,3 +38,14 @@ def test_runner_caches_live_in_one_lazily_committed_mapping(make_llm):
     per_layer = first.numel() * first.element_size()
     assert last.data_ptr() - first.data_ptr() == per_layer * (len(runner.kv_caches) - 1)  # one mapping
     assert runner.kv_memory.layers is runner.kv_caches
+
+
+def test_zero_blocks_writes_zeros_over_those_blocks_in_every_layer():
+    mem = KVMemory(3, (8, 2, 16, 2, 32), torch.float32, torch.device("cpu"))
+    for layer in mem.layers:
+        layer.fill_(1.0)
+    mem.zero_blocks([2, 5])
+    for layer in mem.layers:
+        assert torch.count_nonzero(layer[[2, 5]]) == 0
+        assert torch.count_nonzero(layer[[0, 1, 3, 4, 6, 7]]) == layer[0].numel() * 6
+    mem.zero_blocks([])  # nothing to do
