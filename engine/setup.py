@@ -193,8 +193,8 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
                       draft: LoadedModel | None = None) -> Any:
     """The speculative decoder of `args`, its latency models measured on this runner; None if off."""
     from engine.spec import DraftController, LatencyModel, create_drafter
-    from engine.spec.decoder import SpeculativeDecoder, measure_latency, measure_step_latency, probe_shapes
-    from engine.spec.probes import ProbeScratch
+    from engine.spec.decoder import SpeculativeDecoder, measure_step_latency, probe_shapes
+    from engine.spec.probes import ProbeScratch, measure_draft_costs
 
     method, k = args.resolved_speculative()
     if method is None:
@@ -211,14 +211,14 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
     if drafter.needs_runner:
         drafter.attach(runner)
         runner.model_drafter = drafter
-    latency, draft_latency = LatencyModel(1.0, 0.0), None
+    latency, draft_latency, catchup = LatencyModel(1.0, 0.0), None, None
     if args.speculative_adaptive:
         max_tokens = min(args.max_num_batched_tokens, args.max_num_seqs * (k + 1))
         with ProbeScratch(scheduler, runner) as scratch:
             latency = measure_step_latency(scratch.step, probe_shapes(k, max_tokens))
             if drafter.needs_runner:
-                draft_latency = measure_latency(lambda n: scratch.draft_pass(drafter, n), what="draft pass")
+                draft_latency, catchup = measure_draft_costs(scratch, drafter, args.max_num_seqs)
     log.info("speculative decoding: %s, up to %d tokens, %s", method, k,
              "adaptive" if args.speculative_adaptive else "fixed k")
     return SpeculativeDecoder(drafter, DraftController(k, latency, args.speculative_adaptive,
-                                                       draft_latency=draft_latency))
+                                                       draft_latency=draft_latency, catchup_per_token=catchup))

@@ -142,7 +142,9 @@ def _cost_model(llm) -> dict | None:
     from engine.spec.latency import describe
     ctl = spec.controller
     return {"step": describe(ctl.latency),
-            "draft_pass": describe(ctl.draft_latency) if ctl.draft_latency is not None else None}
+            "draft_pass": describe(ctl.draft_latency) if ctl.draft_latency is not None else None,
+            "draft_catchup_ms_per_token": (1e3 * ctl.catchup_per_token if ctl.catchup_per_token is not None
+                                           else None)}
 
 
 def mismatches(ref: list[list[int]], got: list[list[int]]) -> int:

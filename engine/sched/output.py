@@ -89,7 +89,7 @@ class ModelRunnerOutput:
     # Per request, None when not asked, else parallel per-token lists in the form
     # `make_logprob_dicts` takes: (sampled logprobs, sampled ranks, top-n ids, top-n logprobs).
     logprobs: tuple[TokenLogprobs | None, ...] = ()
-    # A model drafter's passes this step (engine.spec.model_drafter.DraftPass: tokens, seconds).
+    # A model drafter's passes this step (engine.spec.model_drafter.DraftPass: tokens, seconds, rows).
     draft_passes: tuple = ()
     # When the runner's logit_topk > 0: (input token of each sampled row [S], its logits'
     # top ids [S, K]) on the host, for a drafter that learns from the target's logits.

@@ -28,15 +28,18 @@ same way), so a step costs T(N) + sum_j D(B_j): the j-th draft of a request
 adds one verify token, one row to pass j and, for the first request to reach
 j, pass j's fixed cost. A draft model must also have the KV of every committed
 token before it drafts for a request: starting one whose backlog is b tokens
-costs b x D's per-token cost once, which the controller spreads over the tokens
+costs b x c once (c = `catchup_per_token`, the cost of a backlog token fed in pass 0
+beyond its rows: measured at start-up, learnt online from every pass 0 with a
+backlog; those passes are prefill-shaped and stay out of D's fit, which they would
+bend towards a lower slope and a higher fixed cost), which the controller spreads over the tokens
 the request commits while drafting (`catchup[r]` = b / the tokens it may still
-commit): each token r commits in a drafting step carries per_token x catchup[r].
+commit): each token r commits in a drafting step carries c x catchup[r].
 So a long prompt is caught up on at batch 1, where drafts pay many times over,
 and not at a batch size where they barely pay for their own passes. Its last
 draft is never fed to the draft model (no pass follows it), so when all k drafts
-are accepted the next step's pass 0 feeds it: a request drafting k adds
-per_token x P(all k accepted) to the step (at k = 1 and 92% acceptance that
-nearly doubles pass 0, which made k = 1 look cheaper than it is).
+are accepted the next step's pass 0 feeds it, one token beyond the request's row:
+a request drafting k adds c x P(all k accepted) to the step (left out, k = 1 looked
+cheaper than it is).
 """
 from __future__ import annotations
 
@@ -44,15 +47,21 @@ from collections.abc import Collection, Sequence
 from engine.spec.acceptance import AcceptanceModel
 from engine.spec.latency import LatencyModel, LatencyTable
 
+CATCHUP_DECAY = 0.9  # weight of the past in the catch-up rate, per pass 0 with a backlog
+PRIOR_TOKENS = 32.0  # the start-up measurement counts as this many backlog tokens
+
 
 class DraftController:
     """Chooses k per request per step; `adaptive=False` gives every request max_k."""
 
     def __init__(self, max_k: int, latency: LatencyModel | LatencyTable, adaptive: bool = True,
                  prior: float = 0.6, switch_margin: float = 0.05,
-                 draft_latency: LatencyModel | None = None):
+                 draft_latency: LatencyModel | None = None, catchup_per_token: float | None = None):
         self.max_k, self.latency, self.adaptive = max_k, latency, adaptive
         self.draft_latency = draft_latency  # a model drafter's per-pass cost; None: free drafts
+        # Seconds per backlog token fed in pass 0 beyond its rows (None: D's per_token), as a
+        # ratio of decayed sums (time beyond D(rows), backlog tokens) over the passes seen.
+        self._backlog = [0.0, 0.0] if catchup_per_token is None else [catchup_per_token * PRIOR_TOKENS, PRIOR_TOKENS]
         self.prior, self.switch_margin = prior, switch_margin
         self.accept = AcceptanceModel(max_k, prior)
         self._k: dict[str, int] = {}  # each request's k of its last plan (hysteresis)
@@ -131,16 +140,25 @@ class DraftController:
             return 0.0
         return d.per_token + (d.fixed if new_pass else 0.0)
 
+    @property
+    def catchup_per_token(self) -> float | None:
+        """Seconds per backlog token a pass 0 feeds beyond its rows (None: no model drafter)."""
+        if self.draft_latency is None:
+            return None
+        seconds, tokens = self._backlog
+        return seconds / tokens if tokens else self.draft_latency.per_token
+
     def _catchup_cost(self, rid: str, tokens: float) -> float:
         """The share of rid's catch-up carried by `tokens` committed tokens."""
         c = self._catchup.get(rid)
-        return 0.0 if not c or self.draft_latency is None else self.draft_latency.per_token * c * tokens
+        return 0.0 if not c or self.draft_latency is None else self.catchup_per_token * c * tokens
 
     def _last_draft_cost(self, rid: str, k: int) -> float:
-        """The expected cost of feeding rid's k-th draft to the draft model next step."""
+        """The expected cost of feeding rid's k-th draft to the draft model next step (one
+        more token in that request's row of pass 0)."""
         if not k or rid not in self._catchup or self.draft_latency is None:
             return 0.0
-        return self.draft_latency.per_token * self._gains[rid][k - 1]
+        return self.catchup_per_token * self._gains[rid][k - 1]
 
     def _draft_cost(self, plan: dict[str, int]) -> float:
         d = self.draft_latency
@@ -158,6 +176,21 @@ class DraftController:
 
     def _step(self, tokens: int, stochastic: int) -> float:
         return self.latency.predict(tokens, tokens, stochastic)  # decodes and drafts all sample
+
+    def observe_draft_pass(self, rows: int, tokens: int, seconds: float) -> None:
+        """Learn from one of a model drafter's passes: `rows` requests fed `tokens` tokens.
+        One token a row refines D; a pass 0 with backlog tokens refines the catch-up rate
+        from its time beyond D(rows)."""
+        d = self.draft_latency
+        if d is None or not rows:
+            return
+        if tokens <= rows:
+            d.observe(rows, seconds)
+            return
+        # A ratio of sums, not a mean of ratios: a pass 0 that fed one accepted last draft
+        # carries a few ms of noise over one token and must not swing the rate.
+        self._backlog = [self._backlog[0] * CATCHUP_DECAY + max(seconds - d.predict(rows), 0.0),
+                         self._backlog[1] * CATCHUP_DECAY + (tokens - rows)]
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         """Learn from one verification: accepted of drafted (a run, stops at a miss)."""

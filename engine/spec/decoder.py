@@ -137,8 +137,7 @@ class SpeculativeDecoder:
             self.stats.add(k, accepted)
             self.totals.add(k, accepted, keep_length=False)
         for p in draft_passes:
-            if self.controller.draft_latency is not None:
-                self.controller.draft_latency.observe(p.num_tokens, p.seconds)
+            self.controller.observe_draft_pass(p.rows, p.num_tokens, p.seconds)
             seconds -= p.seconds
         if num_tokens and seconds > 0:
             sampled = sum(1 + e.num_draft_tokens for e in scheduled if e.sample)
@@ -170,11 +169,15 @@ def probe_shapes(max_k: int, max_tokens: int) -> list[tuple[int, int]]:
 
 def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), repeats: int = 4,
                     what: str = "step") -> LatencyModel:
-    """Fit T(N) from timed forward passes: `run_tokens(n)` runs one step of n tokens."""
+    """Fit T(N) from timed forward passes: `run_tokens(n)` runs one step of n tokens
+    (False: it could not, for want of KV room; that count and larger ones are left out)."""
     samples = []
     run_tokens(token_counts[0])  # warm-up
     for n in token_counts:
-        samples.append((n, _best_time(lambda: run_tokens(n), repeats)))
+        seconds = best_time(lambda: run_tokens(n), repeats)
+        if seconds is None:  # no KV room for it, nor for larger ones
+            break
+        samples.append((n, seconds))
     model = LatencyModel.fit(samples)
     log.info("%s %s (fit rms error %.1f%% over N = %s)", what, describe(model),
              100 * fit_quality(model, samples), list(token_counts))
@@ -194,7 +197,7 @@ def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: 
     samples, largest = [], None
     run_probe(*shapes[0], 0.0)  # warm-up
     for rows, per_row in shapes:
-        seconds = _best_time(lambda: run_probe(rows, per_row, 0.0), repeats)
+        seconds = best_time(lambda: run_probe(rows, per_row, 0.0), repeats)
         if seconds is None:
             break
         samples.append((rows * per_row, seconds))
@@ -202,7 +205,7 @@ def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: 
     sample_cost = 0.0
     if largest is not None:
         rows, per_row, greedy = largest
-        sampled = _best_time(lambda: run_probe(rows, per_row, 1.0), repeats)
+        sampled = best_time(lambda: run_probe(rows, per_row, 1.0), repeats)
         sample_cost = max((sampled - greedy) / (rows * per_row), 0.0) if sampled is not None else 0.0
     for i in reversed(range(len(samples) - 1)):
         samples[i] = (samples[i][0], min(samples[i][1], samples[i + 1][1]))
@@ -211,7 +214,7 @@ def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: 
     return table
 
 
-def _best_time(run, repeats: int) -> float | None:
+def best_time(run, repeats: int) -> float | None:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -46,6 +46,7 @@ PENDING = -1  # a draft the runner's draft model fills in this step
 class DraftPass:
     num_tokens: int
     seconds: float
+    rows: int  # requests in the pass (num_tokens > rows: pass 0 fed a backlog)
 
 
 def decode_layout(rows: Sequence[tuple[tuple[int, ...], int, int]], page: int, device: torch.device
@@ -77,8 +78,10 @@ class ModelDrafter(Drafter):
         self.runner = runner
 
     @abstractmethod
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout) -> torch.Tensor:
-        """One draft pass: ids/positions [n] -> fp32 logits [n, vocab]."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, layout: BatchLayout,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One draft pass: ids/positions [n] -> fp32 logits [n, vocab], or [len(logit_rows),
+        vocab] of those rows only (pass 0: a catch-up's tokens need KV, not logits)."""
 
     def first_rows(self, entries: Sequence[ScheduledRequest]) -> list[tuple[int, int]]:
         """Per drafting request, (first position, num tokens) of pass 0: its last committed token."""
@@ -117,8 +120,8 @@ class ModelDrafter(Drafter):
         last0 = torch.tensor(rows0)[:, 1].cumsum(0) - 1  # [R] row of each request's last pass-0 token
         t0 = time.perf_counter()
         layout, pos = decode_layout([(e.block_ids, f, n) for e, (f, n) in zip(entries, rows0)], page, dev)
-        drafts[:, 0] = self._pick(self.forward(ids0, pos, layout)[last0.to(dev)], entries, range(len(entries)))
-        passes.append(DraftPass(len(ids0), time.perf_counter() - t0))
+        drafts[:, 0] = self._pick(self.forward(ids0, pos, layout, last0.to(dev)), entries, range(len(entries)))
+        passes.append(DraftPass(len(ids0), time.perf_counter() - t0, len(entries)))
         for j in range(1, drafts.shape[1]):
             t0 = time.perf_counter()
             active = (ks > j).nonzero().flatten().tolist()  # host: ks is a host tensor
@@ -126,7 +129,7 @@ class ModelDrafter(Drafter):
             layout, pos = decode_layout(rows, page, dev)
             sel = torch.tensor(active, device=dev)
             drafts[sel, j] = self._pick(self.forward(drafts[sel, j - 1], pos, layout), entries, active)
-            passes.append(DraftPass(len(active), time.perf_counter() - t0))
+            passes.append(DraftPass(len(active), time.perf_counter() - t0, len(active)))
         host = drafts.tolist()  # the model drafter's sync: drafted ids to the host
         scheduled = list(sched.scheduled)
         for i, e, row in zip(idx, entries, host):
@@ -154,12 +157,13 @@ class ModelDrafter(Drafter):
         return ids
 
 
-def _run_layers(model, layer_ids: Sequence[int], input_ids, positions, attn, caches) -> torch.Tensor:
+def _run_layers(model, layer_ids: Sequence[int], input_ids, positions, attn, caches,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
     x = model.embed_tokens(input_ids)
     rope = model.rotary.lookup(positions, x.dtype)
     for i in layer_ids:
         x = model.layers[i](x, rope, attn, caches[i])
-    return model.compute_logits(x)
+    return model.compute_logits(x if logit_rows is None else x[logit_rows])
 
 
 def kept_layers(num_layers: int, keep: float) -> list[int]:
@@ -183,10 +187,10 @@ class LayerSkipDrafter(ModelDrafter):
         super().attach(runner)
         self.layers = kept_layers(len(runner.kv_caches), self.keep)
 
-    def forward(self, input_ids, positions, layout):
+    def forward(self, input_ids, positions, layout, logit_rows=None):
         self.runner.attn.plan(layout)
         return _run_layers(self.runner.model, self.layers, input_ids, positions, self.runner.attn,
-                           self.runner.kv_caches)
+                           self.runner.kv_caches, logit_rows)
 
 
 @register_drafter("draft")
@@ -221,10 +225,10 @@ class DraftModelDrafter(ModelDrafter):
         # so does the draft).
         return num_computed_tokens - min(self._computed.get(request_id, 0), num_computed_tokens)
 
-    def forward(self, input_ids, positions, layout):
+    def forward(self, input_ids, positions, layout, logit_rows=None):
         self.attn.plan(layout)
         return _run_layers(self.model, range(len(self.kv_caches)), input_ids, positions, self.attn,
-                           self.kv_caches)
+                           self.kv_caches, logit_rows)
 
     def scheduled(self, entries) -> None:
         # The target recomputing below our mark (after a preemption, into fresh blocks)

@@ -3,7 +3,10 @@ passes on scratch KV blocks (engine/setup.py times them through engine/spec/deco
 
 Every probe row decodes its token plus per_row - 1 drafts after one shared ~128-token
 context (like a prefix-cache hit), so a probe owns the context's blocks plus one block
-per row, and every token samples, like a verification.
+per row, and every token samples, like a verification. A model drafter's passes are
+probed the same way (one-token rows after the context: probes of rows at positions
+0 .. B-1 of one request priced a 16-row pass at 13 ms where real ones took 19-20), and
+its catch-up by one pass feeding the whole context.
 
 Probes must leave the KV cache as a fresh one for the engine's speed afterwards:
   - The context is never computed, only read, so its blocks are zero-filled once first.
@@ -18,6 +21,7 @@ Probes must leave the KV cache as a fresh one for the engine's speed afterwards:
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +29,10 @@ import torch
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.sched.output import ScheduledRequest, SchedulerOutput
+from engine.spec.decoder import best_time, measure_latency
+from engine.spec.latency import LatencyModel
+
+log = logging.getLogger(__name__)
 
 CONTEXT_TOKENS = 128  # each probe row's context, rounded up to whole blocks
 
@@ -46,8 +54,14 @@ class ProbeScratch:
         if self.kv.allocate(shared, self.context):
             self._shared = shared
             self._prefix = tuple(self.kv.block_table(shared.request_id))
-            self.runner.kv_memory.zero_blocks(self._prefix)
+            for memory in {id(m): m for m in self._kv_memories()}.values():
+                memory.zero_blocks(self._prefix)
         return self
+
+    def _kv_memories(self) -> list:
+        """The target's KV and a draft model's own (layerskip reads the target's)."""
+        own = getattr(self.runner.model_drafter, "kv_memory", None)
+        return [self.runner.kv_memory] + ([own] if own is not None else [])
 
     def __exit__(self, *exc) -> None:
         if self._shared is not None:
@@ -79,19 +93,49 @@ class ProbeScratch:
                 if self.runner.model_drafter is not None:
                     self.runner.model_drafter.forget(req.request_id)
 
-    def draft_pass(self, drafter: Any, num_rows: int) -> None:
-        """One draft pass of `num_rows` one-token rows at positions 0 .. num_rows - 1 of one
-        request (each row writes its slot before any row reads it)."""
+    def draft_pass(self, drafter: Any, num_rows: int) -> bool:
+        """One draft pass of `num_rows` one-token rows, each after the shared context (a
+        decode pass as the drafter runs it mid-generation); False without KV room."""
+        return self._rows(num_rows, lambda blocks: (blocks, self.context, 1), drafter)
+
+    def catchup_pass(self, drafter: Any) -> bool:
+        """One draft pass of one row feeding the whole context (a pass 0 catching up on a
+        `context`-token backlog)."""
+        return self._rows(1, lambda blocks: (blocks, 0, self.context), drafter)
+
+    def _rows(self, num_rows: int, row, drafter: Any) -> bool:
         from engine.spec.model_drafter import decode_layout
 
-        req = Request("__draft_probe__", [i % 1000 for i in range(num_rows)], SamplingParams(max_tokens=1))
-        if not self.kv.allocate(req, num_rows):
-            return
+        if self._shared is None:
+            return False
+        reqs = [Request(f"__draft_probe_{i}__", self.tokens, SamplingParams(max_tokens=1)) for i in range(num_rows)]
+        allocated: list[Request] = []
         try:
-            blocks = tuple(self.kv.block_table(req.request_id))
-            cfg = drafter.runner.cfg
-            layout, pos = decode_layout([(blocks, i, 1) for i in range(num_rows)], cfg.cache.block_size, cfg.device)
+            rows = []
+            for req in reqs:
+                if not self.kv.allocate(req, 1):
+                    return False
+                allocated.append(req)
+                rows.append(row(self._prefix + tuple(self.kv.block_table(req.request_id))))
+            cfg = self.runner.cfg
+            layout, pos = decode_layout(rows, cfg.cache.block_size, cfg.device)
+            ids = torch.tensor([t % 1000 for t in range(len(pos))], device=cfg.device)
             with torch.inference_mode():
-                drafter.forward(torch.tensor(req.token_ids, device=cfg.device), pos, layout)
+                drafter.forward(ids, pos, layout, torch.arange(num_rows, device=cfg.device))
+            return True
         finally:
-            self.kv.free(req, reuse_first=True)
+            for req in reversed(allocated):
+                self.kv.free(req, reuse_first=True)
+
+
+def measure_draft_costs(scratch: ProbeScratch, drafter: Any, max_rows: int, repeats: int = 4
+                        ) -> tuple[LatencyModel, float]:
+    """A model drafter's pass line D(B) over B one-token rows (B up to `max_rows`, the most
+    requests a step runs) and its catch-up rate: seconds per backlog token a pass 0 feeds
+    beyond its rows."""
+    rows = sorted({min(n, max_rows) for n in (1, 4, 16, 48)})
+    line = measure_latency(lambda n: scratch.draft_pass(drafter, n), rows, repeats, what="draft pass")
+    seconds = best_time(lambda: scratch.catchup_pass(drafter), repeats)
+    rate = max(seconds - line.predict(1), 0.0) / (scratch.context - 1) if seconds is not None else line.per_token
+    log.info("draft catch-up: %.3f ms per backlog token (a %d-token pass 0)", 1e3 * rate, scratch.context)
+    return line, rate

@@ -387,8 +387,10 @@ def _decoding(n: int, prompt: int = 285, max_tokens: int = 64):
     return reqs
 
 
-@pytest.mark.parametrize("backlog,batch,drafts", [(0, 16, True), (285, 16, False), (285, 1, True), (0, 1, True)])
-def test_a_draft_models_catch_up_is_priced_against_what_its_drafts_bring(backlog, batch, drafts):
+@pytest.mark.parametrize("backlog,batch,drafts,catchup_rate", [
+    (0, 16, True, None), (285, 16, False, None), (285, 1, True, None), (0, 1, True, None),
+    (285, 16, True, 0.00001)])  # a catch-up 46x cheaper per token than a pass's row pays at B = 16
+def test_a_draft_models_catch_up_is_priced_against_what_its_drafts_bring(backlog, batch, drafts, catchup_rate):
     """The q8 self-draft's numbers on the fp32 path: a pass costs 6 ms + 0.46 ms per row,
     drafts are all accepted. A request whose draft KV must first catch up on a 285-token
     prompt with 64 tokens to go pays 285 x 0.46 ms once: at batch 1 (36 ms per token
@@ -397,7 +399,8 @@ def test_a_draft_models_catch_up_is_priced_against_what_its_drafts_bring(backlog
     before this rule (fixed k = 4, 32 grounded prompts, B = 16): 92.6 tok/s vs 122.1
     without drafts, 7.3 s of the 21.4 s spent catching up."""
     from engine.spec.decoder import SpeculativeDecoder
-    ctl = DraftController(8, measured_fp32_table(), draft_latency=LatencyModel(0.006, 0.00046))
+    ctl = DraftController(8, measured_fp32_table(), draft_latency=LatencyModel(0.006, 0.00046),
+                          catchup_per_token=catchup_rate)
     for i in range(batch):
         for _ in range(20):
             ctl.observe(f"r{i}", 8, 8)
@@ -406,6 +409,28 @@ def test_a_draft_models_catch_up_is_priced_against_what_its_drafts_bring(backlog
     decoder.propose(reqs)
     ks = [len(r.draft_token_ids) for r in reqs]
     assert all(k > 0 for k in ks) if drafts else not any(ks), ks
+
+
+def test_a_pass_0_with_a_backlog_teaches_the_catch_up_rate_and_leaves_the_pass_line_alone():
+    """The q8 self-draft at open chat B = 16: one-token passes take 6.4 ms at 1 row and 19.3
+    ms at 16; a pass 0 catching up on 94 prompt tokens took 0.2 ms more per backlog token.
+    Fitting those passes into the line as 110-token passes bent it (fixed 8-11 ms, 0.54-0.71
+    ms per row); they now set the catch-up rate only, and one-token passes move the line."""
+    line = LatencyModel.fit([(1, 0.0064), (16, 0.0193)])
+    ctl = DraftController(8, measured_fp32_table(), draft_latency=line)
+    d1, d16 = line.predict(1), line.predict(16)
+    for _ in range(30):
+        ctl.observe_draft_pass(16, 16 + 94, d16 + 94 * 0.0002)
+    assert line.predict(1) == pytest.approx(d1) and line.predict(16) == pytest.approx(d16)
+    assert ctl.catchup_per_token == pytest.approx(0.0002, rel=0.01)
+    for _ in range(30):
+        ctl.observe_draft_pass(16, 16, d16 + 0.005)  # the passes got slower
+    assert line.predict(16) == pytest.approx(d16 + 0.005, rel=0.05)
+    assert ctl.catchup_per_token == pytest.approx(0.0002, rel=0.01)
+    # A pass 0 that fed one accepted last draft, with 3 ms of noise: a ratio of sums
+    # barely moves (a mean of ratios would take a share of 3 ms per token).
+    ctl.observe_draft_pass(16, 17, line.predict(16) + 0.003)
+    assert ctl.catchup_per_token == pytest.approx(0.0002, rel=0.02)
 
 
 def test_a_draft_models_last_draft_is_fed_next_step_and_priced():

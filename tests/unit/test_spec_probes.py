@@ -39,25 +39,32 @@ def tiny(tmp_path_factory):
     from tests.e2e.tiny_model import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
-    return load_model(EngineArgs(model=str(path), max_model_len=256))
+    return path, load_model(EngineArgs(model=str(path), max_model_len=256))
 
 
-@pytest.mark.parametrize("method", ["ngram", "layerskip"])  # layerskip also probes draft passes
+# layerskip and draft also probe draft passes (draft: on its own KV, the target as its own draft)
+@pytest.mark.parametrize("method", ["ngram", "layerskip", "draft"])
 def test_probes_leave_no_zero_page_mappings_and_the_free_order_as_it_was(tiny, method):
     from engine.llm import LLM
 
+    path, loaded = tiny
     max_seqs, k = 16, 4
-    llm = LLM(loaded=tiny, max_num_seqs=max_seqs, kv_cache_memory=16 << 20, speculative_method=method,
-              num_speculative_tokens=k, speculative_adaptive=True)
+    llm = LLM(loaded=loaded, max_num_seqs=max_seqs, kv_cache_memory=16 << 20, speculative_method=method,
+              num_speculative_tokens=k, speculative_adaptive=True,
+              speculative_model=str(path) if method == "draft" else None)
     core = llm.core
     kv, memory = core.scheduler.kv, core.runner.kv_memory
     assert core.spec.controller.latency.knots[-1] == max_seqs * (k + 1)  # every probe ran
     owned, zero_mapped = kv_pages(memory)
     assert zero_mapped == 0
+    if method == "draft":
+        assert core.spec.controller.catchup_per_token > 0
+        assert kv_pages(core.runner.model_drafter.kv_memory)[1] == 0
     assert kv.pool.free_order() == list(range(kv.pool.num_blocks))
-    # Touched: the context's blocks and one block per row of the largest probe, in every layer.
+    # Touched: the context's blocks and one block per row of the largest probe (a step's
+    # rows, or a draft pass's: at most one per request), in every layer.
     block_bytes = memory.layers[0][0].numel() * memory.layers[0].element_size()
-    most_rows = max(rows for rows, _ in probe_shapes(k, max_seqs * (k + 1)))
+    most_rows = max(max_seqs, *(rows for rows, _ in probe_shapes(k, max_seqs * (k + 1))))
     blocks = CONTEXT_TOKENS // kv.block_size + most_rows
     assert 0 < owned <= len(memory.layers) * -(-blocks * block_bytes // PAGE) + 2
     out = llm.generate(["The cat"], __import__("engine").SamplingParams(max_tokens=4, ignore_eos=True))
