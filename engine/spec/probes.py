@@ -54,7 +54,7 @@ class ProbeScratch:
         if self.kv.allocate(shared, self.context):
             self._shared = shared
             self._prefix = tuple(self.kv.block_table(shared.request_id))
-            for memory in {id(m): m for m in self._kv_memories()}.values():
+            for memory in self._kv_memories():
                 memory.zero_blocks(self._prefix)
         return self
 
@@ -71,61 +71,64 @@ class ProbeScratch:
     def step(self, rows: int, per_row: int, temperature: float = 0.0) -> bool:
         """One model step of `rows` rows of per_row tokens (greedy, or sampled at
         `temperature`); False when the KV pool has no room for it."""
-        if self._shared is None:
-            return False
         params = SamplingParams(max_tokens=1, temperature=temperature)
         reqs = [Request(f"__latency_probe_{i}__", self.tokens, params) for i in range(rows)]
-        allocated: list[Request] = []
         try:
-            entries = []
-            for req in reqs:
-                if not self.kv.allocate(req, per_row):  # blocks for positions context .. + per_row
-                    return False
-                allocated.append(req)
-                entries.append(ScheduledRequest(req, self.context, per_row,
-                                                self._prefix + tuple(self.kv.block_table(req.request_id)),
-                                                True, draft_token_ids=(7,) * (per_row - 1)))
-            self.runner.execute(SchedulerOutput(tuple(entries), rows * per_row))
+            tables = self._own_blocks(reqs, per_row)  # blocks for positions context .. + per_row
+            if tables is None:
+                return False
+            entries = tuple(ScheduledRequest(req, self.context, per_row, table, True,
+                                             draft_token_ids=(7,) * (per_row - 1))
+                            for req, table in zip(reqs, tables))
+            self.runner.execute(SchedulerOutput(entries, rows * per_row))
             return True
         finally:
-            for req in reversed(allocated):  # the first row's blocks come back first
-                self.kv.free(req, reuse_first=True)
-                if self.runner.model_drafter is not None:
-                    self.runner.model_drafter.forget(req.request_id)
+            self._release(reqs)
 
     def draft_pass(self, drafter: Any, num_rows: int) -> bool:
         """One draft pass of `num_rows` one-token rows, each after the shared context (a
         decode pass as the drafter runs it mid-generation); False without KV room."""
-        return self._rows(num_rows, lambda blocks: (blocks, self.context, 1), drafter)
+        return self._draft_rows(drafter, num_rows, lambda table: (table, self.context, 1))
 
     def catchup_pass(self, drafter: Any) -> bool:
         """One draft pass of one row feeding the whole context (a pass 0 catching up on a
         `context`-token backlog)."""
-        return self._rows(1, lambda blocks: (blocks, 0, self.context), drafter)
+        return self._draft_rows(drafter, 1, lambda table: (table, 0, self.context))
 
-    def _rows(self, num_rows: int, row, drafter: Any) -> bool:
+    def _draft_rows(self, drafter: Any, num_rows: int, row) -> bool:
         from engine.spec.model_drafter import decode_layout
 
-        if self._shared is None:
-            return False
         reqs = [Request(f"__draft_probe_{i}__", self.tokens, SamplingParams(max_tokens=1)) for i in range(num_rows)]
-        allocated: list[Request] = []
         try:
-            rows = []
-            for req in reqs:
-                if not self.kv.allocate(req, 1):
-                    return False
-                allocated.append(req)
-                rows.append(row(self._prefix + tuple(self.kv.block_table(req.request_id))))
+            tables = self._own_blocks(reqs, 1)
+            if tables is None:
+                return False
             cfg = self.runner.cfg
-            layout, pos = decode_layout(rows, cfg.cache.block_size, cfg.device)
+            layout, pos = decode_layout([row(t) for t in tables], cfg.cache.block_size, cfg.device)
             ids = torch.tensor([t % 1000 for t in range(len(pos))], device=cfg.device)
             with torch.inference_mode():
                 drafter.forward(ids, pos, layout, torch.arange(num_rows, device=cfg.device))
             return True
         finally:
-            for req in reversed(allocated):
-                self.kv.free(req, reuse_first=True)
+            self._release(reqs)
+
+    def _own_blocks(self, reqs: list[Request], tokens: int) -> list[tuple[int, ...]] | None:
+        """Each request's block table: the context's blocks, then its own block for
+        `tokens` tokens; None when the pool has no room (or the context did not fit)."""
+        if self._shared is None:
+            return None
+        tables = []
+        for req in reqs:
+            if not self.kv.allocate(req, tokens):
+                return None
+            tables.append(self._prefix + tuple(self.kv.block_table(req.request_id)))
+        return tables
+
+    def _release(self, reqs: list[Request]) -> None:
+        for req in reversed(reqs):  # the first request's blocks come back first (none: no-op)
+            self.kv.free(req, reuse_first=True)
+            if self.runner.model_drafter is not None:
+                self.runner.model_drafter.forget(req.request_id)
 
 
 def measure_draft_costs(scratch: ProbeScratch, drafter: Any, max_rows: int, repeats: int = 4
