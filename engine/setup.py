@@ -217,7 +217,7 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
         with ProbeScratch(scheduler, runner) as scratch:
             latency = measure_step_latency(scratch.step, probe_shapes(k, max_tokens))
             if drafter.needs_runner:
-                draft_latency, catchup = measure_draft_costs(scratch, drafter, args.max_num_seqs)
+                draft_latency, catchup = measure_draft_costs(scratch, drafter)
     log.info("speculative decoding: %s, up to %d tokens, %s", method, k,
              "adaptive" if args.speculative_adaptive else "fixed k")
     return SpeculativeDecoder(drafter, DraftController(k, latency, args.speculative_adaptive,

@@ -13,7 +13,8 @@ not of the table's shape and are skipped. Beyond the last knot the curve goes
 on with the last segment's slope. Knot times are kept non-decreasing in N.
 
 `LatencyModel` is a straight line T(N) = fixed + per_token * N fitted by
-(exponentially weighted) least squares: a model drafter's pass over B rows, and
+(exponentially weighted) least squares, its fitted samples kept as anchors: a model
+drafter's pass over B rows, and
 the synthetic models the controller's unit tests inject.
 
 Both answer `predict(num_tokens, num_sampled, num_stochastic)` and
@@ -32,22 +33,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 TABLE_EMA = 0.1  # weight of one observed step in the knots around its N
+ANCHOR_WEIGHT = 0.25  # a fitted sample's weight in LatencyModel (one online sample: 1, decaying)
 
 
 @dataclass
 class LatencyModel:
     """T(N) = fixed + per_token * N seconds; `observe` refines both by least squares with
-    the past's weight decaying by `decay` per new sample."""
+    the past's weight decaying by `decay` per new sample. The samples it was fitted on
+    stay in for good at `ANCHOR_WEIGHT` each: online samples cluster at the few N a
+    workload runs (a draft pass at B = 4 has 1-4 rows), and alone they fix the slope
+    badly (a 2-point probe at 1 and 4 rows plus such passes gave 2.2 ms per row where
+    the pass costs 0.6-0.9); online samples spread over N still outweigh them."""
     fixed: float
     per_token: float
     decay: float = 0.98
-    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wN, wT, wNN, wNT
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # online: w, wN, wT, wNN, wNT
+    _anchors: list[float] = field(default_factory=lambda: [0.0] * 5)  # fitted samples, never decayed
 
     @classmethod
     def fit(cls, samples: Sequence[tuple[int, float]], decay: float = 0.98) -> "LatencyModel":
         model = cls(0.0, 0.0, decay)
         for n, t in samples:
-            model._add(n, t)
+            _add(model._anchors, n, t, ANCHOR_WEIGHT)
         model._solve()
         return model
 
@@ -56,19 +63,11 @@ class LatencyModel:
 
     def observe(self, num_tokens: int, seconds: float, num_sampled: int = 0, num_stochastic: int = 0) -> None:
         self._sums = [s * self.decay for s in self._sums]
-        self._add(num_tokens, seconds)
+        _add(self._sums, num_tokens, seconds)
         self._solve()
 
-    def _add(self, n: int, t: float) -> None:
-        s = self._sums
-        s[0] += 1.0
-        s[1] += n
-        s[2] += t
-        s[3] += n * n
-        s[4] += n * t
-
     def _solve(self) -> None:
-        w, sn, st, snn, snt = self._sums
+        w, sn, st, snn, snt = (a + b for a, b in zip(self._sums, self._anchors))
         det = w * snn - sn * sn
         if w <= 0:
             return
@@ -77,6 +76,14 @@ class LatencyModel:
             return
         self.per_token = max((w * snt - sn * st) / det, 0.0)
         self.fixed = max((st - self.per_token * sn) / w, 0.0)
+
+
+def _add(sums: list[float], n: int, t: float, w: float = 1.0) -> None:
+    sums[0] += w
+    sums[1] += w * n
+    sums[2] += w * t
+    sums[3] += w * n * n
+    sums[4] += w * n * t
 
 
 class LatencyTable:

@@ -131,13 +131,11 @@ class ProbeScratch:
                 self.runner.model_drafter.forget(req.request_id)
 
 
-def measure_draft_costs(scratch: ProbeScratch, drafter: Any, max_rows: int, repeats: int = 4
-                        ) -> tuple[LatencyModel, float]:
-    """A model drafter's pass line D(B) over B one-token rows (B up to `max_rows`, the most
-    requests a step runs) and its catch-up rate: seconds per backlog token a pass 0 feeds
-    beyond its rows."""
-    rows = sorted({min(n, max_rows) for n in (1, 4, 16, 48)})
-    line = measure_latency(lambda n: scratch.draft_pass(drafter, n), rows, repeats, what="draft pass")
+def measure_draft_costs(scratch: ProbeScratch, drafter: Any, repeats: int = 4) -> tuple[LatencyModel, float]:
+    """A model drafter's pass line D(B) over B one-token rows and its catch-up rate:
+    seconds per backlog token a pass 0 feeds beyond its rows. Rows go up to 48 whatever
+    the engine's batch size: the probes pin the line's slope (engine/spec/latency.py)."""
+    line = measure_latency(lambda n: scratch.draft_pass(drafter, n), (1, 4, 16, 48), repeats, what="draft pass")
     seconds = best_time(lambda: scratch.catchup_pass(drafter), repeats)
     rate = max(seconds - line.predict(1), 0.0) / (scratch.context - 1) if seconds is not None else line.per_token
     log.info("draft catch-up: %.3f ms per backlog token (a %d-token pass 0)", 1e3 * rate, scratch.context)

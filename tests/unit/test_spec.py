@@ -135,6 +135,18 @@ def test_latency_model_fit_and_online_refinement():
     assert model.per_token == pytest.approx(0.002, rel=0.05)
 
 
+def test_online_samples_at_a_few_n_do_not_unfix_the_probed_slope():
+    """A draft pass probed at 1..48 rows (5.5 ms + 0.8 ms per row), then run online at
+    B = 4 only (3-4 rows, a few ms of noise): decayed samples alone would fit their own
+    slope (here negative, clamped to 0: every extra row free); the probes stay in."""
+    line = LatencyModel.fit([(n, 0.0055 + 0.0008 * n) for n in (1, 4, 16, 48)])
+    for i in range(300):
+        n = 3 + i % 2
+        line.observe(n, 0.0055 + 0.0008 * n + (0.0015 if n == 3 else -0.0005))
+    assert 0.0006 < line.per_token < 0.001
+    assert line.predict(4) == pytest.approx(0.0055 + 0.0032, abs=0.001)
+
+
 def test_controller_speculates_at_batch_1_with_high_acceptance():
     ctl = DraftController(8, cpu_like())
     for _ in range(20):
