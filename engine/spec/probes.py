@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from engine.kv.manager import cdiv
 from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.sched.output import ScheduledRequest, SchedulerOutput
@@ -44,7 +45,7 @@ class ProbeScratch:
     def __init__(self, scheduler: Any, runner: Any):
         self.kv, self.runner = scheduler.kv, runner
         bs = self.kv.block_size
-        self.context = bs * -(-CONTEXT_TOKENS // bs)  # whole blocks: each row's tokens start its own block
+        self.context = bs * cdiv(CONTEXT_TOKENS, bs)  # whole blocks: each row's tokens start its own block
         self.tokens = [j % 1000 for j in range(self.context + 1)]
         self._shared: Request | None = None
         self._prefix: tuple[int, ...] = ()
