@@ -11,13 +11,6 @@ whose tokens all sampled moves the two knots around its N towards its measured
 time (an EMA split by the interpolation weights); steps with prefill tokens are
 not of the table's shape and are skipped. Beyond the last knot the curve goes
 on with the last segment's slope. Knot times are kept non-decreasing in N.
-A knot the engine's steps have not reached keeps its probe time times `scale`, an
-EMA of measured / probed time over every observed step: probes read a 128-token
-context on an idle process, and real steps (longer contexts, a server's threads)
-ran slower by 30-60% at B = 16; without it the observed decode knot rose while
-the verification knots stayed at their probes, and drafting looked cheaper than it
-was (a server at grounded B = 16 drafted after a B = 1 run and ran at 0.78x). A
-knot's `evidence` (0..1, grown by its observations) blends the two.
 
 `LatencyModel` is a straight line T(N) = fixed + per_token * N fitted by
 (exponentially weighted) least squares, its fitted samples kept as anchors: a model
@@ -40,7 +33,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 TABLE_EMA = 0.1  # weight of one observed step in the knots around its N
-SCALE_EMA = 0.05  # weight of one observed step in LatencyTable.scale
 ANCHOR_WEIGHT = 0.25  # a fitted sample's weight in LatencyModel (one online sample: 1, decaying)
 
 
@@ -95,30 +87,21 @@ def _add(sums: list[float], n: int, t: float, w: float = 1.0) -> None:
 
 
 class LatencyTable:
-    """T(N) of all-sampled steps, piecewise linear through (knots[i], times[i]): a knot's
-    time is its observed time where steps reached it (`evidence`), else its probe x `scale`."""
+    """T(N) of all-sampled steps, piecewise linear through (knots[i], times[i])."""
 
     def __init__(self, samples: Sequence[tuple[int, float]], ema: float = TABLE_EMA, sample_cost: float = 0.0):
         points = sorted(dict(samples).items())  # one time per N (the last given wins)
         if not points:
             raise ValueError("a latency table needs at least one measured step")
         self.knots = [n for n, _ in points]
-        self.times = [t for _, t in points]  # probe, moved by observations near the knot
+        self.times = [t for _, t in points]
         self.ema = ema
         self.sample_cost = sample_cost  # seconds per row sampled at a temperature (not argmax)
         self._monotone(0)
-        self.probes = list(self.times)
-        self.evidence = [0.0] * len(self.times)  # 0: probe only .. 1: observed only
-        self.scale = 1.0  # measured / probed time of the observed steps (EMA)
-
-    def knot_time(self, i: int) -> float:
-        # times[i] starts at the probe and observations near the knot pull the whole knot
-        # time towards theirs; the share still owed to the probe, 1 - evidence, follows scale.
-        return self.times[i] + (1.0 - self.evidence[i]) * self.probes[i] * (self.scale - 1.0)
 
     def predict(self, num_tokens: int, num_sampled: int | None = None, num_stochastic: int = 0) -> float:
         (i, wi), (j, wj) = self._weights(num_tokens)
-        return max(wi * self.knot_time(i) + wj * self.knot_time(j), 1e-6) + self.sample_cost * num_stochastic
+        return max(wi * self.times[i] + wj * self.times[j], 1e-6) + self.sample_cost * num_stochastic
 
     def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None,
                 num_stochastic: int = 0) -> None:
@@ -126,19 +109,14 @@ class LatencyTable:
             return  # prefill tokens in the step: not the table's shape
         seconds -= self.sample_cost * num_stochastic  # the knots are greedy steps
         (i, wi), (j, wj) = self._weights(num_tokens)
-        probe = max(wi * self.probes[i] + wj * self.probes[j], 1e-9)
         if num_tokens > self.knots[-1]:  # extrapolated: scale the last segment's knots
             ratio = 1.0 + self.ema * (seconds / self.predict(num_tokens) - 1.0)
             self.times[i] *= ratio
             self.times[j] *= ratio
-            wi, wj = 0.0, 1.0  # evidence: the last knot's
         else:
             error = seconds - self.predict(num_tokens)
             self.times[i] += self.ema * wi * error
             self.times[j] += self.ema * wj * error
-        for k, w in ((i, wi), (j, wj)):
-            self.evidence[k] += min(self.ema * w, 1.0) * (1.0 - self.evidence[k])
-        self.scale += SCALE_EMA * (seconds / probe - self.scale)
         self._monotone(min(i, j))
 
     def _weights(self, n: int) -> tuple[tuple[int, float], tuple[int, float]]:
@@ -161,10 +139,9 @@ class LatencyTable:
 
 def describe(model: LatencyModel | LatencyTable) -> str:
     if isinstance(model, LatencyTable):
-        shown = ", ".join(f"{n}: {model.knot_time(i) * 1e3:.1f}" for i, n in enumerate(model.knots))
+        shown = ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in zip(model.knots, model.times))
         return (f"latency table: T(N greedy tokens) in ms = {{{shown}}}, "
-                f"+{model.sample_cost * 1e3:.3f} ms per row sampled at a temperature; "
-                f"steps ran {model.scale:.2f}x their probes")
+                f"+{model.sample_cost * 1e3:.3f} ms per row sampled at a temperature")
     return f"latency model: T(N) = {model.fixed * 1e3:.2f} ms + {model.per_token * 1e3:.3f} ms x N tokens"
 
 
