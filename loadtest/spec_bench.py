@@ -7,8 +7,9 @@ configuration, B requests run concurrently (`max_num_seqs=B`) over
 completion tokens / wall time. All configurations of one (workload, B) run in
 `--repeats` (`--repeats-large` at B >= 16) interleaved rounds in the same process
 on the same weights (best round kept; the decode phase's rate, over steps without
-prefill tokens, is its best round too), so the baseline is measured in the same run; the outputs are compared with the no-speculation run token for
-token (greedy speculation is lossless). `--server` also measures through HTTP
+prefill tokens, is its best round too), so the baseline is measured in the same
+run; the outputs are compared with the no-speculation run token for token (greedy
+speculation is lossless). `--server` also measures through HTTP
 (`python -m server`, chat completions, B concurrent clients) for no speculation
 and adaptive.
 
