@@ -126,8 +126,7 @@ def run_offline_group(loaded, cfgs: list[Config], prompts: list[str], batch: int
         best.pop("_outputs")
         best.update(mode="offline", workload=name, batch=batch, config=cfg.label, prompts=len(prompts),
                     rounds_tok_s=[r["tokens_per_s"] for r in runs[cfg.label]],
-                    decode_tokens_per_s=max((r["decode_tokens_per_s"] or 0.0 for r in runs[cfg.label]), default=0.0)
-                    or None,
+                    decode_tokens_per_s=max(r["decode_tokens_per_s"] or 0.0 for r in runs[cfg.label]) or None,
                     mismatched_outputs=max(mismatches(ref, r["_outputs"]) for r in runs[cfg.label]))
         rows.append(best)
         print(f"  best of {repeats}: {cfg.label:15s} {best['tokens_per_s']:7.1f} tok/s"

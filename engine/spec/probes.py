@@ -36,6 +36,7 @@ from engine.spec.latency import LatencyModel
 log = logging.getLogger(__name__)
 
 CONTEXT_TOKENS = 128  # each probe row's context, rounded up to whole blocks
+DRAFT_PASS_ROWS = (1, 4, 16, 48)  # a model drafter's pass probes, whatever the batch size
 
 
 class ProbeScratch:
@@ -135,8 +136,8 @@ class ProbeScratch:
 def measure_draft_costs(scratch: ProbeScratch, drafter: Any, repeats: int = 4) -> tuple[LatencyModel, float]:
     """A model drafter's pass line D(B) over B one-token rows and its catch-up rate:
     seconds per backlog token a pass 0 feeds beyond its rows. Rows go up to 48 whatever
-    the engine's batch size: the probes pin the line's slope (engine/spec/latency.py)."""
-    line = measure_latency(lambda n: scratch.draft_pass(drafter, n), (1, 4, 16, 48), repeats, what="draft pass")
+    the engine's batch size (`DRAFT_PASS_ROWS`): the probes pin the line's slope (engine/spec/latency.py)."""
+    line = measure_latency(lambda n: scratch.draft_pass(drafter, n), DRAFT_PASS_ROWS, repeats, what="draft pass")
     seconds = best_time(lambda: scratch.catchup_pass(drafter), repeats)
     rate = max(seconds - line.predict(1), 0.0) / (scratch.context - 1) if seconds is not None else line.per_token
     log.info("draft catch-up: %.3f ms per backlog token (a %d-token pass 0)", 1e3 * rate, scratch.context)

@@ -11,7 +11,8 @@ import struct
 import pytest
 
 from engine.spec.decoder import probe_shapes
-from engine.spec.probes import CONTEXT_TOKENS
+from engine.kv.manager import cdiv
+from engine.spec.probes import CONTEXT_TOKENS, DRAFT_PASS_ROWS
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 pytestmark = pytest.mark.skipif(not os.access("/proc/self/pagemap", os.R_OK), reason="needs Linux pagemap")
@@ -23,7 +24,7 @@ def kv_pages(kv_memory) -> tuple[int, int]:
     shared by every process, is present but never exclusive)."""
     first, last = kv_memory.layers[0], kv_memory.layers[-1]
     start = first.data_ptr() // PAGE
-    end = -(-(last.data_ptr() + last.numel() * last.element_size()) // PAGE)
+    end = cdiv(last.data_ptr() + last.numel() * last.element_size(), PAGE)
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(start * 8)
         entries = struct.unpack(f"<{end - start}Q", f.read((end - start) * 8))
@@ -62,11 +63,11 @@ def test_probes_leave_no_zero_page_mappings_and_the_free_order_as_it_was(tiny, m
         assert kv_pages(core.runner.model_drafter.kv_memory)[1] == 0
     assert kv.pool.free_order() == list(range(kv.pool.num_blocks))
     # Touched: the context's blocks and one block per row of the largest probe (a step's
-    # rows, or a draft pass's: 48), in every layer.
+    # rows, or a draft pass's), in every layer.
     block_bytes = memory.layers[0][0].numel() * memory.layers[0].element_size()
-    most_rows = max(48, *(rows for rows, _ in probe_shapes(k, max_seqs * (k + 1))))
+    most_rows = max(*DRAFT_PASS_ROWS, *(rows for rows, _ in probe_shapes(k, max_seqs * (k + 1))))
     blocks = CONTEXT_TOKENS // kv.block_size + most_rows
-    assert 0 < owned <= len(memory.layers) * -(-blocks * block_bytes // PAGE) + 2
+    assert 0 < owned <= len(memory.layers) * cdiv(blocks * block_bytes, PAGE) + 2
     out = llm.generate(["The cat"], __import__("engine").SamplingParams(max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
     assert kv.num_free_blocks == kv.pool.num_blocks
