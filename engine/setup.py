@@ -193,8 +193,9 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
                       draft: LoadedModel | None = None) -> Any:
     """The speculative decoder of `args`, its latency models measured on this runner; None if off."""
     from engine.spec import DraftController, LatencyModel, create_drafter
+    from engine.spec.latency import ContextCost
     from engine.spec.decoder import SpeculativeDecoder, measure_step_latency, probe_shapes
-    from engine.spec.probes import ProbeScratch, measure_draft_costs
+    from engine.spec.probes import CONTEXT_ROWS, ProbeScratch, measure_context_cost, measure_draft_costs
 
     method, k = args.resolved_speculative()
     if method is None:
@@ -211,14 +212,18 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
     if drafter.needs_runner:
         drafter.attach(runner)
         runner.model_drafter = drafter
-    latency, draft_latency, catchup = LatencyModel(1.0, 0.0), None, None
+    latency, draft_latency, catchup, context = LatencyModel(1.0, 0.0), None, None, ContextCost()
     if args.speculative_adaptive:
         max_tokens = min(args.max_num_batched_tokens, args.max_num_seqs * (k + 1))
         with ProbeScratch(scheduler, runner) as scratch:
             latency = measure_step_latency(scratch.step, probe_shapes(k, max_tokens))
             if drafter.needs_runner:
                 draft_latency, catchup = measure_draft_costs(scratch, drafter)
+            rows = min(CONTEXT_ROWS, args.max_num_seqs, max(args.max_num_batched_tokens // (k + 1), 1))
+            context = measure_context_cost(scratch, rows, k + 1, scheduler.config.max_model_len,
+                                           drafter if drafter.needs_runner else None)
     log.info("speculative decoding: %s, up to %d tokens, %s", method, k,
              "adaptive" if args.speculative_adaptive else "fixed k")
     return SpeculativeDecoder(drafter, DraftController(k, latency, args.speculative_adaptive,
-                                                       draft_latency=draft_latency, catchup_per_token=catchup))
+                                                       draft_latency=draft_latency, catchup_per_token=catchup,
+                                                       context=context))

@@ -16,13 +16,21 @@ for every request is the non-speculative step.
 T(N) is the measured cost of a step of N tokens that all sample
 (`LatencyTable`, engine/spec/latency.py: knots timed at start-up with greedy
 rows, refined online from every such step), plus the table's per-row cost of
-sampling at a temperature for the tokens of `stochastic` candidates. Hysteresis: a request keeps last
+sampling at a temperature for the tokens of `stochastic` candidates, plus what
+each row's own context adds (`ContextCost`, same file: the table is probed on rows
+after one shared context): a row of L context tokens costs
+L * (per_token + per_query_token) in every step, each of its drafts
+L * per_query_token more and, with a model drafter, L * draft_per_token more for
+its row in the draft pass. Hysteresis: a request keeps last
 step's k unless the new plan's goodput beats the old plan's (both under the
 current estimates) by `switch_margin` (2%), so k does not flicker on a stationary
 input; a plan with fewer drafts only has to beat it (a draft that stopped
 paying is dropped at once, not kept at a small loss). The margin bounds what it
 costs: near the best k goodput is flat (a q8 self-draft at B = 1: k = 8 is 3.7%
 over k = 6), and at 5% adaptive sat at k = 7 for most of a run, 3-4% below k = 8.
+Exploration: a chain drafter that is not drafted gets no evidence, so after
+EXPLORE_AFTER steps in a row without drafts one step takes the plan of optimistic
+acceptance rates (`_explore`), and the wait doubles each time.
 
 A model drafter adds its passes to the step: pass j runs B_j requests (those
 with k >= j) at D(B) = fixed + per_token * B (`draft_latency`, measured the
@@ -47,10 +55,12 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from engine.spec.acceptance import AcceptanceModel
-from engine.spec.latency import LatencyModel, LatencyTable
+from engine.spec.latency import ContextCost, LatencyModel, LatencyTable
 
 CATCHUP_DECAY = 0.9  # weight of the past in the catch-up rate, per pass 0 with a backlog
 PRIOR_TOKENS = 32.0  # the start-up measurement counts as this many backlog tokens
+EXPLORE_AFTER = 32  # steps in a row without drafts before one at optimistic gains' plan
+EXPLORE_HITS = 2.0  # the optimism: accepted tries added to every acceptance rate
 
 
 class DraftController:
@@ -58,8 +68,10 @@ class DraftController:
 
     def __init__(self, max_k: int, latency: LatencyModel | LatencyTable, adaptive: bool = True,
                  prior: float = 0.6, switch_margin: float = 0.02,
-                 draft_latency: LatencyModel | None = None, catchup_per_token: float | None = None):
+                 draft_latency: LatencyModel | None = None, catchup_per_token: float | None = None,
+                 context: ContextCost = ContextCost()):
         self.max_k, self.latency, self.adaptive = max_k, latency, adaptive
+        self.context = context  # what each row's own context adds (probed at start-up)
         self.draft_latency = draft_latency  # a model drafter's per-pass cost; None: free drafts
         # Seconds per backlog token fed in pass 0 beyond its rows (None: D's per_token), as a
         # ratio of decayed sums (time beyond D(rows), backlog tokens) over the passes seen.
@@ -68,9 +80,13 @@ class DraftController:
         self.accept = AcceptanceModel(max_k, prior)
         self._k: dict[str, int] = {}  # each request's k of its last plan (hysteresis)
         self._gains: dict[str, Sequence[float]] = {}  # this choose() call's drafter gains
+        self._tree: frozenset[str] = frozenset()  # this choose() call's candidates with their drafter's gains
         self._others = 0  # this choose() call's plain decodes (one committed token each)
         self._catchup: dict[str, float] = {}  # this choose() call's backlog per future token
         self._stochastic: frozenset[str] = frozenset()  # this choose() call's non-argmax candidates
+        self._contexts: dict[str, int] = {}  # this choose() call's context length per decode row
+        self._context_base = 0.0  # this choose() call's context cost of every decode row's one token
+        self._idle, self._explore_after = 0, EXPLORE_AFTER  # steps in a row that drafted nothing; the wait
 
     def acceptance(self, request_id: str) -> float:
         """The estimated acceptance of the request's first draft."""
@@ -78,32 +94,69 @@ class DraftController:
 
     def choose(self, candidates: dict[str, int], other_tokens: int,
                gains: dict[str, Sequence[float]] | None = None,
-               catchup: dict[str, float] | None = None, stochastic: Collection[str] = ()) -> dict[str, int]:
+               catchup: dict[str, float] | None = None, stochastic: Collection[str] = (),
+               contexts: dict[str, int] | None = None) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: the step's
         plain decodes besides them (one sampled token each, committed whatever k is), which
         share the step's cost; gains: request id -> the drafter's P(draft i accepted),
         decreasing (a tree drafter; others: a_r^(i+1)); catchup: request id -> a draft
         model's backlog per token the request may still commit (every candidate of a
         drafter that keeps its own KV, 0 when caught up; absent: no such KV); stochastic:
-        the candidates sampled at a temperature (their rows cost more than argmax). Returns
-        id -> k. Every draft adds one sampled token to the step."""
+        the candidates sampled at a temperature (their rows cost more than argmax);
+        contexts: request id -> context tokens of every decode row of the step (candidates
+        and plain decodes; absent: 0). Returns id -> k. Every draft adds one sampled token
+        to the step."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
-        self._gains = {rid: gains[rid] if gains and rid in gains else self.accept.gains(rid, n)
+        self._tree = frozenset(gains or ())
+        self._gains = {rid: gains[rid] if rid in self._tree else self.accept.gains(rid, n)
                        for rid, n in candidates.items()}
         self._others = other_tokens
         self._catchup = catchup or {}
         self._stochastic = frozenset(stochastic)
+        self._contexts = contexts or {}
+        self._context_base = sum(self.context.row(n) for n in self._contexts.values())
         new = self._greedy(candidates, base)
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
         # Hysteresis: more drafts must beat the old plan by the margin, fewer only beat it.
         margin = 1.0 if sum(new.values()) < sum(old.values()) else 1.0 + self.switch_margin
         if new != old and self._goodput(new, base) < margin * self._goodput(old, base):
             new = old
+        new = self._explore(candidates, base) if not any(new.values()) else self._drafting(new)
         self._k.update(new)
         self.accept.idle([rid for rid, k in new.items() if not k], any(new.values()))
         return new
+
+    def _drafting(self, plan: dict[str, int]) -> dict[str, int]:
+        self._idle, self._explore_after = 0, EXPLORE_AFTER
+        return plan
+
+    def _explore(self, candidates: dict[str, int], base: int) -> dict[str, int]:
+        """The plan of a step in which nothing pays: no drafts, except after
+        `_explore_after` such steps in a row, when it is the plan of optimistic chain
+        gains (`EXPLORE_HITS` more accepted tries in every rate: a few verifications' worth
+        where the rates rest on a few, little where they rest on many; none if even that
+        would not pay; with a draft model, of the requests it has caught up on), and the
+        wait doubles. A chain drafter not drafted is never tested,
+        so estimates a warm-up left low would stand for good: an open chat B = 16 run with
+        the q8 self-draft kept its continuation rates at 0.725 (0.94-0.99 once drafting)
+        and drafted nothing, at 0.87x of k = 8. (A tree drafter's gains are its own and
+        learn from every step.)"""
+        self._idle += 1
+        # Only requests a draft model has caught up on: a catch-up is paid for by the drafts
+        # that follow it, and an exploration that finds drafting does not pay has none (two
+        # explorations at B = 16 caught up on ~300-token prompts and cost 10% of the run).
+        pool = {rid: n if not self._catchup.get(rid) else 0 for rid, n in candidates.items()}
+        if self._idle < self._explore_after or not any(pool.values()):
+            return dict.fromkeys(candidates, 0)
+        self._idle, self._explore_after = 0, 2 * self._explore_after
+        measured = self._gains
+        self._gains = {rid: measured[rid] if rid in self._tree else self.accept.gains(rid, n, EXPLORE_HITS)
+                       for rid, n in candidates.items()}
+        plan = self._greedy(pool, base)
+        self._gains = measured
+        return plan
 
     def _gain(self, rid: str, j: int) -> float:
         """Expected accepted tokens added by request rid's j-th draft (j >= 1)."""
@@ -118,17 +171,18 @@ class DraftController:
         committed = float(len(candidates) + self._others)
         tokens, passes, draft_cost = base, 0, 0.0
         sto = sum(rid in self._stochastic for rid in candidates)  # tokens sampled at a temperature
-        best, best_len = committed / self._step(tokens, sto), 0
+        best, best_len = committed / (self._step(tokens, sto) + self._context_base), 0
         taken: list[str] = []
         for gain, rid in gains:
             j = plan[rid] + 1  # this gain is the request's j-th draft
-            draft_cost += (self._draft_increment(j > passes) + self._catchup_cost(rid, gain + (j == 1))
+            draft_cost += (self._draft_increment(j > passes) + self._context_increment(rid)
+                           + self._catchup_cost(rid, gain + (j == 1))
                            + self._last_draft_cost(rid, j) - self._last_draft_cost(rid, j - 1))
             plan[rid], passes = j, max(passes, j)
             committed, tokens = committed + gain, tokens + 1
             sto += rid in self._stochastic
             taken.append(rid)
-            value = committed / (self._step(tokens, sto) + draft_cost)
+            value = committed / (self._step(tokens, sto) + self._context_base + draft_cost)
             if value > best:
                 best, best_len = value, len(taken)
         chosen = dict.fromkeys(candidates, 0)
@@ -141,6 +195,12 @@ class DraftController:
         if d is None:
             return 0.0
         return d.per_token + (d.fixed if new_pass else 0.0)
+
+    def _context_increment(self, rid: str) -> float:
+        """What one more draft of rid adds through its context: one more query token over
+        it in the target step and, with a model drafter, its row in one more draft pass."""
+        rate = self.context.per_query_token + (self.context.draft_per_token if self.draft_latency else 0.0)
+        return self._contexts.get(rid, 0) * rate
 
     @property
     def catchup_per_token(self) -> float | None:
@@ -174,18 +234,20 @@ class DraftController:
     def _goodput(self, plan: dict[str, int], base: int) -> float:
         committed = self._others + sum(1.0 + sum(self._gains[rid][:k]) for rid, k in plan.items())
         sto = sum(1 + k for rid, k in plan.items() if rid in self._stochastic)
-        return committed / (self._step(base + sum(plan.values()), sto) + self._draft_cost(plan))
+        context = self._context_base + sum(k * self._context_increment(rid) for rid, k in plan.items())
+        return committed / (self._step(base + sum(plan.values()), sto) + context + self._draft_cost(plan))
 
     def _step(self, tokens: int, stochastic: int) -> float:
         return self.latency.predict(tokens, tokens, stochastic)  # decodes and drafts all sample
 
-    def observe_draft_pass(self, rows: int, tokens: int, seconds: float) -> None:
-        """Learn from one of a model drafter's passes: `rows` requests fed `tokens` tokens.
-        One token a row refines D; a pass 0 with backlog tokens refines the catch-up rate
-        from its time beyond D(rows)."""
+    def observe_draft_pass(self, rows: int, tokens: int, seconds: float, context: int = 0) -> None:
+        """Learn from one of a model drafter's passes: `rows` requests fed `tokens` tokens
+        after `context` tokens of their own contexts in all. One token a row refines D; a
+        pass 0 with backlog tokens refines the catch-up rate from its time beyond D(rows)."""
         d = self.draft_latency
         if d is None or not rows:
             return
+        seconds -= context * self.context.draft_per_token  # D is priced at the probes' shared context
         if tokens <= rows:
             d.observe(rows, seconds)
             return

@@ -71,10 +71,12 @@ class SpeculativeDecoder:
         # controller prices: that work is owed whatever k is, and counting it would make
         # drafts look cheap beside it (a draft must pay at the decode rate).
         other = 0
+        contexts: dict[str, int] = {}  # every decode row's context (what its KV read costs)
         for req in running:
             req.draft_token_ids, req.draft_parents = [], []
             if req.num_computed_tokens + 1 != req.num_tokens:
                 continue
+            contexts[req.request_id] = req.num_computed_tokens
             proposal = self._proposal(req)
             if proposal.drafts:
                 candidates[req.request_id] = proposal
@@ -86,7 +88,7 @@ class SpeculativeDecoder:
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
         chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains,
                                         self._catchup(drafting),
-                                        [r.request_id for r in drafting if not r.params.greedy])
+                                        [r.request_id for r in drafting if not r.params.greedy], contexts)
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
@@ -137,12 +139,14 @@ class SpeculativeDecoder:
             self.stats.add(k, accepted)
             self.totals.add(k, accepted, keep_length=False)
         for p in draft_passes:
-            self.controller.observe_draft_pass(p.rows, p.num_tokens, p.seconds)
+            self.controller.observe_draft_pass(p.rows, p.num_tokens, p.seconds, p.context)
             seconds -= p.seconds
         if num_tokens and seconds > 0:
             sampled = sum(1 + e.num_draft_tokens for e in scheduled if e.sample)
             stochastic = sum(1 + e.num_draft_tokens for e in scheduled if e.sample and not e.request.params.greedy)
-            self.controller.latency.observe(num_tokens, seconds, sampled, stochastic)
+            # The table's knots exclude what the rows' own contexts add (ContextCost).
+            seconds -= sum(self.controller.context.row(e.start, e.num_tokens) for e in scheduled)
+            self.controller.latency.observe(num_tokens, max(seconds, 1e-6), sampled, stochastic)
 
     def drain(self) -> SpecStats:
         stats, self.stats = self.stats, SpecStats()

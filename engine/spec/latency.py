@@ -17,6 +17,18 @@ on with the last segment's slope. Knot times are kept non-decreasing in N.
 drafter's pass over B rows, and
 the synthetic models the controller's unit tests inject.
 
+`ContextCost` is what each row's context adds to a step beyond the table's probes:
+the table is probed on rows after one shared context (the shared-prefix attention
+reads it once for all rows), while each real row reads its own KV. Over 16 rows of
+their own contexts on this CPU's fp32 path, 384 tokens each against 128 added 16 ms to
+a 16 x 1 step (63 -> 79 ms) and 41 ms to a 16 x 9 one (229 -> 270 ms); 64 x 1 went
+from 152 to 209 ms. A row with L context tokens and q query tokens adds
+L * (per_token + per_query_token * q): ~2.9 us + 0.7 us x q per context token, so a
+row of ~300 tokens costs ~1 ms per decode step and a draft ~0.2 ms more, left out of
+the table, which priced a server's B = 16 decode steps at 54-58 ms where they ran at
+89-93 ms. The controller charges it per row and per draft; the table learns from
+each step's time less it.
+
 Both answer `predict(num_tokens, num_sampled, num_stochastic)` and
 `observe(num_tokens, seconds, num_sampled, num_stochastic)`; `num_sampled` only
 tells the table which steps to learn from. The table's knots are greedy steps
@@ -84,6 +96,27 @@ def _add(sums: list[float], n: int, t: float, w: float = 1.0) -> None:
     sums[2] += w * t
     sums[3] += w * n * n
     sums[4] += w * n * t
+
+
+@dataclass(frozen=True)
+class ContextCost:
+    """Seconds a row's own context adds to a step: L * (per_token + per_query_token * q)
+    for a row of q query tokens after L context tokens; `draft_per_token` x L to a model
+    drafter's pass for each row it drafts for."""
+    per_token: float = 0.0
+    per_query_token: float = 0.0
+    draft_per_token: float = 0.0
+
+    def row(self, context: int, queries: int = 1) -> float:
+        return context * (self.per_token + self.per_query_token * queries)
+
+    @classmethod
+    def fit(cls, rows: int, extra_context: int, queries: int, slow: tuple[float, float]) -> "ContextCost":
+        """From the slowdowns (seconds) of a rows x 1 and a rows x `queries` step when each
+        row's context grows by `extra_context` tokens."""
+        one, many = (max(s, 0.0) / (rows * extra_context) for s in slow)
+        per_query = max((many - one) / (queries - 1), 0.0) if queries > 1 else 0.0
+        return cls(max(one - per_query, 0.0), per_query)
 
 
 class LatencyTable:

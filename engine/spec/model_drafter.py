@@ -47,6 +47,7 @@ class DraftPass:
     num_tokens: int
     seconds: float
     rows: int  # requests in the pass (num_tokens > rows: pass 0 fed a backlog)
+    context: int = 0  # the rows' context tokens before their first token, summed
 
 
 def decode_layout(rows: Sequence[tuple[tuple[int, ...], int, int]], page: int, device: torch.device
@@ -121,7 +122,7 @@ class ModelDrafter(Drafter):
         t0 = time.perf_counter()
         layout, pos = decode_layout([(e.block_ids, f, n) for e, (f, n) in zip(entries, rows0)], page, dev)
         drafts[:, 0] = self._pick(self.forward(ids0, pos, layout, last0.to(dev)), entries, range(len(entries)))
-        passes.append(DraftPass(len(ids0), time.perf_counter() - t0, len(entries)))
+        passes.append(DraftPass(len(ids0), time.perf_counter() - t0, len(entries), sum(f for f, _ in rows0)))
         for j in range(1, drafts.shape[1]):
             t0 = time.perf_counter()
             active = (ks > j).nonzero().flatten().tolist()  # host: ks is a host tensor
@@ -129,7 +130,8 @@ class ModelDrafter(Drafter):
             layout, pos = decode_layout(rows, page, dev)
             sel = torch.tensor(active, device=dev)
             drafts[sel, j] = self._pick(self.forward(drafts[sel, j - 1], pos, layout), entries, active)
-            passes.append(DraftPass(len(active), time.perf_counter() - t0, len(active)))
+            passes.append(DraftPass(len(active), time.perf_counter() - t0, len(active),
+                                    sum(entries[r].start + j for r in active)))
         host = drafts.tolist()  # the model drafter's sync: drafted ids to the host
         scheduled = list(sched.scheduled)
         for i, e, row in zip(idx, entries, host):

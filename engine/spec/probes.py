@@ -8,6 +8,12 @@ probed the same way (one-token rows after the context: probes of rows at positio
 0 .. B-1 of one request priced a 16-row pass at 13 ms where real ones took 19-20), and
 its catch-up by one pass feeding the whole context.
 
+The shared context is read once for all rows (shared-prefix attention), so those probes
+price rows as if their context were free. What a row's own context costs
+(`ContextCost`) is probed apart: CONTEXT_ROWS rows, each with its own context of
+CONTEXT_TOKENS and of 3 x CONTEXT_TOKENS, at 1 and 1 + max_k tokens a row (and one
+draft pass of those rows), the slowdown per context token being the rate.
+
 Probes must leave the KV cache as a fresh one for the engine's speed afterwards:
   - The context is never computed, only read, so its blocks are zero-filled once first.
     Reading a never-written page maps the kernel's shared zero page there; the first real
@@ -22,6 +28,7 @@ Probes must leave the KV cache as a fresh one for the engine's speed afterwards:
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,12 +38,14 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.sched.output import ScheduledRequest, SchedulerOutput
 from engine.spec.decoder import best_time, measure_latency
-from engine.spec.latency import LatencyModel
+from engine.spec.latency import ContextCost, LatencyModel
 
 log = logging.getLogger(__name__)
 
 CONTEXT_TOKENS = 128  # each probe row's context, rounded up to whole blocks
 DRAFT_PASS_ROWS = (1, 4, 16, 48)  # a model drafter's pass probes, whatever the batch size
+CONTEXT_ROWS = 16  # rows of the context-cost probes (at most the engine's batch size)
+LONG_CONTEXT = 3  # the context-cost probes' longer context, in CONTEXT_TOKENS
 
 
 class ProbeScratch:
@@ -50,6 +59,7 @@ class ProbeScratch:
         self.tokens = [j % 1000 for j in range(self.context + 1)]
         self._shared: Request | None = None
         self._prefix: tuple[int, ...] = ()
+        self._zeroed: set[int] = set()  # blocks zero-filled for an own-context probe
 
     def __enter__(self) -> "ProbeScratch":
         shared = Request("__latency_probe_context__", self.tokens[:self.context], SamplingParams(max_tokens=1))
@@ -70,16 +80,18 @@ class ProbeScratch:
             self.kv.free(self._shared, reuse_first=True)
             self._shared = None
 
-    def step(self, rows: int, per_row: int, temperature: float = 0.0) -> bool:
+    def step(self, rows: int, per_row: int, temperature: float = 0.0, context: int = 0) -> bool:
         """One model step of `rows` rows of per_row tokens (greedy, or sampled at
-        `temperature`); False when the KV pool has no room for it."""
+        `temperature`) after the shared context, or each after its own `context`
+        tokens; False when the KV pool has no room for it."""
         params = SamplingParams(max_tokens=1, temperature=temperature)
-        reqs = [Request(f"__latency_probe_{i}__", self.tokens, params) for i in range(rows)]
+        start = context or self.context
+        reqs = [Request(f"__latency_probe_{i}__", self._tokens(start), params) for i in range(rows)]
         try:
-            tables = self._own_blocks(reqs, per_row)  # blocks for positions context .. + per_row
+            tables = self._own_blocks(reqs, per_row, context)  # blocks for positions start .. + per_row
             if tables is None:
                 return False
-            entries = tuple(ScheduledRequest(req, self.context, per_row, table, True,
+            entries = tuple(ScheduledRequest(req, start, per_row, table, True,
                                              draft_token_ids=(7,) * (per_row - 1))
                             for req, table in zip(reqs, tables))
             self.runner.execute(SchedulerOutput(entries, rows * per_row))
@@ -87,22 +99,24 @@ class ProbeScratch:
         finally:
             self._release(reqs)
 
-    def draft_pass(self, drafter: Any, num_rows: int) -> bool:
-        """One draft pass of `num_rows` one-token rows, each after the shared context (a
-        decode pass as the drafter runs it mid-generation); False without KV room."""
-        return self._draft_rows(drafter, num_rows, lambda table: (table, self.context, 1))
+    def draft_pass(self, drafter: Any, num_rows: int, context: int = 0) -> bool:
+        """One draft pass of `num_rows` one-token rows, each after the shared context or
+        its own `context` tokens (a decode pass as the drafter runs it mid-generation);
+        False without KV room."""
+        return self._draft_rows(drafter, num_rows, lambda table: (table, context or self.context, 1), context)
 
     def catchup_pass(self, drafter: Any) -> bool:
         """One draft pass of one row feeding the whole context (a pass 0 catching up on a
         `context`-token backlog)."""
         return self._draft_rows(drafter, 1, lambda table: (table, 0, self.context))
 
-    def _draft_rows(self, drafter: Any, num_rows: int, row) -> bool:
+    def _draft_rows(self, drafter: Any, num_rows: int, row, context: int = 0) -> bool:
         from engine.spec.model_drafter import decode_layout
 
-        reqs = [Request(f"__draft_probe_{i}__", self.tokens, SamplingParams(max_tokens=1)) for i in range(num_rows)]
+        tokens = self._tokens(context or self.context)
+        reqs = [Request(f"__draft_probe_{i}__", tokens, SamplingParams(max_tokens=1)) for i in range(num_rows)]
         try:
-            tables = self._own_blocks(reqs, 1)
+            tables = self._own_blocks(reqs, 1, context)
             if tables is None:
                 return False
             cfg = self.runner.cfg
@@ -114,16 +128,28 @@ class ProbeScratch:
         finally:
             self._release(reqs)
 
-    def _own_blocks(self, reqs: list[Request], tokens: int) -> list[tuple[int, ...]] | None:
-        """Each request's block table: the context's blocks, then its own block for
-        `tokens` tokens; None when the pool has no room (or the context did not fit)."""
+    @staticmethod
+    def _tokens(context: int) -> list[int]:
+        return [j % 1000 for j in range(context + 1)]
+
+    def _own_blocks(self, reqs: list[Request], tokens: int, context: int = 0) -> list[tuple[int, ...]] | None:
+        """Each request's block table: the shared context's blocks then its own block for
+        `tokens` tokens, or (context > 0) its own blocks for `context` + `tokens` tokens, the
+        context's zero-filled the first time (never read unwritten: see the module doc);
+        None when the pool has no room (or the shared context did not fit)."""
         if self._shared is None:
             return None
         tables = []
         for req in reqs:
-            if not self.kv.allocate(req, tokens):
+            if not self.kv.allocate(req, context + tokens):
                 return None
-            tables.append(self._prefix + tuple(self.kv.block_table(req.request_id)))
+            own = tuple(self.kv.block_table(req.request_id))
+            if context:
+                fresh = [b for b in own[:context // self.kv.block_size] if b not in self._zeroed]
+                for memory in self._kv_memories():
+                    memory.zero_blocks(fresh)
+                self._zeroed.update(fresh)
+            tables.append(own if context else self._prefix + own)
         return tables
 
     def _release(self, reqs: list[Request]) -> None:
@@ -142,3 +168,35 @@ def measure_draft_costs(scratch: ProbeScratch, drafter: Any, repeats: int = 4) -
     rate = max(seconds - line.predict(1), 0.0) / (scratch.context - 1) if seconds is not None else line.per_token
     log.info("draft catch-up: %.3f ms per backlog token (a %d-token pass 0)", 1e3 * rate, scratch.context)
     return line, rate
+
+
+def measure_context_cost(scratch: ProbeScratch, rows: int, queries: int, max_positions: int,
+                         drafter: Any = None, repeats: int = 3) -> ContextCost:
+    """What each row's own context adds (engine/spec/latency.py `ContextCost`): `rows`
+    rows of 1 and of `queries` tokens, and a draft pass of `rows` rows with a model
+    drafter, each row after its own CONTEXT_TOKENS and LONG_CONTEXT x CONTEXT_TOKENS
+    context (whole blocks, within `max_positions`). A zero cost when the KV pool has no
+    room for the probes or the model no positions for the longer context."""
+    short, bs = scratch.context, scratch.kv.block_size
+    extra = min(LONG_CONTEXT * short, bs * ((max_positions - queries) // bs)) - short
+    if extra <= 0:
+        log.info("context cost: no positions beyond %d for a longer context; priced at 0", short)
+        return ContextCost()
+
+    def slowdown(run) -> float | None:
+        times = [best_time(lambda: run(c), repeats) for c in (short, short + extra)]
+        return None if None in times else times[1] - times[0]
+
+    one = slowdown(lambda c: scratch.step(rows, 1, context=c))
+    many = slowdown(lambda c: scratch.step(rows, queries, context=c))
+    if one is None or many is None:
+        log.info("context cost: no KV room for %d rows of %d tokens; priced at 0", rows, short + extra)
+        return ContextCost()
+    cost = ContextCost.fit(rows, extra, queries, (one, many))
+    if drafter is not None:
+        passed = slowdown(lambda c: scratch.draft_pass(drafter, rows, context=c))
+        cost = replace(cost, draft_per_token=max(passed or 0.0, 0.0) / (rows * extra))
+    log.info("context cost per own context token of a row: %.2f us + %.2f us x its query tokens; "
+             "%.2f us in a draft pass (%d rows, contexts %d and %d)", 1e6 * cost.per_token,
+             1e6 * cost.per_query_token, 1e6 * cost.draft_per_token, rows, short, short + extra)
+    return cost

@@ -68,9 +68,11 @@ def use_synthetic_latency(llm) -> None:
     """A synthetic latency model under which good drafts pay: the controller's choices, not
     this machine's timings (noisy, and at batch 1 a GEMV jump), decide what is drafted."""
     from engine.spec import LatencyModel
+    from engine.spec.latency import ContextCost
     fixed = LatencyModel(0.05, 0.0005)
     fixed.observe = lambda *args, **kwargs: None  # no online refinement: deterministic choices
     llm.core.spec.controller.latency = fixed
+    llm.core.spec.controller.context = ContextCost()
 
 
 @pytest.mark.parametrize("method, adaptive", [("ngram", False), ("ngram", True), ("recycling", False)])
@@ -102,6 +104,8 @@ def test_greedy_mixed_batch_with_preemption_and_prefix_hits(make_llm, hf_smol, p
 def test_greedy_batch_1(make_llm, hf_smol, plain):
     base_llm, ref = plain
     llm = make_llm(speculative_method="ngram", num_speculative_tokens=8)
+    # The real model's rows read their own KV: the start-up probes priced each context token.
+    assert llm.core.spec.controller.context.per_token > 0
     use_synthetic_latency(llm)
     for i in (0, 1, 6):
         out = run(llm, [PROMPTS[i]], [greedy()])[0]

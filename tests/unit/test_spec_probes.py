@@ -12,7 +12,7 @@ import pytest
 
 from engine.spec.decoder import probe_shapes
 from engine.kv.manager import cdiv
-from engine.spec.probes import CONTEXT_TOKENS, DRAFT_PASS_ROWS
+from engine.spec.probes import CONTEXT_ROWS, CONTEXT_TOKENS, DRAFT_PASS_ROWS, LONG_CONTEXT
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 pytestmark = pytest.mark.skipif(not os.access("/proc/self/pagemap", os.R_OK), reason="needs Linux pagemap")
@@ -62,11 +62,14 @@ def test_probes_leave_no_zero_page_mappings_and_the_free_order_as_it_was(tiny, m
         assert core.spec.controller.catchup_per_token > 0
         assert kv_pages(core.runner.model_drafter.kv_memory)[1] == 0
     assert kv.pool.free_order() == list(range(kv.pool.num_blocks))
-    # Touched: the context's blocks and one block per row of the largest probe (a step's
-    # rows, or a draft pass's), in every layer.
+    # Touched: the shared context's blocks and one block per row of the largest probe (a
+    # step's rows, or a draft pass's) or the context-cost probes' rows of their own longer
+    # context (within max_model_len) and k + 1 tokens, in every layer.
     block_bytes = memory.layers[0][0].numel() * memory.layers[0].element_size()
     most_rows = max(*DRAFT_PASS_ROWS, *(rows for rows, _ in probe_shapes(k, max_seqs * (k + 1))))
-    blocks = CONTEXT_TOKENS // kv.block_size + most_rows
+    bs = kv.block_size
+    long = min(LONG_CONTEXT * CONTEXT_TOKENS, (core.scheduler.config.max_model_len - k - 1) // bs * bs)
+    blocks = CONTEXT_TOKENS // bs + max(most_rows, CONTEXT_ROWS * cdiv(long + k + 1, bs))
     assert 0 < owned <= len(memory.layers) * cdiv(blocks * block_bytes, PAGE) + 2
     out = llm.generate(["The cat"], __import__("engine").SamplingParams(max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4

@@ -1,0 +1,143 @@
+"""The adaptive controller prices each row's own context (ContextCost) and explores when
+nothing is drafted. Figures are this CPU's fp32 path with the q8 self-draft, as the
+start-up probes measured them."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.sched.output import ScheduledRequest
+from engine.spec import DraftController, LatencyModel, create_drafter
+from engine.spec.controller import EXPLORE_AFTER
+from engine.spec.decoder import SpeculativeDecoder
+from engine.spec.latency import ContextCost, LatencyTable
+
+MEASURED = ContextCost(3.2e-6, 0.82e-6, 3.8e-6)  # per own context token of a row: step, per query, draft pass
+
+
+def fp32_table(ema: float = 0.1) -> LatencyTable:
+    ms = {1: 36.4, 9: 46.6, 12: 49.9, 20: 58.4, 30: 68.3, 44: 90.6, 68: 117.8, 102: 149.8, 144: 198.9}
+    return LatencyTable([(n, t / 1e3) for n, t in ms.items()], ema=ema)
+
+
+def q8_self_draft(context: ContextCost = MEASURED) -> DraftController:
+    ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=context)
+    for _ in range(30):
+        ctl.observe("warm-up", 8, 8)
+    return ctl
+
+
+def test_context_cost_fit_recovers_both_rates():
+    rows, extra, q = 16, 256, 9
+    true = ContextCost(3e-6, 0.8e-6)
+    slow = (rows * true.row(extra, 1), rows * true.row(extra, q))
+    fit = ContextCost.fit(rows, extra, q, slow)
+    assert fit.per_token == pytest.approx(3e-6) and fit.per_query_token == pytest.approx(0.8e-6)
+    assert ContextCost.fit(rows, extra, q, (-0.001, -0.002)) == ContextCost()  # noise: never negative
+
+
+@pytest.mark.parametrize("batch, context, drafts", [(1, 1000, 8), (16, 300, 128), (16, 1000, 0)])
+def test_long_contexts_make_drafts_dearer_at_large_batch(batch, context, drafts):
+    """At B = 16 a draft's context costs 300 x (0.82 + 3.8) us = 1.4 ms at 300 tokens and 4.6
+    ms at 1000, beside ~1.3 ms of verify and draft-pass rows: at 1000 tokens drafting 8 per
+    row no longer pays; at B = 1 it still pays many times over. Unpriced, every case drafts."""
+    ids = [f"r{i}" for i in range(batch)]
+    plan = q8_self_draft().choose(dict.fromkeys(ids, 8), 0, contexts=dict.fromkeys(ids, context))
+    assert sum(plan.values()) == drafts
+    unpriced = q8_self_draft(ContextCost()).choose(dict.fromkeys(ids, 8), 0, contexts=dict.fromkeys(ids, context))
+    assert sum(unpriced.values()) == 8 * batch
+
+
+def test_plain_decodes_contexts_count_in_the_step():
+    """Plain decodes' contexts are owed whatever k is: a step made dearer by them makes
+    the drafts' cost a smaller share, so more of them pay (16 candidates at 1000 tokens
+    draft nothing alone, and draft beside 48 plain decodes of 2000 tokens' context)."""
+    ids = [f"r{i}" for i in range(16)]
+    ctx = dict.fromkeys(ids, 1000)
+    assert sum(q8_self_draft().choose(dict.fromkeys(ids, 8), 0, contexts=ctx).values()) == 0
+    others = {f"o{i}": 2000 for i in range(48)}
+    assert sum(q8_self_draft().choose(dict.fromkeys(ids, 8), 48, contexts={**ctx, **others}).values()) > 0
+
+
+def test_the_table_and_the_pass_line_learn_without_the_contexts_share():
+    """A step of 16 decodes after 300 tokens each runs at the table's T(16) plus their
+    contexts' cost; the knots (greedy rows after a shared context) must not take that in,
+    nor the draft-pass line what its rows' contexts cost."""
+    ctl = DraftController(8, fp32_table(ema=1.0), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
+    decoder = SpeculativeDecoder(create_drafter("ngram"), ctl)
+    reqs = [Request(f"r{i}", list(range(301)), SamplingParams(max_tokens=8)) for i in range(16)]
+    scheduled = [ScheduledRequest(r, 300, 1, (), True) for r in reqs]
+    t16 = ctl.latency.predict(16)
+    decoder.observe(scheduled, {r.request_id: 1 for r in reqs}, 16, t16 + 16 * MEASURED.row(300))
+    assert ctl.latency.predict(16) == pytest.approx(t16)
+    d16 = ctl.draft_latency.predict(16)
+    for _ in range(20):
+        ctl.observe_draft_pass(16, 16, d16 + 16 * 300 * MEASURED.draft_per_token, context=16 * 300)
+    assert ctl.draft_latency.predict(16) == pytest.approx(d16)
+
+
+def simulate(ctl: DraftController, acceptance: float, batch: int, steps: int, backlog: float | None = None
+             ) -> list[int]:
+    """Drafts planned per step when each draft is accepted with `acceptance` (a run);
+    `backlog`: a draft model's catch-up per future token of every request."""
+    rnd, ids, planned = random.Random(0), [f"r{i}" for i in range(batch)], []
+    catchup = None if backlog is None else dict.fromkeys(ids, backlog)
+    for _ in range(steps):
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=catchup, contexts=dict.fromkeys(ids, 300))
+        planned.append(sum(plan.values()))
+        for rid, k in plan.items():
+            accepted = 0
+            while k and accepted < k and rnd.random() < acceptance:
+                accepted += 1
+            ctl.observe(rid, k, accepted)
+    return planned
+
+
+def test_a_drafter_a_warm_up_wrote_off_is_explored_and_drafted_again():
+    """A warm-up of a few short runs leaves the rates low; at B = 16 that prices drafts
+    out, and without exploration nothing would ever test them again. After EXPLORE_AFTER
+    steps without drafts one step drafts on optimistic rates, sees ~97% accepted, and the
+    controller keeps drafting."""
+    ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
+    for accepted in (2, 3, 1, 8, 2):
+        ctl.observe("warm-up", 8, accepted)
+    planned = simulate(ctl, 0.97, 16, 200)
+    assert not any(planned[:EXPLORE_AFTER - 1])
+    assert planned[EXPLORE_AFTER - 1] > 0
+    assert sum(1 for n in planned if n) > 150
+
+
+def test_a_hopeless_drafter_is_not_explored_into():
+    """40 verifications that accepted nothing: even two more accepted tries per rate do
+    not make a draft pay, so exploration drafts nothing; a step at plain decode speed."""
+    ctl = q8_self_draft()
+    for _ in range(40):
+        ctl.observe("warm-up", 8, 0)
+    assert sum(simulate(ctl, 0.0, 16, 300)) == 0
+
+
+def test_exploration_waits_double():
+    """A drafter whose optimistic rates say drafting may pay, and which accepts nothing, is
+    explored 32, then 64, then 128 idle steps apart, not every 32."""
+    ctl = DraftController(8, LatencyModel(0.05, 0.003), draft_latency=LatencyModel(0.004, 0.0005))
+    for _ in range(3):
+        ctl.observe("warm-up", 8, 0)
+    planned = simulate(ctl, 0.0, 4, 240)
+    explored = [i for i, n in enumerate(planned) if n]
+    assert [b - a for a, b in zip(explored, explored[1:])] == [EXPLORE_AFTER, 2 * EXPLORE_AFTER, 4 * EXPLORE_AFTER]
+
+
+def test_exploration_leaves_requests_a_draft_model_has_not_caught_up_on():
+    """A draft model's catch-up is paid for by the drafts after it; an exploration that
+    finds drafting does not pay has none. Candidates with a backlog are not explored;
+    the same controller explores the ones without."""
+    def explored(backlog: float) -> list[int]:
+        ctl = DraftController(8, LatencyModel(0.05, 0.003), draft_latency=LatencyModel(0.004, 0.0005))
+        for _ in range(3):
+            ctl.observe("warm-up", 8, 0)
+        return [i for i, n in enumerate(simulate(ctl, 0.0, 4, 100, backlog)) if n]
+    with_backlog, caught_up = explored(0.05), explored(0.0)
+    assert caught_up[-2:] == [EXPLORE_AFTER, 3 * EXPLORE_AFTER] and EXPLORE_AFTER not in with_backlog, with_backlog
