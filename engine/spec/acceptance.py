@@ -36,12 +36,12 @@ from dataclasses import dataclass
 
 @dataclass
 class _Rate:
-    """(hits + strength * prior + optimism) / (tries + strength + optimism) over decayed counts."""
+    """(hits + strength * prior) / (tries + strength) over decayed counts."""
     hits: float = 0.0
     tries: float = 0.0
 
-    def value(self, prior: float, strength: float, optimism: float = 0.0) -> float:
-        return (self.hits + strength * prior + optimism) / (self.tries + strength + optimism)
+    def value(self, prior: float, strength: float) -> float:
+        return (self.hits + strength * prior) / (self.tries + strength)
 
     def add(self, hit: bool, decay: float) -> None:
         self.hits = self.hits * decay + hit
@@ -77,15 +77,12 @@ class AcceptanceModel:
             rate = self._hazard[i].value(rate, self.shared_strength)
         return rate
 
-    def gains(self, request_id: str, k: int, optimism: float = 0.0) -> list[float]:
-        """[P(drafts 1..j accepted) for j = 1..k], decreasing; `optimism`: accepted tries
-        added to every rate (the controller's exploration)."""
-        shared = self._shared_first.value(self.prior, self.strength, optimism)
-        own = self._first.get(request_id)
-        out, p, rate = [], shared if own is None else own.value(shared, self.strength, optimism), shared
+    def gains(self, request_id: str, k: int) -> list[float]:
+        """[P(drafts 1..j accepted) for j = 1..k], decreasing."""
+        out, p, rate = [], self.first(request_id), self.shared_first()
         for j in range(1, min(k, len(self._hazard) - 1) + 1):
             if j > 1:
-                rate = self._hazard[j].value(rate, self.shared_strength, optimism)
+                rate = self._hazard[j].value(rate, self.shared_strength)
                 p *= rate
             out.append(p)
         return out

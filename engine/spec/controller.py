@@ -28,9 +28,11 @@ input; a plan with fewer drafts only has to beat it (a draft that stopped
 paying is dropped at once, not kept at a small loss). The margin bounds what it
 costs: near the best k goodput is flat (a q8 self-draft at B = 1: k = 8 is 3.7%
 over k = 6), and at 5% adaptive sat at k = 7 for most of a run, 3-4% below k = 8.
-Exploration: a chain drafter that is not drafted gets no evidence, so after
-EXPLORE_AFTER steps in a row without drafts one step takes the plan of optimistic
-acceptance rates (`_explore`), and the wait doubles each time.
+Exploration: a draft position no plan reaches gets no evidence, so after
+EXPLORE_AFTER steps in a row in which no request drafted as deep as it could, up to
+EXPLORE_ROWS requests draft all they can for one step (`_explore`); the wait doubles
+each time, but an exploration that accepted far more drafts than the estimates
+expected is followed by another after EXPLORE_SOON steps.
 
 A model drafter adds its passes to the step: pass j runs B_j requests (those
 with k >= j) at D(B) = fixed + per_token * B (`draft_latency`, measured the
@@ -59,8 +61,10 @@ from engine.spec.latency import ContextCost, LatencyModel, LatencyTable
 
 CATCHUP_DECAY = 0.9  # weight of the past in the catch-up rate, per pass 0 with a backlog
 PRIOR_TOKENS = 32.0  # the start-up measurement counts as this many backlog tokens
-EXPLORE_AFTER = 32  # steps in a row without drafts before one at optimistic gains' plan
-EXPLORE_HITS = 2.0  # the optimism: accepted tries added to every acceptance rate
+EXPLORE_AFTER = 32  # steps in a row leaving drafts untested before an exploration
+EXPLORE_ROWS = 4  # requests an exploration drafts as deep as they can
+EXPLORE_SOON = 8  # the wait after an exploration that accepted far more than expected
+EXPLORE_SURPRISE = 1.25  # "far more": this many times the accepted drafts expected
 
 
 class DraftController:
@@ -86,7 +90,10 @@ class DraftController:
         self._stochastic: frozenset[str] = frozenset()  # this choose() call's non-argmax candidates
         self._contexts: dict[str, int] = {}  # this choose() call's context length per decode row
         self._context_base = 0.0  # this choose() call's context cost of every decode row's one token
-        self._idle, self._explore_after = 0, EXPLORE_AFTER  # steps in a row that drafted nothing; the wait
+        self._idle, self._explore_after = 0, EXPLORE_AFTER  # steps in a row leaving drafts untested; the wait
+        self._explored: dict[str, float] = {}  # the last exploration's requests -> accepted drafts expected
+        self._surprise = [0.0, 0.0]  # the last exploration's accepted drafts, and those expected
+        self._soon = False  # the next exploration after EXPLORE_SOON steps (the last one surprised)
 
     def acceptance(self, request_id: str) -> float:
         """The estimated acceptance of the request's first draft."""
@@ -123,40 +130,59 @@ class DraftController:
         margin = 1.0 if sum(new.values()) < sum(old.values()) else 1.0 + self.switch_margin
         if new != old and self._goodput(new, base) < margin * self._goodput(old, base):
             new = old
-        new = self._explore(candidates, base) if not any(new.values()) else self._drafting(new)
+        new = self._explore(candidates, new)
         self._k.update(new)
         self.accept.idle([rid for rid, k in new.items() if not k], any(new.values()))
         return new
 
-    def _drafting(self, plan: dict[str, int]) -> dict[str, int]:
-        self._idle, self._explore_after = 0, EXPLORE_AFTER
-        return plan
-
-    def _explore(self, candidates: dict[str, int], base: int) -> dict[str, int]:
-        """The plan of a step in which nothing pays: no drafts, except after
-        `_explore_after` such steps in a row, when it is the plan of optimistic chain
-        gains (`EXPLORE_HITS` more accepted tries in every rate: a few verifications' worth
-        where the rates rest on a few, little where they rest on many; none if even that
-        would not pay; with a draft model, of the requests it has caught up on), and the
-        wait doubles. A chain drafter not drafted is never tested,
-        so estimates a warm-up left low would stand for good: an open chat B = 16 run with
-        the q8 self-draft kept its continuation rates at 0.725 (0.94-0.99 once drafting)
-        and drafted nothing, at 0.87x of k = 8. (A tree drafter's gains are its own and
-        learn from every step.)"""
+    def _explore(self, candidates: dict[str, int], plan: dict[str, int]) -> dict[str, int]:
+        """`plan`, unless it left drafts untested (no request drafts as deep as some could)
+        for `_explore_after` steps in a row: then up to EXPLORE_ROWS requests draft all
+        they can, and the wait doubles. A draft position no plan reaches is never tested,
+        so estimates a warm-up left low would stand for good: with the q8 self-draft at
+        open chat B = 16, one run kept its continuation rates at 0.725 (0.94-0.99 once
+        drafting) and drafted nothing, at 0.87x of k = 8; others drafted k = 1 (which
+        tests no continuation rate) at 0.90x. Requests a draft model has not caught up on
+        are left out: their catch-up is paid for by the drafting steps after it, which an
+        exploration that finds drafting does not pay never has (two explorations at B = 16
+        caught up on ~300-token prompts and cost 10% of the run). A tree drafter's gains
+        are its own and learn from every step, so it is never explored."""
+        if max(plan.values()) >= min(self.max_k, max(candidates.values())):
+            self._idle, self._explore_after = 0, EXPLORE_AFTER  # every position some request can draft is tested
+            return plan
         self._idle += 1
-        # Only requests a draft model has caught up on: a catch-up is paid for by the drafts
-        # that follow it, and an exploration that finds drafting does not pay has none (two
-        # explorations at B = 16 caught up on ~300-token prompts and cost 10% of the run).
-        pool = {rid: n if not self._catchup.get(rid) else 0 for rid, n in candidates.items()}
-        if self._idle < self._explore_after or not any(pool.values()):
-            return dict.fromkeys(candidates, 0)
-        self._idle, self._explore_after = 0, 2 * self._explore_after
+        pool = [rid for rid in candidates if not self._catchup.get(rid) and rid not in self._tree]
+        if self._idle < (EXPLORE_SOON if self._soon else self._explore_after) or not pool:
+            return plan
+        self._idle, self._soon = 0, False
+        self._explore_after *= 2
+        if not self._deeper_may_pay({rid: candidates[rid] if rid in pool else 0 for rid in candidates}, plan):
+            return plan
+        deep = {rid: min(candidates[rid], self.max_k) for rid in pool[:EXPLORE_ROWS]}
+        self._explored = {rid: sum(self._gains[rid][:k]) for rid, k in deep.items()}
+        self._surprise = [0.0, 0.0]
+        return {rid: max(k, deep.get(rid, 0)) for rid, k in plan.items()}
+
+    def _deeper_may_pay(self, candidates: dict[str, int], plan: dict[str, int]) -> bool:
+        """Whether a request would draft deeper than in `plan` if every draft were accepted
+        (where even that does not pay, as for a draft model at a large batch, nothing is
+        explored)."""
         measured = self._gains
-        self._gains = {rid: measured[rid] if rid in self._tree else self.accept.gains(rid, n, EXPLORE_HITS)
-                       for rid, n in candidates.items()}
-        plan = self._greedy(pool, base)
+        self._gains = {rid: [1.0] * len(g) for rid, g in measured.items()}
+        flat = self._greedy(candidates, self._others + len(candidates))
         self._gains = measured
-        return plan
+        return any(flat[rid] > plan[rid] for rid in candidates)
+
+    def _explored_row(self, request_id: str, num_accepted: int) -> None:
+        """An explored request's verification: once all are in, an exploration that
+        accepted over EXPLORE_SURPRISE times the drafts the estimates expected, plus one, is
+        followed by another after EXPLORE_SOON steps (the estimates are behind); the
+        doubled wait applies after that one. (Not any excess: four first drafts at 97% all
+        accepted are no news.)"""
+        expected = self._explored.pop(request_id)
+        self._surprise = [self._surprise[0] + num_accepted, self._surprise[1] + expected]
+        if not self._explored and self._surprise[0] > EXPLORE_SURPRISE * self._surprise[1] + 1:
+            self._soon = True
 
     def _gain(self, rid: str, j: int) -> float:
         """Expected accepted tokens added by request rid's j-th draft (j >= 1)."""
@@ -258,8 +284,11 @@ class DraftController:
 
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         """Learn from one verification: accepted of drafted (a run, stops at a miss)."""
+        if request_id in self._explored:
+            self._explored_row(request_id, num_accepted)
         self.accept.observe(request_id, num_drafts, num_accepted)
 
     def forget(self, request_id: str) -> None:
         self._k.pop(request_id, None)
+        self._explored.pop(request_id, None)
         self.accept.forget(request_id)

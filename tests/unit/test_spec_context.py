@@ -11,7 +11,7 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.sched.output import ScheduledRequest
 from engine.spec import DraftController, LatencyModel, create_drafter
-from engine.spec.controller import EXPLORE_AFTER
+from engine.spec.controller import EXPLORE_AFTER, EXPLORE_SOON
 from engine.spec.decoder import SpeculativeDecoder
 from engine.spec.latency import ContextCost, LatencyTable
 
@@ -79,10 +79,12 @@ def test_the_table_and_the_pass_line_learn_without_the_contexts_share():
     assert ctl.draft_latency.predict(16) == pytest.approx(d16)
 
 
-def simulate(ctl: DraftController, acceptance: float, batch: int, steps: int, backlog: float | None = None
+def simulate(ctl: DraftController, acceptance, batch: int, steps: int, backlog: float | None = None
              ) -> list[int]:
-    """Drafts planned per step when each draft is accepted with `acceptance` (a run);
-    `backlog`: a draft model's catch-up per future token of every request."""
+    """Drafts planned per step when draft j is accepted with acceptance[j - 1] after drafts
+    1..j-1 were (a float: the same at every position); `backlog`: a draft model's
+    catch-up per future token of every request."""
+    rates = [acceptance] * 8 if isinstance(acceptance, float) else acceptance
     rnd, ids, planned = random.Random(0), [f"r{i}" for i in range(batch)], []
     catchup = None if backlog is None else dict.fromkeys(ids, backlog)
     for _ in range(steps):
@@ -90,7 +92,7 @@ def simulate(ctl: DraftController, acceptance: float, batch: int, steps: int, ba
         planned.append(sum(plan.values()))
         for rid, k in plan.items():
             accepted = 0
-            while k and accepted < k and rnd.random() < acceptance:
+            while accepted < k and rnd.random() < rates[accepted]:
                 accepted += 1
             ctl.observe(rid, k, accepted)
     return planned
@@ -110,24 +112,56 @@ def test_a_drafter_a_warm_up_wrote_off_is_explored_and_drafted_again():
     assert sum(1 for n in planned if n) > 150
 
 
-def test_a_hopeless_drafter_is_not_explored_into():
-    """40 verifications that accepted nothing: even two more accepted tries per rate do
-    not make a draft pay, so exploration drafts nothing; a step at plain decode speed."""
+def test_continuation_rates_a_warm_up_left_low_are_explored_from_shallow_drafts():
+    """Runs that all stopped after the first draft leave the continuation rates low: at
+    B = 16 only k = 1 pays, and k = 1 tests no continuation. After EXPLORE_AFTER such
+    steps one step drafts deeper on optimistic rates, sees ~97% accepted, and the
+    controller drafts deep from then on."""
+    ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
+    for _ in range(6):
+        ctl.observe("warm-up", 8, 1)
+    low = ctl.accept.hazard(4)
+    planned = simulate(ctl, 0.97, 16, 200)
+    assert 0 < max(planned[:EXPLORE_AFTER - 1]) <= 16  # k <= 1 each
+    explored = [i for i, n in enumerate(planned) if n > 16]
+    assert explored[:2] == [EXPLORE_AFTER - 1, EXPLORE_AFTER - 1 + EXPLORE_SOON]  # surprised: soon again
+    assert low < 0.6 and ctl.accept.hazard(4) > 0.9
+
+
+def test_a_hopeless_drafter_is_explored_ever_more_rarely():
+    """40 verifications that accepted nothing: drafting is not planned, and explorations
+    (4 requests drafting 8 each) come 32, 64, 128 steps apart: 3 in 300 steps."""
     ctl = q8_self_draft()
     for _ in range(40):
         ctl.observe("warm-up", 8, 0)
-    assert sum(simulate(ctl, 0.0, 16, 300)) == 0
+    planned = simulate(ctl, 0.0, 16, 300)
+    assert [i for i, n in enumerate(planned) if n] == [EXPLORE_AFTER - 1, 3 * EXPLORE_AFTER - 1, 7 * EXPLORE_AFTER - 1]
+    assert max(planned) == 4 * 8
 
 
-def test_exploration_waits_double():
-    """A drafter whose optimistic rates say drafting may pay, and which accepts nothing, is
-    explored 32, then 64, then 128 idle steps apart, not every 32."""
+def test_nothing_is_explored_where_even_perfect_drafts_would_not_pay():
+    """A draft pass as dear as a target step: no k pays at any acceptance, so none is tried."""
+    step = LatencyModel(0.05, 0.001)
+    ctl = DraftController(8, step, draft_latency=LatencyModel(step.fixed, step.per_token))
+    assert sum(simulate(ctl, 0.97, 4, 100)) == 0
+
+
+FIRST_ONLY = [0.97] + [0.0] * 7  # a drafter whose first draft is right and the rest never
+
+
+def shallow_drafter() -> DraftController:
+    """B = 4 at a cheap draft pass: the first draft pays; deeper ones would if accepted."""
     ctl = DraftController(8, LatencyModel(0.05, 0.003), draft_latency=LatencyModel(0.004, 0.0005))
-    for _ in range(3):
-        ctl.observe("warm-up", 8, 0)
-    planned = simulate(ctl, 0.0, 4, 240)
-    explored = [i for i, n in enumerate(planned) if n]
-    assert [b - a for a, b in zip(explored, explored[1:])] == [EXPLORE_AFTER, 2 * EXPLORE_AFTER, 4 * EXPLORE_AFTER]
+    for _ in range(10):
+        ctl.observe("warm-up", 8, 1)
+    return ctl
+
+
+def test_exploration_waits_double_when_deeper_drafts_keep_missing():
+    planned = simulate(shallow_drafter(), FIRST_ONLY, 4, 240)
+    assert min(planned) > 0  # the first draft pays every step
+    explored = [i for i, n in enumerate(planned) if n > 4]
+    assert explored == [(2 ** i - 1) * EXPLORE_AFTER - 1 for i in (1, 2, 3)]
 
 
 def test_exploration_leaves_requests_a_draft_model_has_not_caught_up_on():
@@ -135,9 +169,5 @@ def test_exploration_leaves_requests_a_draft_model_has_not_caught_up_on():
     finds drafting does not pay has none. Candidates with a backlog are not explored;
     the same controller explores the ones without."""
     def explored(backlog: float) -> list[int]:
-        ctl = DraftController(8, LatencyModel(0.05, 0.003), draft_latency=LatencyModel(0.004, 0.0005))
-        for _ in range(3):
-            ctl.observe("warm-up", 8, 0)
-        return [i for i, n in enumerate(simulate(ctl, 0.0, 4, 100, backlog)) if n]
-    with_backlog, caught_up = explored(0.05), explored(0.0)
-    assert caught_up[-2:] == [EXPLORE_AFTER, 3 * EXPLORE_AFTER] and EXPLORE_AFTER not in with_backlog, with_backlog
+        return [i for i, n in enumerate(simulate(shallow_drafter(), FIRST_ONLY, 4, 100, backlog)) if n > 4]
+    assert explored(0.0) == [EXPLORE_AFTER - 1, 3 * EXPLORE_AFTER - 1] and explored(0.05) == []
