@@ -101,8 +101,8 @@ def simulate(ctl: DraftController, acceptance, batch: int, steps: int, backlog: 
 def test_a_drafter_a_warm_up_wrote_off_is_explored_and_drafted_again():
     """A warm-up of a few short runs leaves the rates low; at B = 16 that prices drafts
     out, and without exploration nothing would ever test them again. After EXPLORE_AFTER
-    steps without drafts one step drafts on optimistic rates, sees ~97% accepted, and the
-    controller keeps drafting."""
+    steps without drafts 4 requests draft 8 each, ~97% are accepted, and the controller
+    keeps drafting."""
     ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
     for accepted in (2, 3, 1, 8, 2):
         ctl.observe("warm-up", 8, accepted)
@@ -115,8 +115,8 @@ def test_a_drafter_a_warm_up_wrote_off_is_explored_and_drafted_again():
 def test_continuation_rates_a_warm_up_left_low_are_explored_from_shallow_drafts():
     """Runs that all stopped after the first draft leave the continuation rates low: at
     B = 16 only k = 1 pays, and k = 1 tests no continuation. After EXPLORE_AFTER such
-    steps one step drafts deeper on optimistic rates, sees ~97% accepted, and the
-    controller drafts deep from then on."""
+    steps 4 requests draft 8 each; far more are accepted than expected, so another
+    exploration follows EXPLORE_SOON steps later, and the continuation rates come up."""
     ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
     for _ in range(6):
         ctl.observe("warm-up", 8, 1)
@@ -158,6 +158,7 @@ def shallow_drafter() -> DraftController:
 
 
 def test_exploration_waits_double_when_deeper_drafts_keep_missing():
+    """First drafts accepted, later ones never: explorations 32, 64, 128 steps apart."""
     planned = simulate(shallow_drafter(), FIRST_ONLY, 4, 240)
     assert min(planned) > 0  # the first draft pays every step
     explored = [i for i, n in enumerate(planned) if n > 4]
