@@ -130,12 +130,12 @@ class DraftController:
         margin = 1.0 if sum(new.values()) < sum(old.values()) else 1.0 + self.switch_margin
         if new != old and self._goodput(new, base) < margin * self._goodput(old, base):
             new = old
-        new = self._explore(candidates, new)
+        new = self._explore(candidates, base, new)
         self._k.update(new)
         self.accept.idle([rid for rid, k in new.items() if not k], any(new.values()))
         return new
 
-    def _explore(self, candidates: dict[str, int], plan: dict[str, int]) -> dict[str, int]:
+    def _explore(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
         """`plan`, unless it left drafts untested (no request drafts as deep as some could)
         for `_explore_after` steps in a row: then up to EXPLORE_ROWS requests draft all
         they can, and the wait doubles. A draft position no plan reaches is never tested,
@@ -151,25 +151,25 @@ class DraftController:
             self._idle, self._explore_after = 0, EXPLORE_AFTER  # every position some request can draft is tested
             return plan
         self._idle += 1
-        pool = [rid for rid in candidates if not self._catchup.get(rid) and rid not in self._tree]
+        pool = {rid: n for rid, n in candidates.items() if not self._catchup.get(rid) and rid not in self._tree}
         if self._idle < (EXPLORE_SOON if self._soon else self._explore_after) or not pool:
             return plan
         self._idle, self._soon = 0, False
         self._explore_after *= 2
-        if not self._deeper_may_pay({rid: candidates[rid] if rid in pool else 0 for rid in candidates}, plan):
+        if not self._deeper_may_pay({rid: pool.get(rid, 0) for rid in candidates}, base, plan):
             return plan
-        deep = {rid: min(candidates[rid], self.max_k) for rid in pool[:EXPLORE_ROWS]}
+        deep = {rid: min(n, self.max_k) for rid, n in list(pool.items())[:EXPLORE_ROWS]}
         self._explored = {rid: sum(self._gains[rid][:k]) for rid, k in deep.items()}
         self._surprise = [0.0, 0.0]
         return {rid: max(k, deep.get(rid, 0)) for rid, k in plan.items()}
 
-    def _deeper_may_pay(self, candidates: dict[str, int], plan: dict[str, int]) -> bool:
+    def _deeper_may_pay(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> bool:
         """Whether a request would draft deeper than in `plan` if every draft were accepted
         (where even that does not pay, as for a draft model at a large batch, nothing is
         explored)."""
         measured = self._gains
         self._gains = {rid: [1.0] * len(g) for rid, g in measured.items()}
-        flat = self._greedy(candidates, self._others + len(candidates))
+        flat = self._greedy(candidates, base)
         self._gains = measured
         return any(flat[rid] > plan[rid] for rid in candidates)
 

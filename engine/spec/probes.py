@@ -56,7 +56,7 @@ class ProbeScratch:
         self.kv, self.runner = scheduler.kv, runner
         bs = self.kv.block_size
         self.context = bs * cdiv(CONTEXT_TOKENS, bs)  # whole blocks: each row's tokens start its own block
-        self.tokens = [j % 1000 for j in range(self.context + 1)]
+        self.tokens = self._tokens(self.context)
         self._shared: Request | None = None
         self._prefix: tuple[int, ...] = ()
         self._zeroed: set[int] = set()  # blocks zero-filled for an own-context probe
@@ -85,8 +85,8 @@ class ProbeScratch:
         `temperature`) after the shared context, or each after its own `context`
         tokens; False when the KV pool has no room for it."""
         params = SamplingParams(max_tokens=1, temperature=temperature)
-        start = context or self.context
-        reqs = [Request(f"__latency_probe_{i}__", self._tokens(start), params) for i in range(rows)]
+        start, tokens = (context, self._tokens(context)) if context else (self.context, self.tokens)
+        reqs = [Request(f"__latency_probe_{i}__", tokens, params) for i in range(rows)]
         try:
             tables = self._own_blocks(reqs, per_row, context)  # blocks for positions start .. + per_row
             if tables is None:
@@ -113,7 +113,7 @@ class ProbeScratch:
     def _draft_rows(self, drafter: Any, num_rows: int, row, context: int = 0) -> bool:
         from engine.spec.model_drafter import decode_layout
 
-        tokens = self._tokens(context or self.context)
+        tokens = self._tokens(context) if context else self.tokens
         reqs = [Request(f"__draft_probe_{i}__", tokens, SamplingParams(max_tokens=1)) for i in range(num_rows)]
         try:
             tables = self._own_blocks(reqs, 1, context)
