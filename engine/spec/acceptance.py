@@ -8,20 +8,24 @@ and *hit* if it was accepted too. The model keeps
     its prior is the drafter-wide rate of first drafts, so a new request starts from
     what the workload has shown;
   * the acceptance of draft j given drafts 1..j-1 were accepted, drafter-wide
-    (`hazard(j)`, j >= 2, its prior the rate of draft j - 1, draft 1's being the
-    drafter-wide first-draft rate): once an n-gram lookup is right, its continuation
-    usually is too (runs are longer than a single per-position rate would predict).
+    (`hazard(j)`, j >= 2): once an n-gram lookup is right, its continuation usually is
+    too (runs are longer than a single per-position rate would predict). Its prior is
+    the pooled continuation rate (every try at any j >= 2, its own prior the first-draft
+    rate): positions are alike far more than one try tells, and a position tried once
+    must not stand on that try. With each position's prior the rate of the one before
+    (one pseudo-try), one miss at draft 7 in a warm-up put that rate at 0.5 (0.95 once
+    drafting) and priced the q8 self-draft out at open chat B = 16.
 P(drafts 1..j all accepted) = first(rid) * hazard[2] * ... * hazard[j] is the gain of
 the j-th draft (expected tokens it adds). Every rate is a ratio of exponentially
 decayed counts with pseudo-tries at its prior: `strength` for the first-draft rates,
 so a handful of verifications move a request's (one that keeps missing stops being
-drafted within a few steps), and `shared_strength` for the continuation rates. The
-drafter-wide rates remember ~1 / (1 - shared_decay) verifications; decayed counts
-level off at that many tries, so pseudo-tries keep their weight for good, and a bias
-on every position multiplies along a chain: 4 of them at 0.6 on each continuation
-predicted 5.8 accepted drafts of 8 where the q8 self-draft had 7.1 (92% of draft
-tokens accepted, 96-100% per position), and the controller drafted 6 where 8 was 7%
-faster. One pseudo-try at the rate of the position before costs ~1% per position.
+drafted within a few steps), `position_strength` for each continuation rate and
+`shared_strength` for the pooled one. The drafter-wide rates remember
+~1 / (1 - shared_decay) tries; decayed counts level off at that many, so pseudo-tries
+keep their weight for good: a fixed prior biases every position, and the bias
+multiplies along a chain (4 pseudo-tries at 0.6 on each continuation predicted 5.8
+accepted drafts of 8 where the q8 self-draft had 7.1). A pooled prior is the data's own
+average, so it only pulls a position towards the others.
 
 A request that is not drafted produces no evidence, so a pessimistic estimate would
 never be revisited: each step a candidate is not drafted, its counts decay by
@@ -51,12 +55,15 @@ class _Rate:
 class AcceptanceModel:
     def __init__(self, max_k: int, prior: float = 0.6, strength: float = 4.0,
                  request_decay: float = 0.8, shared_decay: float = 0.98,
-                 idle_decay: float = 0.95, shared_idle_decay: float = 0.995, shared_strength: float = 1.0):
+                 idle_decay: float = 0.95, shared_idle_decay: float = 0.995, shared_strength: float = 1.0,
+                 position_strength: float = 4.0):
         self.prior, self.strength, self.shared_strength = prior, strength, shared_strength
+        self.position_strength = position_strength
         self.request_decay, self.shared_decay = request_decay, shared_decay
         self.idle_decay, self.shared_idle_decay = idle_decay, shared_idle_decay
         self._shared_first = _Rate()
         self._hazard = [_Rate() for _ in range(max_k + 1)]  # [j]: draft j given 1..j-1 (j >= 2)
+        self._pooled = _Rate()  # every continuation try, whatever its position
         self._first: dict[str, _Rate] = {}
 
     def shared_first(self) -> float:
@@ -68,22 +75,26 @@ class AcceptanceModel:
         shared = self.shared_first()
         return shared if rate is None else rate.value(shared, self.strength)
 
+    def pooled(self) -> float:
+        """The continuation rate over all positions (each position's prior)."""
+        return self._pooled.value(self.shared_first(), self.shared_strength)
+
     def hazard(self, j: int) -> float:
-        """P(draft j accepted | drafts 1..j-1 accepted), j >= 2. Its prior is the rate of
-        draft j - 1 (draft 2's: the first-draft rate), so positions no plan has reached yet inherit what
-        the last reached one shows instead of staying at `prior`, which would keep k short."""
-        rate = self.shared_first()
-        for i in range(2, j + 1):
-            rate = self._hazard[i].value(rate, self.shared_strength)
-        return rate
+        """P(draft j accepted | drafts 1..j-1 accepted), j >= 2."""
+        return self._hazard[j].value(self.pooled(), self.position_strength)
+
+    def evidence(self, j: int) -> float:
+        """The decayed tries behind draft j's rate (j = 1: the drafter-wide first-draft rate;
+        j >= 2: the continuation rate of draft j)."""
+        rate = self._shared_first if j <= 1 else self._hazard[min(j, len(self._hazard) - 1)]
+        return rate.tries
 
     def gains(self, request_id: str, k: int) -> list[float]:
         """[P(drafts 1..j accepted) for j = 1..k], decreasing."""
-        out, p, rate = [], self.first(request_id), self.shared_first()
+        out, p, pooled = [], self.first(request_id), self.pooled()
         for j in range(1, min(k, len(self._hazard) - 1) + 1):
             if j > 1:
-                rate = self._hazard[j].value(rate, self.shared_strength)
-                p *= rate
+                p *= self._hazard[j].value(pooled, self.position_strength)
             out.append(p)
         return out
 
@@ -95,6 +106,7 @@ class AcceptanceModel:
         self._shared_first.add(hit, self.shared_decay)
         for j in range(2, min(num_drafts, num_accepted + 1, len(self._hazard) - 1) + 1):
             self._hazard[j].add(num_accepted >= j, self.shared_decay)  # tried: 1..j-1 accepted
+            self._pooled.add(num_accepted >= j, self.shared_decay)
 
     def idle(self, request_ids, any_verified: bool) -> None:
         """A step in which `request_ids` (candidates) were not drafted."""

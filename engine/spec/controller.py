@@ -65,6 +65,8 @@ EXPLORE_AFTER = 32  # steps in a row leaving drafts untested before an explorati
 EXPLORE_ROWS = 4  # requests an exploration drafts as deep as they can
 EXPLORE_SOON = 8  # the wait after an exploration that accepted far more than expected
 EXPLORE_SURPRISE = 1.25  # "far more": this many times the accepted drafts expected
+EXPLORE_EVIDENCE = 2.0  # tries below which a rate is a guess (explored after EXPLORE_SOON steps)
+EXPLORE_BACKLOG = 1.0  # a draft model's backlog per token a request may commit, at most, to explore it
 
 
 class DraftController:
@@ -130,35 +132,51 @@ class DraftController:
         margin = 1.0 if sum(new.values()) < sum(old.values()) else 1.0 + self.switch_margin
         if new != old and self._goodput(new, base) < margin * self._goodput(old, base):
             new = old
+        self._k.update(new)  # hysteresis holds the plan, not an exploration's one-off depths
         new = self._explore(candidates, base, new)
-        self._k.update(new)
         self.accept.idle([rid for rid, k in new.items() if not k], any(new.values()))
         return new
 
     def _explore(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
         """`plan`, unless it left drafts untested (no request drafts as deep as some could)
-        for `_explore_after` steps in a row: then up to EXPLORE_ROWS requests draft all
-        they can, and the wait doubles. A draft position no plan reaches is never tested,
-        so estimates a warm-up left low would stand for good: with the q8 self-draft at
-        open chat B = 16, one run kept its continuation rates at 0.725 (0.94-0.99 once
-        drafting) and drafted nothing, at 0.87x of k = 8; others drafted k = 1 (which
-        tests no continuation rate) at 0.90x. Requests a draft model has not caught up on
-        are left out: their catch-up is paid for by the drafting steps after it, which an
-        exploration that finds drafting does not pay never has (two explorations at B = 16
-        caught up on ~300-token prompts and cost 10% of the run). A tree drafter's gains
-        are its own and learn from every step, so it is never explored."""
-        if max(plan.values()) >= min(self.max_k, max(candidates.values())):
+        for a while: then up to EXPLORE_ROWS requests draft all they can, and the wait
+        doubles. A draft position no plan reaches is never tested, so estimates a warm-up
+        left low would stand for good: with the q8 self-draft at open chat B = 16, one run
+        kept its continuation rates at 0.725 (0.94-0.99 once drafting) and drafted nothing,
+        at 0.87x of k = 8; others drafted k = 1 (which tests no continuation rate) at 0.90x.
+        The wait is `_explore_after`, or EXPLORE_SOON when the last exploration surprised or
+        the rate of the first draft the plan leaves out rests on fewer than
+        EXPLORE_EVIDENCE tries (a guess: one miss at draft 2 on a fresh engine's first
+        verification kept its warm-up at k = 1). A draft model's catch-up is paid for by
+        the drafting steps after it, which an exploration that finds drafting does not pay
+        never has (two explorations at B = 16 caught up on ~300-token prompts and cost 10%
+        of the run): only requests whose backlog is at most EXPLORE_BACKLOG per token they
+        may still commit are explored, the least behind first. A tree drafter's gains are
+        its own and learn from every step, so it is never explored."""
+        top = max(plan.values())
+        if top >= min(self.max_k, max(candidates.values())):
             self._idle, self._explore_after = 0, EXPLORE_AFTER  # every position some request can draft is tested
             return plan
         self._idle += 1
-        pool = {rid: n for rid, n in candidates.items() if not self._catchup.get(rid) and rid not in self._tree}
-        if self._idle < (EXPLORE_SOON if self._soon else self._explore_after) or not pool:
+        # A guess is explored soon only for a plan of at most one draft a request (it tests
+        # no continuation rate at all; deeper plans test the next rates now and then, and
+        # exploring them soon, then soon again after each surprise, changed k 16 times in
+        # 100 steps at 0.7 a draft), and only as the first wait (a first draft that keeps
+        # missing never reaches draft 2, which would stay a guess for good).
+        thin = (top <= 1 and self._explore_after == EXPLORE_AFTER
+                and self.accept.evidence(top + 1) < EXPLORE_EVIDENCE)
+        if self._idle < (EXPLORE_SOON if self._soon or thin else self._explore_after):
+            return plan
+        behind = sorted((self._catchup.get(rid, 0.0), i, rid) for i, rid in enumerate(candidates)
+                        if rid not in self._tree and self._catchup.get(rid, 0.0) <= EXPLORE_BACKLOG)
+        if not behind:
             return plan
         self._idle, self._soon = 0, False
         self._explore_after *= 2
+        pool = {rid: candidates[rid] for _, _, rid in behind}
         if not self._deeper_may_pay({rid: pool.get(rid, 0) for rid in candidates}, base, plan):
             return plan
-        deep = {rid: min(n, self.max_k) for rid, n in list(pool.items())[:EXPLORE_ROWS]}
+        deep = {rid: min(pool[rid], self.max_k) for _, _, rid in behind[:EXPLORE_ROWS]}
         self._explored = {rid: sum(self._gains[rid][:k]) for rid, k in deep.items()}
         self._surprise = [0.0, 0.0]
         return {rid: max(k, deep.get(rid, 0)) for rid, k in plan.items()}

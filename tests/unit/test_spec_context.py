@@ -11,7 +11,7 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.sched.output import ScheduledRequest
 from engine.spec import DraftController, LatencyModel, create_drafter
-from engine.spec.controller import EXPLORE_AFTER, EXPLORE_SOON
+from engine.spec.controller import EXPLORE_AFTER, EXPLORE_BACKLOG, EXPLORE_SOON
 from engine.spec.decoder import SpeculativeDecoder
 from engine.spec.latency import ContextCost, LatencyTable
 
@@ -165,10 +165,51 @@ def test_exploration_waits_double_when_deeper_drafts_keep_missing():
     assert explored == [(2 ** i - 1) * EXPLORE_AFTER - 1 for i in (1, 2, 3)]
 
 
-def test_exploration_leaves_requests_a_draft_model_has_not_caught_up_on():
+def test_exploration_leaves_requests_a_draft_model_is_far_behind_on():
     """A draft model's catch-up is paid for by the drafts after it; an exploration that
-    finds drafting does not pay has none. Candidates with a backlog are not explored;
-    the same controller explores the ones without."""
+    finds drafting does not pay has none. Candidates whose backlog is over
+    EXPLORE_BACKLOG per token they may still commit are not explored; the same
+    controller explores ones with a backlog at or under it."""
     def explored(backlog: float) -> list[int]:
         return [i for i, n in enumerate(simulate(shallow_drafter(), FIRST_ONLY, 4, 100, backlog)) if n > 4]
-    assert explored(0.0) == [EXPLORE_AFTER - 1, 3 * EXPLORE_AFTER - 1] and explored(0.05) == []
+    assert explored(0.0) == explored(EXPLORE_BACKLOG) == [EXPLORE_AFTER - 1, 3 * EXPLORE_AFTER - 1]
+    assert explored(1.5 * EXPLORE_BACKLOG) == []
+
+
+def test_exploration_takes_the_requests_least_behind():
+    """Of 8 candidates, the EXPLORE_ROWS with the smallest backlogs (a draft model's
+    catch-up per future token) draft 8; the rest keep their plan."""
+    ctl = shallow_drafter()
+    ids = [f"r{i}" for i in range(8)]
+    catchup = dict(zip(ids, [0.9, 0.1, 2.0, 0.0, 0.5, 0.3, 0.05, 0.7]))
+    for _ in range(EXPLORE_AFTER):
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=catchup)
+    assert {rid for rid, k in plan.items() if k == 8} == {"r3", "r6", "r1", "r5"}
+    assert all(plan[rid] < 8 for rid in ("r0", "r2", "r4", "r7"))
+
+
+def test_a_fresh_engine_whose_first_verification_missed_draft_2_explores_soon():
+    """The prior (0.6) plans 2 drafts; a miss at draft 2 leaves one guess behind its rate,
+    and the plan of one draft tests no continuation. The rate rests on under
+    EXPLORE_EVIDENCE tries, so the exploration comes after EXPLORE_SOON steps (not
+    EXPLORE_AFTER), and at 97% a draft batch 1 then drafts 8."""
+    ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
+    assert ctl.choose({"r0": 8}, 0) == {"r0": 2}
+    ctl.observe("r0", 2, 1)
+    planned = [2] + simulate(ctl, [1.0] + [0.97] * 7, 1, 40)  # the EXPLORE_SOON-th plan explores
+    assert planned[1:EXPLORE_SOON - 1] == [1] * (EXPLORE_SOON - 2) and planned[EXPLORE_SOON - 1] == 8
+    assert planned[-10:] == [8] * 10
+
+
+def test_one_miss_at_a_deep_draft_leaves_its_rate_near_the_others():
+    """A warm-up's runs (draft 7 tried twice, missed once) at batch 1: positions tried
+    little take the pooled continuation rate as their prior, so one miss does not halve draft 7's
+    rate, and at B = 16 the q8 self-draft still drafts. (With each position's prior the
+    rate before it, draft 7 stood at 0.5 and B = 16 drafted nothing.)"""
+    ctl = q8_self_draft()
+    ctl.accept = type(ctl.accept)(8)
+    for k, accepted in [(2, 1)] + [(1, 1)] * 6 + [(2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (8, 8), (8, 6)]:
+        ctl.observe("warm-up", k, accepted)
+    assert ctl.accept.hazard(7) > 0.7
+    ids = [f"r{i}" for i in range(16)]
+    assert sum(ctl.choose(dict.fromkeys(ids, 8), 0, contexts=dict.fromkeys(ids, 300)).values()) > 0
