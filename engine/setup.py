@@ -204,7 +204,12 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
     if method == "layerskip":
         kwargs = {"keep": args.speculative_layerskip_keep}
     elif method == "draft":
-        kwargs = {"model": draft.model, "model_config": draft.config}
+        # A draft on the native q8 kernels takes the native attention too under "auto",
+        # whatever the target runs: with torch's SDPA its drafts were accepted 84% of the
+        # time on open chat, against 89% (16 prompts, batch 1; the fp32 outputs agree).
+        quant = args.speculative_draft_activation_quant
+        own = "auto" if quant is not None and args.attention_backend == "auto" else None
+        kwargs = {"model": draft.model, "model_config": draft.config, "attention_backend": own}
     elif method == "recycling":
         kwargs = {"vocab_size": runner.cfg.model.vocab_size}
     drafter = create_drafter(method, **kwargs)

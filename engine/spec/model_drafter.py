@@ -200,9 +200,10 @@ class DraftModelDrafter(ModelDrafter):
     """A separate draft model (same tokenizer); its KV tensors use the target's block ids."""
     keeps_kv = True
 
-    def __init__(self, model=None, model_config=None):
+    def __init__(self, model=None, model_config=None, attention_backend: str | None = None):
         super().__init__()
         self.model, self.model_config = model, model_config
+        self.attention_backend = attention_backend  # None: the target runner's
         self.kv_caches: list[torch.Tensor] = []
         self.attn = None
         self._computed: dict[str, int] = {}  # request id -> tokens with valid draft KV
@@ -215,7 +216,7 @@ class DraftModelDrafter(ModelDrafter):
         self.kv_caches = self.kv_memory.layers
         shape = AttentionShape(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim ** -0.5,
                                runner.cfg.dtype, runner.cfg.device)
-        self.attn = create_backend(runner.cfg.attention_backend, shape)
+        self.attn = create_backend(self.attention_backend or runner.cfg.attention_backend, shape)
 
     def first_rows(self, entries):
         # Pass 0 catches up on the backlog, then feeds the last committed token.

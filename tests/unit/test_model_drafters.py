@@ -117,6 +117,14 @@ def test_q8_self_draft_loads_in_q8_and_is_lossless(make_llm, hf_smol, plain_gree
     def q8_flags(model):
         return {m.q8 for m in model.modules() if hasattr(m, "q8_capable") and m.q8_capable}
     assert q8_flags(draft_model) == {True} and q8_flags(llm.core.runner.model) == {False}
+    # The q8 draft runs the native attention under "auto" even where the target runs
+    # torch's (the fp32 path, cpu_native_kernels=False); a backend named by the user holds.
+    def backends(**kwargs):
+        engine = make_llm(num_kv_blocks=16, speculative_method="draft", speculative_model="smollm2-135m",
+                          speculative_draft_activation_quant="q8", **kwargs).core.runner
+        return engine.attn.name, engine.model_drafter.attn.name
+    assert backends(cpu_native_kernels=False) == ("torch", "cpu")
+    assert backends(attention_backend="torch") == ("torch", "torch")
     outs = run(llm, BATCH, params())
     stats = llm.core.spec.totals
     assert stats.num_draft_tokens > 40 and stats.num_accepted_tokens >= 0.7 * stats.num_draft_tokens, stats
