@@ -167,16 +167,17 @@ class DraftController:
                 and self.accept.evidence(top + 1) < EXPLORE_EVIDENCE)
         if self._idle < (EXPLORE_SOON if self._soon or thin else self._explore_after):
             return plan
-        behind = sorted((self._catchup.get(rid, 0.0), i, rid) for i, rid in enumerate(candidates)
-                        if rid not in self._tree and self._catchup.get(rid, 0.0) <= EXPLORE_BACKLOG)
-        if not behind:
+        behind = {rid: self._catchup.get(rid, 0.0) for rid in candidates if rid not in self._tree}
+        pool = [rid for rid, backlog in behind.items() if backlog <= EXPLORE_BACKLOG]  # candidate order
+        if not pool:
             return plan
         self._idle, self._soon = 0, False
         self._explore_after *= 2
-        pool = {rid: candidates[rid] for _, _, rid in behind}
-        if not self._deeper_may_pay({rid: pool.get(rid, 0) for rid in candidates}, base, plan):
+        eligible = set(pool)
+        if not self._deeper_may_pay({rid: candidates[rid] if rid in eligible else 0 for rid in candidates}, base, plan):
             return plan
-        deep = {rid: min(pool[rid], self.max_k) for _, _, rid in behind[:EXPLORE_ROWS]}
+        least = sorted(pool, key=behind.__getitem__)[:EXPLORE_ROWS]  # stable: ties keep candidate order
+        deep = {rid: min(candidates[rid], self.max_k) for rid in least}
         self._explored = {rid: sum(self._gains[rid][:k]) for rid, k in deep.items()}
         self._surprise = [0.0, 0.0]
         return {rid: max(k, deep.get(rid, 0)) for rid, k in plan.items()}

@@ -23,8 +23,12 @@ def fp32_table(ema: float = 0.1) -> LatencyTable:
     return LatencyTable([(n, t / 1e3) for n, t in ms.items()], ema=ema)
 
 
+def fresh_q8_self_draft(context: ContextCost = MEASURED) -> DraftController:
+    return DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=context)
+
+
 def q8_self_draft(context: ContextCost = MEASURED) -> DraftController:
-    ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=context)
+    ctl = fresh_q8_self_draft(context)
     for _ in range(30):
         ctl.observe("warm-up", 8, 8)
     return ctl
@@ -103,7 +107,7 @@ def test_a_drafter_a_warm_up_wrote_off_is_explored_and_drafted_again():
     out, and without exploration nothing would ever test them again. After EXPLORE_AFTER
     steps without drafts 4 requests draft 8 each, ~97% are accepted, and the controller
     keeps drafting."""
-    ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
+    ctl = fresh_q8_self_draft()
     for accepted in (2, 3, 1, 8, 2):
         ctl.observe("warm-up", 8, accepted)
     planned = simulate(ctl, 0.97, 16, 200)
@@ -117,7 +121,7 @@ def test_continuation_rates_a_warm_up_left_low_are_explored_from_shallow_drafts(
     B = 16 only k = 1 pays, and k = 1 tests no continuation. After EXPLORE_AFTER such
     steps 4 requests draft 8 each; far more are accepted than expected, so another
     exploration follows EXPLORE_SOON steps later, and the continuation rates come up."""
-    ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
+    ctl = fresh_q8_self_draft()
     for _ in range(6):
         ctl.observe("warm-up", 8, 1)
     low = ctl.accept.hazard(4)
@@ -193,7 +197,7 @@ def test_a_fresh_engine_whose_first_verification_missed_draft_2_explores_soon():
     and the plan of one draft tests no continuation. The rate rests on under
     EXPLORE_EVIDENCE tries, so the exploration comes after EXPLORE_SOON steps (not
     EXPLORE_AFTER), and at 97% a draft batch 1 then drafts 8."""
-    ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
+    ctl = fresh_q8_self_draft()
     assert ctl.choose({"r0": 8}, 0) == {"r0": 2}
     ctl.observe("r0", 2, 1)
     planned = [2] + simulate(ctl, [1.0] + [0.97] * 7, 1, 40)  # the EXPLORE_SOON-th plan explores
@@ -206,8 +210,7 @@ def test_one_miss_at_a_deep_draft_leaves_its_rate_near_the_others():
     little take the pooled continuation rate as their prior, so one miss does not halve draft 7's
     rate, and at B = 16 the q8 self-draft still drafts. (With each position's prior the
     rate before it, draft 7 stood at 0.5 and B = 16 drafted nothing.)"""
-    ctl = q8_self_draft()
-    ctl.accept = type(ctl.accept)(8)
+    ctl = fresh_q8_self_draft()
     for k, accepted in [(2, 1)] + [(1, 1)] * 6 + [(2, 2), (3, 3), (4, 4), (5, 5), (6, 6), (8, 8), (8, 6)]:
         ctl.observe("warm-up", k, accepted)
     assert ctl.accept.hazard(7) > 0.7
