@@ -212,8 +212,10 @@ async def client_once(http, model: str) -> None:
 
 def run_server(cfg: Config, workloads: dict, batches: list[int], args) -> list[dict]:
     from local_server import Server
-    native = "--cpu-native-kernels" if args.native else "--no-cpu-native-kernels"
-    server = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", native,
+    # The fp32 path runs our attention over the dequantized linears, as the offline phase
+    # does (an LLM built on a loaded model keeps `attention_backend` auto: ours on the CPU).
+    native = ["--cpu-native-kernels"] if args.native else ["--no-cpu-native-kernels", "--attention-backend", "cpu"]
+    server = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", *native,
                                       "--max-num-seqs", str(max(batches)), *cfg.server_args()], 600)
     rows = []
     try:
@@ -313,6 +315,7 @@ def main() -> None:
               f"{s['speedup_vs_no_spec']:.2f}x no spec, {s['ratio_vs_best_other']:.2f}x {s['best_other']}{decode}")
     result = {"command": " ".join(sys.argv), "device": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "attention": "ours (kernels/cpu) offline and through the server",
               "linear_path": ("native GGUF blocks (Q4_1 + Q8_0 head), our AVX2 kernels, fp32 activations"
                               if args.native else "fp32 dequantized GGUF, oneDNN packed" if packing_available()
                               else "fp32 dequantized GGUF, F.linear"),

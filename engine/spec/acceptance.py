@@ -43,22 +43,36 @@ class _Rate:
     """(hits + strength * prior) / (tries + strength) over decayed counts."""
     hits: float = 0.0
     tries: float = 0.0
+    fresh: float = 1.0  # the share of `tries` the upper estimate counts (ages while untested)
 
     def value(self, prior: float, strength: float) -> float:
         return (self.hits + strength * prior) / (self.tries + strength)
 
+    def upper(self, value: float, optimism: float, evidence: float | None = None) -> float:
+        """`value` raised towards 1 by `optimism` pseudo-hits over `evidence` tries (default:
+        this rate's own): an upper estimate that is 1 for an untried rate and the value
+        itself for a well-tried one."""
+        evidence = self.tries * self.fresh if evidence is None else evidence
+        return value + (1.0 - value) * optimism / (evidence + optimism)
+
+    def fade(self, decay: float) -> None:
+        self.hits *= decay
+        self.tries *= decay
+
     def add(self, hit: bool, decay: float) -> None:
+        evidence = self.tries * self.fresh * decay + 1.0  # the aged tries go on ageing
         self.hits = self.hits * decay + hit
         self.tries = self.tries * decay + 1.0
+        self.fresh = evidence / self.tries
 
 
 class AcceptanceModel:
     def __init__(self, max_k: int, prior: float = 0.6, strength: float = 4.0,
                  request_decay: float = 0.8, shared_decay: float = 0.98,
                  idle_decay: float = 0.95, shared_idle_decay: float = 0.995, shared_strength: float = 1.0,
-                 position_strength: float = 4.0):
+                 position_strength: float = 4.0, untested_decay: float = 0.95):
         self.prior, self.strength, self.shared_strength = prior, strength, shared_strength
-        self.position_strength = position_strength
+        self.position_strength, self.untested_decay = position_strength, untested_decay
         self.request_decay, self.shared_decay = request_decay, shared_decay
         self.idle_decay, self.shared_idle_decay = idle_decay, shared_idle_decay
         self._shared_first = _Rate()
@@ -98,6 +112,20 @@ class AcceptanceModel:
             out.append(p)
         return out
 
+    def optimistic_gains(self, request_id: str, k: int, optimism: float) -> list[float]:
+        """`gains` with every rate at its upper estimate (`_Rate.upper`): what the drafts
+        could be worth where the rates rest on few tries. A request's first-draft rate
+        counts the drafter-wide tries as its evidence too (that rate is its prior)."""
+        rate = self._first.get(request_id, _Rate())
+        p = rate.upper(self.first(request_id), optimism, rate.tries + self._shared_first.tries)
+        out, pooled = [], self.pooled()
+        for j in range(1, min(k, len(self._hazard) - 1) + 1):
+            if j > 1:
+                h = self._hazard[j]
+                p *= h.upper(h.value(pooled, self.position_strength), optimism)
+            out.append(p)
+        return out
+
     def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
         if num_drafts <= 0:
             return
@@ -108,16 +136,21 @@ class AcceptanceModel:
             self._hazard[j].add(num_accepted >= j, self.shared_decay)  # tried: 1..j-1 accepted
             self._pooled.add(num_accepted >= j, self.shared_decay)
 
-    def idle(self, request_ids, any_verified: bool) -> None:
-        """A step in which `request_ids` (candidates) were not drafted."""
+    def idle(self, request_ids, deepest: int) -> None:
+        """A step in which `request_ids` (candidates) were not drafted and no request
+        drafted deeper than `deepest`. Its candidates' first-draft rates fade towards the
+        drafter-wide one, and that one towards the prior when nothing was drafted; the
+        continuation rates it could not test keep their values, but the tries their upper
+        estimates count age (`untested_decay`), so a rate left untested comes to rest on
+        few tries again and its upper estimate rises until an exploration tests it."""
         for rid in request_ids:
             rate = self._first.get(rid)
             if rate is not None:
-                rate.hits *= self.idle_decay
-                rate.tries *= self.idle_decay
-        if not any_verified:
-            self._shared_first.hits *= self.shared_idle_decay
-            self._shared_first.tries *= self.shared_idle_decay
+                rate.fade(self.idle_decay)
+        if not deepest:
+            self._shared_first.fade(self.shared_idle_decay)
+        for rate in self._hazard[max(deepest, 1) + 1:]:
+            rate.fresh *= self.untested_decay
 
     def forget(self, request_id: str) -> None:
         self._first.pop(request_id, None)

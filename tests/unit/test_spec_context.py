@@ -132,17 +132,36 @@ def test_continuation_rates_a_warm_up_left_low_are_explored_from_shallow_drafts(
     assert low < 0.6 and ctl.accept.hazard(4) > 0.9
 
 
-def test_a_hopeless_drafter_is_explored_ever_more_rarely():
-    """40 verifications that accepted nothing: drafting is not planned, and explorations
-    (4 requests drafting 8 each) come 32, 64, 128 steps apart: 3 in 300 steps."""
+def test_a_hopeless_drafter_is_explored_once_its_misses_have_faded_then_ever_more_rarely():
+    """40 verifications that accepted nothing: drafting is not planned, and while those
+    misses are fresh even their upper estimates say exploring cannot pay (with every draft
+    taken as accepted, this explored 4 rows x 8 drafts 32, 96 and 224 steps in). Untested
+    rates fade, so explorations come once they rest on few tries, ever further apart."""
     ctl = q8_self_draft()
     for _ in range(40):
         ctl.observe("warm-up", 8, 0)
-    planned = simulate(ctl, 0.0, 16, 300)
-    assert [i for i, n in enumerate(planned) if n] == [EXPLORE_AFTER - 1, 3 * EXPLORE_AFTER - 1, 7 * EXPLORE_AFTER - 1]
+    planned = simulate(ctl, 0.0, 16, 1500)
+    explored = [i for i, n in enumerate(planned) if n]
+    assert explored and explored[0] > 8 * EXPLORE_AFTER
+    gaps = [b - a for a, b in zip(explored, explored[1:])]
+    assert len(gaps) >= 2 and gaps == sorted(gaps) and gaps[0] >= EXPLORE_AFTER
     assert max(planned) == 4 * 8
 
 
+def test_well_tried_rates_that_do_not_pay_are_not_explored():
+    """B = 16 at 1000 tokens of context each with the q8 self-draft accepting 97%: no k
+    pays, and 30 runs of 8 accepted drafts leave nothing to learn. Gated on perfect
+    acceptance, explorations of 4 x 8 drafts came after 32, 96 and 224 steps and were all
+    accepted as expected; on the rates' upper estimates none comes in 300 steps."""
+    ctl = q8_self_draft()
+    ids = [f"r{i}" for i in range(16)]
+    planned = []
+    for _ in range(300):
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=dict.fromkeys(ids, 0.5), contexts=dict.fromkeys(ids, 1000))
+        planned.append(sum(plan.values()))
+        for rid, k in plan.items():
+            ctl.observe(rid, k, k)
+    assert sum(planned) == 0
 def test_nothing_is_explored_where_even_perfect_drafts_would_not_pay():
     """A draft pass as dear as a target step: no k pays at any acceptance, so none is tried."""
     step = LatencyModel(0.05, 0.001)
@@ -162,11 +181,15 @@ def shallow_drafter() -> DraftController:
 
 
 def test_exploration_waits_double_when_deeper_drafts_keep_missing():
-    """First drafts accepted, later ones never: explorations 32, 64, 128 steps apart."""
-    planned = simulate(shallow_drafter(), FIRST_ONLY, 4, 240)
+    """First drafts accepted, later ones never: explorations 32, 64, 128, ... steps apart
+    (each one's misses double the wait; the tries behind them age meanwhile, so the next
+    one is not priced out)."""
+    planned = simulate(shallow_drafter(), FIRST_ONLY, 4, 1100)
     assert min(planned) > 0  # the first draft pays every step
     explored = [i for i, n in enumerate(planned) if n > 4]
-    assert explored == [(2 ** i - 1) * EXPLORE_AFTER - 1 for i in (1, 2, 3)]
+    assert explored[0] == EXPLORE_AFTER - 1
+    gaps = [b - a for a, b in zip(explored, explored[1:])]
+    assert len(gaps) >= 3 and gaps[0] == 2 * EXPLORE_AFTER and all(b == 2 * a for a, b in zip(gaps, gaps[1:]))
 
 
 def test_exploration_leaves_requests_a_draft_model_is_far_behind_on():
@@ -175,8 +198,8 @@ def test_exploration_leaves_requests_a_draft_model_is_far_behind_on():
     EXPLORE_BACKLOG per token they may still commit are not explored; the same
     controller explores ones with a backlog at or under it."""
     def explored(backlog: float) -> list[int]:
-        return [i for i, n in enumerate(simulate(shallow_drafter(), FIRST_ONLY, 4, 100, backlog)) if n > 4]
-    assert explored(0.0) == explored(EXPLORE_BACKLOG) == [EXPLORE_AFTER - 1, 3 * EXPLORE_AFTER - 1]
+        return [i for i, n in enumerate(simulate(shallow_drafter(), FIRST_ONLY, 4, 300, backlog)) if n > 4]
+    assert explored(0.0) == explored(EXPLORE_BACKLOG) != []
     assert explored(1.5 * EXPLORE_BACKLOG) == []
 
 
@@ -186,8 +209,10 @@ def test_exploration_takes_the_requests_least_behind():
     ctl = shallow_drafter()
     ids = [f"r{i}" for i in range(8)]
     catchup = dict(zip(ids, [0.9, 0.1, 2.0, 0.0, 0.5, 0.3, 0.05, 0.7]))
-    for _ in range(EXPLORE_AFTER):
+    for _ in range(300):
         plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=catchup)
+        if max(plan.values()) == 8:
+            break
     assert {rid for rid, k in plan.items() if k == 8} == {"r3", "r6", "r1", "r5"}
     assert all(plan[rid] < 8 for rid in ("r0", "r2", "r4", "r7"))
 
