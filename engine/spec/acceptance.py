@@ -32,10 +32,22 @@ never be revisited: each step a candidate is not drafted, its counts decay by
 `idle_decay` (its rate drifts back towards the drafter-wide one and it is tried
 again once that pays), and a step without any verification decays the drafter-wide
 first-draft counts by `shared_idle_decay` (towards the prior).
+
+Whether an exploration may pay (the controller's `_deeper_may_pay`) is asked of the
+rates' upper estimates: each raised towards 1 by a few pseudo-hits over the tries it
+rests on (`gains(..., optimism)`). A continuation rate no plan reaches keeps its value,
+but the tries its upper estimate counts age by `untested_decay` a step, so it is
+explored again once they are few, and not while many recent tries price it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+def _upper(value: float, optimism: float, evidence: float) -> float:
+    """`value` raised towards 1 by `optimism` pseudo-hits over `evidence` tries: an upper
+    estimate that is 1 for an untried rate and the value itself for a well-tried one."""
+    return value + (1.0 - value) * optimism / (evidence + optimism)
 
 
 @dataclass
@@ -47,13 +59,6 @@ class _Rate:
 
     def value(self, prior: float, strength: float) -> float:
         return (self.hits + strength * prior) / (self.tries + strength)
-
-    def upper(self, value: float, optimism: float, evidence: float | None = None) -> float:
-        """`value` raised towards 1 by `optimism` pseudo-hits over `evidence` tries (default:
-        this rate's own): an upper estimate that is 1 for an untried rate and the value
-        itself for a well-tried one."""
-        evidence = self.tries * self.fresh if evidence is None else evidence
-        return value + (1.0 - value) * optimism / (evidence + optimism)
 
     def fade(self, decay: float) -> None:
         self.hits *= decay
@@ -103,26 +108,21 @@ class AcceptanceModel:
         rate = self._shared_first if j <= 1 else self._hazard[min(j, len(self._hazard) - 1)]
         return rate.tries
 
-    def gains(self, request_id: str, k: int) -> list[float]:
-        """[P(drafts 1..j accepted) for j = 1..k], decreasing."""
-        out, p, pooled = [], self.first(request_id), self.pooled()
-        for j in range(1, min(k, len(self._hazard) - 1) + 1):
-            if j > 1:
-                p *= self._hazard[j].value(pooled, self.position_strength)
-            out.append(p)
-        return out
-
-    def optimistic_gains(self, request_id: str, k: int, optimism: float) -> list[float]:
-        """`gains` with every rate at its upper estimate (`_Rate.upper`): what the drafts
-        could be worth where the rates rest on few tries. A request's first-draft rate
-        counts the drafter-wide tries as its evidence too (that rate is its prior)."""
-        rate = self._first.get(request_id, _Rate())
-        p = rate.upper(self.first(request_id), optimism, rate.tries + self._shared_first.tries)
-        out, pooled = [], self.pooled()
+    def gains(self, request_id: str, k: int, optimism: float = 0.0) -> list[float]:
+        """[P(drafts 1..j accepted) for j = 1..k], decreasing. With `optimism`, every rate
+        is at its upper estimate (`_Rate.upper`): what the drafts could be worth where the
+        rates rest on few tries. A request's first-draft rate counts the drafter-wide tries
+        as its evidence too (that rate is its prior)."""
+        p, pooled = self.first(request_id), self.pooled()
+        if optimism:
+            own = self._first.get(request_id)
+            p = _upper(p, optimism, (own.tries if own else 0.0) + self._shared_first.tries)
+        out = []
         for j in range(1, min(k, len(self._hazard) - 1) + 1):
             if j > 1:
                 h = self._hazard[j]
-                p *= h.upper(h.value(pooled, self.position_strength), optimism)
+                rate = h.value(pooled, self.position_strength)
+                p *= _upper(rate, optimism, h.tries * h.fresh) if optimism else rate
             out.append(p)
         return out
 

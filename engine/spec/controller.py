@@ -191,7 +191,7 @@ class DraftController:
         (with every draft taken as accepted, grounded B = 16 and B = 64 explored 4 rows
         every wait, all accepted as expected, and paid 2-5% of the run for it)."""
         measured = self._gains
-        self._gains = {rid: self.accept.optimistic_gains(rid, len(g), EXPLORE_OPTIMISM) for rid, g in measured.items()}
+        self._gains = {rid: self.accept.gains(rid, len(g), EXPLORE_OPTIMISM) for rid, g in measured.items()}
         flat = self._greedy(candidates, base)
         self._gains = measured
         return any(flat[rid] > plan[rid] for rid in candidates)
