@@ -279,7 +279,6 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    from engine.models.cpu_linear import packing_available
     from engine.setup import load_model
     from engine.config import EngineArgs
 
@@ -291,6 +290,10 @@ def main() -> None:
                    (args.draft_model, args.draft_activation_quant))
     rows: list[dict] = []
     t_start = time.perf_counter()
+    if args.server:  # first: a server that fails to start fails the run in minutes, not at its end
+        server_batches = [int(b) for b in args.server_batches.split(",")]
+        for cfg in (cfgs[0], cfgs[-1]):
+            rows += run_server(cfg, workloads, server_batches, args)
     for name, chats in workloads.items():
         texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chats]
         for batch in batches:
@@ -301,11 +304,8 @@ def main() -> None:
             warmup = texts[max(len(texts) - args.warmup_prompts, len(prompts)):] if args.warmup_prompts else []
             assert not set(warmup) & set(prompts), "warm-up prompts must not be measured"
             rows += run_offline_group(loaded, cfgs, prompts, batch, args, warmup, name, t_start)
-    if args.server:
-        server_batches = [int(b) for b in args.server_batches.split(",")]
-        for cfg in (cfgs[0], cfgs[-1]):
-            rows += run_server(cfg, workloads, server_batches, args)
-    summary = summarise(rows)
+            write_result(args, rows, t_start)  # every group: a run cut short keeps what it measured
+    summary = write_result(args, rows, t_start)
     print("\nadaptive vs no spec and vs the best other configuration:")
     for s in summary:
         decode = (f"; decode phase {s['decode_speedup_vs_no_spec']:.2f}x no spec, "
@@ -313,6 +313,16 @@ def main() -> None:
                   if "decode_speedup_vs_no_spec" in s else "")
         print(f"  {s['mode']:7s} {s['workload']:9s} B={s['batch']:2d}: {s['adaptive_tok_s']:7.1f} tok/s = "
               f"{s['speedup_vs_no_spec']:.2f}x no spec, {s['ratio_vs_best_other']:.2f}x {s['best_other']}{decode}")
+    if args.plot:
+        from plot import plot_spec
+        plot_spec({"rows": rows, "summary": summary}, args.plot)
+
+
+def write_result(args, rows: list[dict], t_start: float) -> list[dict]:
+    """The rows so far and their summary, written to --json (if given); returns the summary."""
+    from engine.models.cpu_linear import packing_available
+
+    summary = summarise(rows)
     result = {"command": " ".join(sys.argv), "device": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "attention": "ours (kernels/cpu) offline and through the server",
@@ -325,9 +335,7 @@ def main() -> None:
               "rows": rows, "summary": summary}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    if args.plot:
-        from plot import plot_spec
-        plot_spec(result, args.plot)
+    return summary
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ class CpuNativeBackend(TorchReferenceBackend):
                 and attention_cpu.supported(shape.num_heads, shape.num_kv_heads, shape.head_dim)
                 and gguf_cpu.available())
 
+    def __init__(self, shape: AttentionShape, shared_prefix: str = "auto"):
+        # Named explicitly, this backend is not vetted by `auto`; checking here also builds and
+        # loads the extension when no native linear did (`--no-cpu-native-kernels`).
+        if not self.usable(shape):
+            raise ValueError("attention backend 'cpu' needs an fp32 model on the CPU, a head shape our op "
+                             "supports and the built extension (kernels/cpu); use 'auto' or 'torch'")
+        super().__init__(shape, shared_prefix)
+
     def plan(self, layout: BatchLayout) -> None:
         cascade = self.plan_levels(layout)
         trees = {i for i, _ in layout.tree_masks}

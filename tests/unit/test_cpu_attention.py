@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +156,21 @@ def test_engine_keeps_torch_attention_without_our_kernels(make_llm, monkeypatch)
     assert make_llm(num_kv_blocks=16, cpu_native_kernels=False).core.runner.attn.name == "torch"
     monkeypatch.setattr(gguf_cpu, "available", lambda: False)  # no compiler / failed build
     assert make_llm(num_kv_blocks=16).core.runner.attn.name == "torch"
+
+
+def test_the_named_backend_loads_our_extension_itself_and_refuses_a_shape_it_cannot_run():
+    """`--no-cpu-native-kernels --attention-backend cpu` (dequantized linears, our attention):
+    no native linear loads the extension, so the backend must; before it did, the first
+    step failed inside the op lookup. A shape the op does not support is refused up front."""
+    code = ("import torch\n"
+            "from kernels import gguf_cpu\n"
+            "from engine.attention.base import AttentionShape, create_backend\n"
+            "assert gguf_cpu._loaded is None\n"
+            "backend = create_backend('cpu', AttentionShape(9, 3, 64, 0.125, torch.float32, torch.device('cpu')))\n"
+            "print(backend.name, callable(torch.ops.strix_cpu.paged_attention))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["cpu", "True"]
+    with pytest.raises(ValueError, match="attention backend 'cpu'"):
+        create_backend("cpu", AttentionShape(4, 2, 12, 0.3, torch.float32, torch.device("cpu")))
