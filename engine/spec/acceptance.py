@@ -110,7 +110,7 @@ class AcceptanceModel:
 
     def gains(self, request_id: str, k: int, optimism: float = 0.0) -> list[float]:
         """[P(drafts 1..j accepted) for j = 1..k], decreasing. With `optimism`, every rate
-        is at its upper estimate (`_Rate.upper`): what the drafts could be worth where the
+        is at its upper estimate (`_upper`): what the drafts could be worth where the
         rates rest on few tries. A request's first-draft rate counts the drafter-wide tries
         as its evidence too (that rate is its prior)."""
         p, pooled = self.first(request_id), self.pooled()

@@ -83,16 +83,16 @@ def test_the_table_and_the_pass_line_learn_without_the_contexts_share():
     assert ctl.draft_latency.predict(16) == pytest.approx(d16)
 
 
-def simulate(ctl: DraftController, acceptance, batch: int, steps: int, backlog: float | None = None
-             ) -> list[int]:
+def simulate(ctl: DraftController, acceptance, batch: int, steps: int, backlog: float | None = None,
+             context: int = 300) -> list[int]:
     """Drafts planned per step when draft j is accepted with acceptance[j - 1] after drafts
     1..j-1 were (a float: the same at every position); `backlog`: a draft model's
-    catch-up per future token of every request."""
+    catch-up per future token of every request; `context`: every row's own context tokens."""
     rates = [acceptance] * 8 if isinstance(acceptance, float) else acceptance
     rnd, ids, planned = random.Random(0), [f"r{i}" for i in range(batch)], []
     catchup = None if backlog is None else dict.fromkeys(ids, backlog)
     for _ in range(steps):
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=catchup, contexts=dict.fromkeys(ids, 300))
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=catchup, contexts=dict.fromkeys(ids, context))
         planned.append(sum(plan.values()))
         for rid, k in plan.items():
             accepted = 0
@@ -153,15 +153,9 @@ def test_well_tried_rates_that_do_not_pay_are_not_explored():
     pays, and 30 runs of 8 accepted drafts leave nothing to learn. Gated on perfect
     acceptance, explorations of 4 x 8 drafts came after 32, 96 and 224 steps and were all
     accepted as expected; on the rates' upper estimates none comes in 300 steps."""
-    ctl = q8_self_draft()
-    ids = [f"r{i}" for i in range(16)]
-    planned = []
-    for _ in range(300):
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=dict.fromkeys(ids, 0.5), contexts=dict.fromkeys(ids, 1000))
-        planned.append(sum(plan.values()))
-        for rid, k in plan.items():
-            ctl.observe(rid, k, k)
-    assert sum(planned) == 0
+    assert sum(simulate(q8_self_draft(), 1.0, 16, 300, backlog=0.5, context=1000)) == 0
+
+
 def test_nothing_is_explored_where_even_perfect_drafts_would_not_pay():
     """A draft pass as dear as a target step: no k pays at any acceptance, so none is tried."""
     step = LatencyModel(0.05, 0.001)
