@@ -154,7 +154,7 @@ class EngineCore:
         outputs, self._pending_outputs = self._pending_outputs, []
         start = time.monotonic()
         if self.spec is not None:
-            self.spec.propose(self.scheduler.running)
+            self.spec.propose(self.scheduler.running, self.scheduler.next_admitted())
         sched = self.scheduler.schedule()
         produced: list[tuple[Request, list[int]]] = []
         lp_by_id: dict = {}

@@ -57,6 +57,11 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.requests)
 
+    def next_admitted(self) -> list[Request]:
+        """The waiting requests the next schedules admit first: as many as there are free
+        seats (`max_num_seqs`), in service order (token budget and KV room aside)."""
+        return self.waiting.first(self.config.max_num_seqs - len(self.running))
+
     # ---- scheduling --------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens

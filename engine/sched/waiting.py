@@ -34,6 +34,10 @@ class WaitingQueue:
         """Live requests in service order (O(n log n); for stats and tests)."""
         return iter([e[3] for e in sorted(self._entries.values())])
 
+    def first(self, n: int) -> list[Request]:
+        """The first n live requests in service order (O(len log n))."""
+        return [e[3] for e in heapq.nsmallest(n, self._entries.values())] if n > 0 else []
+
     def push(self, req: Request) -> None:
         if req in self._entries:
             raise ValueError(f"request {req.request_id} is already waiting")

@@ -64,7 +64,10 @@ class SpeculativeDecoder:
     def max_k(self) -> int:
         return self.controller.max_k
 
-    def propose(self, running: Sequence[Request]) -> None:
+    def propose(self, running: Sequence[Request], admitted: Sequence[Request] = ()) -> None:
+        """Write each running decode's drafts for this step. `admitted`: the waiting requests
+        the next schedules admit (with the running ones still in prefill they are the rows
+        about to join the decode batch, whose size decides whether a catch-up pays back)."""
         candidates: dict[str, Proposal] = {}
         drafting: list[Request] = []  # the candidates' requests
         # Plain decodes besides the candidates. Prefill chunks are left out of the step the
@@ -72,9 +75,11 @@ class SpeculativeDecoder:
         # drafts look cheap beside it (a draft must pay at the decode rate).
         other = 0
         contexts: dict[str, int] = {}  # every decode row's context (what its KV read costs)
+        upcoming = [req.num_tokens for req in admitted]  # contexts of the rows about to decode
         for req in running:
             req.draft_token_ids, req.draft_parents = [], []
             if req.num_computed_tokens + 1 != req.num_tokens:
+                upcoming.append(req.num_tokens)
                 continue
             contexts[req.request_id] = req.num_computed_tokens
             proposal = self._proposal(req)
@@ -88,7 +93,8 @@ class SpeculativeDecoder:
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
         chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains,
                                         self._catchup(drafting),
-                                        [r.request_id for r in drafting if not r.params.greedy], contexts)
+                                        [r.request_id for r in drafting if not r.params.greedy], contexts,
+                                        upcoming)
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:

@@ -270,6 +270,18 @@ def test_fcfs_admission():
     assert h.admit_order == ["A", "B", "C", "D", "E"]
 
 
+def test_next_admitted_is_the_waiting_head_as_far_as_seats_are_free():
+    h = Harness(max_num_seqs=3)
+    for i, rid in enumerate("ABCDEF"):
+        h.add(rid, prompt(40 + i, 8), max_tokens=4, priority=1 if rid == "F" else 0)
+    assert [r.request_id for r in h.sched.next_admitted()] == ["A", "B", "C"]
+    h.step()  # A, B, C admitted: no seat left
+    assert h.sched.next_admitted() == []
+    h.sched.finish_request("B", "abort")  # one seat
+    assert [r.request_id for r in h.sched.next_admitted()] == ["D"]
+    h.run()
+
+
 def test_head_of_line_waits_for_blocks():
     # C needs more blocks than are free; D (small) must not overtake it.
     h = Harness(num_blocks=6, block_size=16, max_num_seqs=8, max_num_batched_tokens=512)
@@ -480,6 +492,7 @@ def test_waiting_queue_order_removal_and_reinsertion():
     # (priority, arrival), then insertion order for equal keys
     expected = sorted(live, key=lambda r: (r.priority, r.arrival_time, reqs.index(r)))
     assert len(q) == len(live) and list(q) == expected and q.peek() is expected[0]
+    assert q.first(7) == expected[:7] and q.first(0) == [] and q.first(len(q) + 5) == expected
     popped = [q.pop() for _ in range(len(q))]
     assert popped == expected and not q and q.peek() is None
     q.push(reqs[0])
