@@ -47,7 +47,10 @@ bend towards a lower slope and a higher fixed cost), which the controller spread
 the request commits while drafting (`catchup[r]` = b / the tokens it may still
 commit): each token r commits in a drafting step carries c x catchup[r].
 So a long prompt is caught up on at batch 1, where drafts pay many times over,
-and not at a batch size where they barely pay for their own passes. Its last
+and not at a batch size where they barely pay for their own passes; and a request
+still behind is priced at the batch it is about to be in (`_defer_catchups`: the
+rows in prefill and those admitted next join as candidates), not at the few rows
+that decode while the rest of a wave prefills. Its last
 draft is never fed to the draft model (no pass follows it), so when all k drafts
 are accepted the next step's pass 0 feeds it, one token beyond the request's row:
 a request drafting k adds c x P(all k accepted) to the step (left out, k = 1 looked
@@ -105,7 +108,8 @@ class DraftController:
     def choose(self, candidates: dict[str, int], other_tokens: int,
                gains: dict[str, Sequence[float]] | None = None,
                catchup: dict[str, float] | None = None, stochastic: Collection[str] = (),
-               contexts: dict[str, int] | None = None, upcoming: Sequence[int] = ()) -> dict[str, int]:
+               contexts: dict[str, int] | None = None,
+               upcoming: dict[str, tuple[int, float]] | None = None) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: the step's
         plain decodes besides them (one sampled token each, committed whatever k is), which
         share the step's cost; gains: request id -> the drafter's P(draft i accepted),
@@ -114,9 +118,9 @@ class DraftController:
         drafter that keeps its own KV, 0 when caught up; absent: no such KV); stochastic:
         the candidates sampled at a temperature (their rows cost more than argmax);
         contexts: request id -> context tokens of every decode row of the step (candidates
-        and plain decodes; absent: 0); upcoming: the contexts of the rows about to join the
-        decode batch (requests in prefill, and those admitted next). Returns id -> k. Every
-        draft adds one sampled token to the step."""
+        and plain decodes; absent: 0); upcoming: request id -> (context, catch-up per token)
+        of the rows about to join the decode batch (requests in prefill, and those admitted
+        next). Returns id -> k. Every draft adds one sampled token to the step."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
@@ -128,7 +132,7 @@ class DraftController:
         self._stochastic = frozenset(stochastic)
         self._contexts = contexts or {}
         self._context_base = sum(self.context.row(n) for n in self._contexts.values())
-        candidates = self._defer_catchups(candidates, base, upcoming)
+        candidates = self._defer_catchups(candidates, base, upcoming or {})
         new = self._greedy(candidates, base)
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
         # Hysteresis: more drafts must beat the old plan by the margin, fewer only beat it.
@@ -140,22 +144,26 @@ class DraftController:
         self.accept.idle([rid for rid, k in new.items() if not k], max(new.values(), default=0))
         return new
 
-    def _defer_catchups(self, candidates: dict[str, int], base: int, upcoming: Sequence[int]) -> dict[str, int]:
+    def _defer_catchups(self, candidates: dict[str, int], base: int,
+                        upcoming: dict[str, tuple[int, float]]) -> dict[str, int]:
         """`candidates`, with no drafts for a request still behind (a draft model's catch-up
         ahead of it) that would not draft in the batch it is about to be in: these decode
-        rows plus the `upcoming` ones as plain decodes. A catch-up pays back over the steps
-        its request drafts after it; priced at the decode batch of the moment, the few rows
+        rows plus the `upcoming` ones, each a candidate for max_k drafts at the drafter-wide
+        rates with its own context and catch-up. A catch-up pays back over the steps its
+        request drafts after it; priced at the decode batch of the moment, the few rows
         decoding while the others prefill made a 400-token catch-up look cheap, and the
         request stopped drafting as the batch filled (a server's grounded B = 16: 4 catch-ups
         in its first steps, 0.91x of no speculation, then not one draft)."""
         behind = {rid for rid in candidates if self._catchup.get(rid)}
         if not upcoming or not behind:
             return candidates
-        now = self._others, self._context_base
-        self._others += len(upcoming)
-        self._context_base += sum(self.context.row(n) for n in upcoming)
-        future = self._greedy(candidates, base + len(upcoming))
-        self._others, self._context_base = now
+        now = self._gains, self._catchup, self._contexts, self._context_base
+        self._gains = {**self._gains, **{rid: self.accept.gains(rid, self.max_k) for rid in upcoming}}
+        self._catchup = {**self._catchup, **{rid: c for rid, (_, c) in upcoming.items()}}
+        self._contexts = {**self._contexts, **{rid: n for rid, (n, _) in upcoming.items()}}
+        self._context_base += sum(self.context.row(n) for n, _ in upcoming.values())
+        future = self._greedy({**candidates, **dict.fromkeys(upcoming, self.max_k)}, base + len(upcoming))
+        self._gains, self._catchup, self._contexts, self._context_base = now
         return {rid: 0 if rid in behind and not future[rid] else n for rid, n in candidates.items()}
 
     def _explore(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:

@@ -75,11 +75,11 @@ class SpeculativeDecoder:
         # drafts look cheap beside it (a draft must pay at the decode rate).
         other = 0
         contexts: dict[str, int] = {}  # every decode row's context (what its KV read costs)
-        upcoming = [req.num_tokens for req in admitted]  # contexts of the rows about to decode
+        joining = list(admitted)  # the rows about to decode
         for req in running:
             req.draft_token_ids, req.draft_parents = [], []
             if req.num_computed_tokens + 1 != req.num_tokens:
-                upcoming.append(req.num_tokens)
+                joining.append(req)
                 continue
             contexts[req.request_id] = req.num_computed_tokens
             proposal = self._proposal(req)
@@ -94,7 +94,7 @@ class SpeculativeDecoder:
         chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains,
                                         self._catchup(drafting),
                                         [r.request_id for r in drafting if not r.params.greedy], contexts,
-                                        upcoming)
+                                        self._upcoming(joining))
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
@@ -107,16 +107,24 @@ class SpeculativeDecoder:
         at most CATCHUP_HORIZON): a model drafter pays the backlog once when the request
         starts drafting, and the controller spreads that over the tokens it commits while
         drafting, so a long prompt near the end of its budget is not worth catching up on."""
-        out = {}
         if not self.drafter.keeps_kv:
-            return out
-        for req in requests:
-            backlog = self.drafter.backlog(req.request_id, req.num_computed_tokens)
-            out[req.request_id] = 0.0
-            if backlog:
-                remaining = req.params.max_tokens - req.num_output_tokens if req.params.max_tokens else CATCHUP_HORIZON
-                out[req.request_id] = backlog / max(1, min(remaining, CATCHUP_HORIZON))
-        return out
+            return {}
+        return {req.request_id: self._backlog_per_token(req, req.num_computed_tokens) for req in requests}
+
+    def _upcoming(self, joining) -> dict[str, tuple[int, float]]:
+        """Request id -> (context, catch-up per token it may commit) of each row about to
+        join the decode batch, as it will be once its prompt is computed; only a drafter that
+        keeps its own KV needs them (the controller prices catch-ups against them)."""
+        if not self.drafter.keeps_kv:
+            return {}
+        return {req.request_id: (req.num_tokens, self._backlog_per_token(req, req.num_tokens)) for req in joining}
+
+    def _backlog_per_token(self, req: Request, computed: int) -> float:
+        backlog = self.drafter.backlog(req.request_id, computed)
+        if not backlog:
+            return 0.0
+        remaining = req.params.max_tokens - req.num_output_tokens if req.params.max_tokens else CATCHUP_HORIZON
+        return backlog / max(1, min(remaining, CATCHUP_HORIZON))
 
     def _proposal(self, req: Request) -> Proposal:
         if req.matcher is None:

@@ -440,21 +440,25 @@ def test_a_draft_models_catch_up_is_priced_against_what_its_drafts_bring(backlog
     assert all(k > 0 for k in ks) if drafts else not any(ks), ks
 
 
-@pytest.mark.parametrize("prefilling,admitted,behind_drafts", [(0, 0, True), (15, 0, False), (0, 15, False),
-                                                               (7, 8, False), (1, 0, True)])
-def test_a_catch_up_is_priced_at_the_batch_its_request_is_about_to_be_in(prefilling, admitted, behind_drafts):
+@pytest.mark.parametrize("prefilling,admitted,joining_prompt,behind_drafts", [
+    (0, 0, 285, True), (15, 0, 285, False), (0, 15, 285, False), (7, 8, 285, False), (1, 0, 285, True),
+    (0, 15, 20, True)])
+def test_a_catch_up_is_priced_at_the_batch_its_request_is_about_to_be_in(prefilling, admitted, joining_prompt,
+                                                                          behind_drafts):
     """The q8 self-draft's numbers as above. One request decodes while others prefill (or
-    wait for a seat): at batch 1 its catch-up on 285 prompt tokens would pay, but the 15
-    rows about to join make it a B = 16 request, where it does not (the server's grounded
-    B = 16 caught up on 4 such prompts in its first steps and never drafted again: 0.91x of
-    no speculation). One row joining leaves it at B = 2, where it pays. A request already
-    caught up is priced at the batch of the moment, rows to come or not."""
+    wait for a seat): at batch 1 its catch-up on 285 prompt tokens would pay, but 15 rows
+    of 285-token prompts about to join make it a B = 16 request where no one drafts, and it
+    does not catch up (the server's grounded B = 16 caught up on 4 such prompts in its first
+    steps and never drafted again: 0.91x of no speculation). One row joining leaves it at
+    B = 2, where it pays; 15 rows of 20-token prompts make a batch that drafts (each row's
+    catch-up is small), where it pays too. A request already caught up is priced at the
+    batch of the moment, rows to come or not."""
     from engine.request import Request
     from engine.spec.decoder import SpeculativeDecoder
 
-    class Behind(_AlwaysDrafts):  # "ready" is caught up, "behind" 285 tokens behind
+    class Behind(_AlwaysDrafts):  # the draft model has nothing of any request but "ready"
         def backlog(self, request_id, num_computed_tokens):
-            return 0 if request_id == "ready" else 285
+            return 0 if request_id == "ready" else num_computed_tokens
 
     ctl = DraftController(8, measured_fp32_table(), draft_latency=LatencyModel(0.006, 0.00046))
     for rid in ("behind", "ready"):
@@ -464,11 +468,11 @@ def test_a_catch_up_is_priced_at_the_batch_its_request_is_about_to_be_in(prefill
     for rid in ("behind", "ready"):
         req = _decoding(1)[0]
         req.request_id = rid
-        prefill = [Request(f"p{i}", list(range(285)), SamplingParams(max_tokens=64)) for i in range(prefilling)]
-        waiting = [Request(f"w{i}", list(range(285)), SamplingParams(max_tokens=64)) for i in range(admitted)]
-        decoder.propose([req, *prefill], waiting)
+        joining = [Request(f"j{i}", list(range(joining_prompt)), SamplingParams(max_tokens=64))
+                   for i in range(prefilling + admitted)]
+        decoder.propose([req, *joining[:prefilling]], joining[prefilling:])
         assert bool(req.draft_token_ids) == (behind_drafts or rid == "ready"), (rid, req.draft_token_ids)
-        assert not any(r.draft_token_ids for r in prefill)
+        assert not any(r.draft_token_ids for r in joining)
 
 
 def test_a_pass_0_with_a_backlog_teaches_the_catch_up_rate_and_leaves_the_pass_line_alone():

@@ -153,3 +153,28 @@ def test_abort_mid_speculation_frees_blocks(make_llm):
     kv = core.scheduler.kv
     assert kv.num_free_blocks == len(kv.pool.blocks) and kv.req_blocks == {}
     assert core.spec.drafter._state == {}
+
+
+def test_the_decoder_sees_the_rows_about_to_join_the_batch(make_llm):
+    """Each step the decoder is given the waiting requests the schedule admits next (as many
+    as seats are free) and the running ones still in prefill: the rows a draft model's
+    catch-up is priced against. With 2 seats and 5 requests of staggered lengths, a request
+    is admitted while another decodes, and every admitted one runs in the next step."""
+    llm = make_llm(speculative_method="ngram", num_speculative_tokens=4, max_num_seqs=2)
+    core, seen = llm.core, []
+    propose = core.spec.propose
+
+    def spy(running, admitted=()):
+        seen.append(([r.request_id for r in running], [r.request_id for r in admitted],
+                     [r.request_id for r in core.scheduler.waiting]))
+        propose(running, admitted)
+    core.spec.propose = spy
+    for i, prompt in enumerate(PROMPTS[:5]):
+        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=2 + 3 * i, temperature=0.0, ignore_eos=True))
+    while core.scheduler.num_unfinished:
+        core.step()
+    assert seen[0][1] == ["r0", "r1"]
+    for (running, admitted, waiting), (next_running, _, _) in zip(seen, seen[1:]):
+        assert admitted == waiting[:2 - len(running)]
+        assert set(admitted) <= set(next_running)
+    assert any(running and admitted for running, admitted, _ in seen)
