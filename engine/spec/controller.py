@@ -154,7 +154,9 @@ class DraftController:
         decoding while the others prefill made a 400-token catch-up look cheap, and the
         request stopped drafting as the batch filled (a server's grounded B = 16: 4 catch-ups
         in its first steps, 0.91x of no speculation, then not one draft)."""
-        behind = {rid for rid in candidates if self._catchup.get(rid)}
+        # Starting a catch-up: a request that drafted last step owes at most its last accepted
+        # draft (one token, priced by `_last_draft_cost`), not a catch-up.
+        behind = {rid for rid in candidates if self._catchup.get(rid) and not self._k.get(rid)}
         if not upcoming or not behind:
             return candidates
         now = self._gains, self._catchup, self._contexts, self._context_base
@@ -182,6 +184,8 @@ class DraftController:
         of the run): only requests whose backlog is at most EXPLORE_BACKLOG per token they
         may still commit are explored, the least behind first. A tree drafter's gains are
         its own and learn from every step, so it is never explored."""
+        if not any(candidates.values()):
+            return plan  # every candidate deferred (`_defer_catchups`): nothing was left to test
         top = max(plan.values())
         if top >= min(self.max_k, max(candidates.values())):
             self._idle, self._explore_after = 0, EXPLORE_AFTER  # every position some request can draft is tested
@@ -196,7 +200,7 @@ class DraftController:
                 and self.accept.evidence(top + 1) < EXPLORE_EVIDENCE)
         if self._idle < (EXPLORE_SOON if self._soon or thin else self._explore_after):
             return plan
-        behind = {rid: self._catchup.get(rid, 0.0) for rid in candidates if rid not in self._tree}
+        behind = {rid: self._catchup.get(rid, 0.0) for rid, n in candidates.items() if n and rid not in self._tree}
         pool = [rid for rid, backlog in behind.items() if backlog <= EXPLORE_BACKLOG]  # candidate order
         if not pool:
             return plan

@@ -473,6 +473,16 @@ def test_a_catch_up_is_priced_at_the_batch_its_request_is_about_to_be_in(prefill
         decoder.propose([req, *joining[:prefilling]], joining[prefilling:])
         assert bool(req.draft_token_ids) == (behind_drafts or rid == "ready"), (rid, req.draft_token_ids)
         assert not any(r.draft_token_ids for r in joining)
+    # A request that drafted last step and had all its drafts accepted owes the draft model
+    # its last draft (backlog 1): not a catch-up, so rows joining do not stop it drafting.
+    req = _decoding(1)[0]
+    req.request_id = "behind"
+    joining = [Request(f"k{i}", list(range(joining_prompt)), SamplingParams(max_tokens=64)) for i in range(15)]
+    decoder.drafter.backlog = lambda rid, n: 1 if rid == "behind" else n
+    decoder.propose([req])  # drafting alone
+    assert req.draft_token_ids
+    decoder.propose([req], joining)
+    assert req.draft_token_ids
 
 
 def test_a_pass_0_with_a_backlog_teaches_the_catch_up_rate_and_leaves_the_pass_line_alone():

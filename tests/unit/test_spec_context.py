@@ -235,3 +235,17 @@ def test_one_miss_at_a_deep_draft_leaves_its_rate_near_the_others():
     assert ctl.accept.hazard(7) > 0.7
     ids = [f"r{i}" for i in range(16)]
     assert sum(ctl.choose(dict.fromkeys(ids, 8), 0, contexts=dict.fromkeys(ids, 300)).values()) > 0
+
+
+def test_deferred_catch_ups_neither_reset_nor_join_an_exploration():
+    """Candidates whose catch-up is deferred (rows about to join a batch that will not draft)
+    have no drafts to test: a step of only such candidates leaves the exploration's idle
+    count and doubled wait as they were, and they are never picked to explore."""
+    ctl = q8_self_draft()
+    ctl._idle, ctl._explore_after = 20, 4 * EXPLORE_AFTER
+    ids = [f"r{i}" for i in range(16)]
+    joining = {f"j{i}": (1000, 15.0) for i in range(15)}
+    plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=dict.fromkeys(ids, 15.0),
+                      contexts=dict.fromkeys(ids, 1000), upcoming=joining)
+    assert sum(plan.values()) == 0
+    assert (ctl._idle, ctl._explore_after) == (20, 4 * EXPLORE_AFTER)
