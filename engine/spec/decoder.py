@@ -111,7 +111,7 @@ class SpeculativeDecoder:
             return {}
         return {req.request_id: self._backlog_per_token(req, req.num_computed_tokens) for req in requests}
 
-    def _upcoming(self, joining) -> dict[str, tuple[int, float]]:
+    def _upcoming(self, joining: Sequence[Request]) -> dict[str, tuple[int, float]]:
         """Request id -> (context, catch-up per token it may commit) of each row about to
         join the decode batch, as it will be once its prompt is computed; only a drafter that
         keeps its own KV needs them (the controller prices catch-ups against them)."""
