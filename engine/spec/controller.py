@@ -50,7 +50,9 @@ So a long prompt is caught up on at batch 1, where drafts pay many times over,
 and not at a batch size where they barely pay for their own passes; and a request
 still behind is priced at the batch it is about to be in (`_defer_catchups`: the
 rows in prefill and those admitted next join as candidates), not at the few rows
-that decode while the rest of a wave prefills. Its last
+that decode while the rest of a wave prefills. Paid up front on forecasts, a catch-up
+starts only where its plan beats the best plan without it by CATCHUP_MARGIN
+(`_hold_catchups`). Its last
 draft is never fed to the draft model (no pass follows it), so when all k drafts
 are accepted the next step's pass 0 feeds it, one token beyond the request's row:
 a request drafting k adds c x P(all k accepted) to the step (left out, k = 1 looked
@@ -71,6 +73,7 @@ EXPLORE_SURPRISE = 1.25  # "far more": this many times the accepted drafts expec
 EXPLORE_EVIDENCE = 2.0  # tries below which a rate is a guess (explored after EXPLORE_SOON steps)
 EXPLORE_BACKLOG = 1.0  # a draft model's backlog per token a request may commit, at most, to explore it
 EXPLORE_OPTIMISM = 2.0  # pseudo-hits on every rate in the test whether exploring may pay
+CATCHUP_MARGIN = 0.10  # a plan starting catch-ups beats the same plan without them by this much
 
 
 class DraftController:
@@ -133,7 +136,7 @@ class DraftController:
         self._contexts = contexts or {}
         self._context_base = sum(self.context.row(n) for n in self._contexts.values())
         candidates = self._defer_catchups(candidates, base, upcoming or {})
-        new = self._greedy(candidates, base)
+        new = self._hold_catchups(candidates, base, self._greedy(candidates, base))
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
         # Hysteresis: more drafts must beat the old plan by the margin, fewer only beat it.
         margin = 1.0 if sum(new.values()) < sum(old.values()) else 1.0 + self.switch_margin
@@ -154,9 +157,7 @@ class DraftController:
         decoding while the others prefill made a 400-token catch-up look cheap, and the
         request stopped drafting as the batch filled (a server's grounded B = 16: 4 catch-ups
         in its first steps, 0.91x of no speculation, then not one draft)."""
-        # Starting a catch-up: a request that drafted last step owes at most its last accepted
-        # draft (one token, priced by `_last_draft_cost`), not a catch-up.
-        behind = {rid for rid in candidates if self._catchup.get(rid) and not self._k.get(rid)}
+        behind = self._starting(candidates)
         if not upcoming or not behind:
             return candidates
         now = self._gains, self._catchup, self._contexts, self._context_base
@@ -167,6 +168,30 @@ class DraftController:
         future = self._greedy({**candidates, **dict.fromkeys(upcoming, self.max_k)}, base + len(upcoming))
         self._gains, self._catchup, self._contexts, self._context_base = now
         return {rid: 0 if rid in behind and not future[rid] else n for rid, n in candidates.items()}
+
+    def _starting(self, requests: Collection[str]) -> set[str]:
+        """The requests that would start a catch-up by drafting: a draft model is behind on
+        them and they did not draft last step (one that did owes at most its last accepted
+        draft, one token priced by `_last_draft_cost`)."""
+        return {rid for rid in requests if self._catchup.get(rid) and not self._k.get(rid)}
+
+    def _hold_catchups(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
+        """`plan`, unless the catch-ups it starts raise its goodput by less than
+        CATCHUP_MARGIN over the best plan without them. A catch-up is paid now and repaid by
+        the steps its request drafts after it, priced on forecasts (the catch-up rate, the
+        drafting steps' cost, the tokens the request has left) that the first drafting steps
+        took 1.2-1.6x the time priced (a B = 1 warm-up: 276 ms a step against 175 ms); at a
+        forecast near break-even the start is a loss more often than not (the q8 self-draft
+        at grounded B = 4: every fixed k ran 0.87-0.95x of no drafts, and adaptive, starting
+        catch-ups for 405 drafts, 0.91x). Requests already drafting switch at the usual
+        `switch_margin`."""
+        starts = {rid for rid in self._starting(candidates) if plan[rid]}
+        if not starts:
+            return plan
+        rest = self._greedy({rid: 0 if rid in starts else n for rid, n in candidates.items()}, base)
+        if self._goodput(plan, base) >= (1.0 + CATCHUP_MARGIN) * self._goodput(rest, base):
+            return plan
+        return rest
 
     def _explore(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
         """`plan`, unless it left drafts untested (no request drafts as deep as some could)

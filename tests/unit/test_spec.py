@@ -559,3 +559,22 @@ def test_a_probe_caught_by_an_interruption_does_not_flatten_the_table(monkeypatc
     table = measure_step_latency(probe, [(1, n) for n in range(1, 10)])
     assert table.predict(3) == pytest.approx(0.036 + 0.0012 * 3)  # lowered to the 4-token knot
     assert table.predict(9) - table.predict(2) == pytest.approx(0.0012 * 7)
+
+
+@pytest.mark.parametrize("gain_over_no_drafts,drafts", [(1.05, False), (1.15, True)])
+def test_a_catch_up_starts_only_where_it_beats_no_drafts_by_a_margin(gain_over_no_drafts, drafts):
+    """A catch-up is paid up front on forecasts that the first drafting steps overran by
+    1.2-1.6x, so a plan that starts one must beat the best plan without it by
+    CATCHUP_MARGIN (10%), not the 2% that a request already drafting needs to switch. One
+    request, one draft, a 50 ms step, free draft passes, a catch-up rate of 1 ms per backlog
+    token: its backlog per future token is set so that drafting is priced at 1.05x and 1.15x
+    the goodput of not drafting. Once caught up, the same request drafts at any gain."""
+    ctl = DraftController(1, LatencyModel(0.05, 0.0), draft_latency=LatencyModel(0.0, 0.0),
+                          catchup_per_token=0.001)
+    for _ in range(20):
+        ctl.observe("a", 1, 1)
+    g = ctl.accept.gains("a", 1)[0]
+    # goodput(k = 1) / goodput(k = 0) = 50 (1 + g) / (50 + catchup (1 + g) + g), in ms
+    catchup = ((50 * (1 + g) / gain_over_no_drafts - 50) - g) / (1 + g)
+    assert ctl.choose({"a": 1}, other_tokens=0, catchup={"a": catchup}) == {"a": int(drafts)}
+    assert ctl.choose({"a": 1}, other_tokens=0, catchup={"a": 0.0}) == {"a": 1}
