@@ -177,14 +177,14 @@ class DraftController:
 
     def _hold_catchups(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
         """`plan`, unless the catch-ups it starts raise its goodput by less than
-        CATCHUP_MARGIN over the best plan without them. A catch-up is paid now and repaid by
-        the steps its request drafts after it, priced on forecasts (the catch-up rate, the
-        drafting steps' cost, the tokens the request has left) that the first drafting steps
-        took 1.2-1.6x the time priced (a B = 1 warm-up: 276 ms a step against 175 ms); at a
-        forecast near break-even the start is a loss more often than not (the q8 self-draft
-        at grounded B = 4: every fixed k ran 0.87-0.95x of no drafts, and adaptive, starting
-        catch-ups for 405 drafts, 0.91x). Requests already drafting switch at the usual
-        `switch_margin`."""
+        CATCHUP_MARGIN over the best plan without them. A catch-up is paid now and repaid
+        only if the forecasts it was priced on hold for the request's remaining tokens: the
+        catch-up rate (start-up probe 0.47 ms per backlog token; 0.8-1.0 ms learnt in one
+        grounded B = 4 run), the drafting steps' cost and the tokens left (a budget, or 256
+        without one, where replies often end sooner). Near break-even the start is a coin
+        toss: the q8 self-draft at grounded B = 4 ran every fixed k at 0.87-0.95x of no drafts
+        in one run (adaptive, starting catch-ups for 405 drafts, 0.91x) and at 1.04-1.10x in
+        another. Requests already drafting switch at the usual `switch_margin`."""
         starts = {rid for rid in self._starting(candidates) if plan[rid]}
         if not starts:
             return plan

@@ -563,9 +563,9 @@ def test_a_probe_caught_by_an_interruption_does_not_flatten_the_table(monkeypatc
 
 @pytest.mark.parametrize("gain_over_no_drafts,drafts", [(1.05, False), (1.15, True)])
 def test_a_catch_up_starts_only_where_it_beats_no_drafts_by_a_margin(gain_over_no_drafts, drafts):
-    """A catch-up is paid up front on forecasts that the first drafting steps overran by
-    1.2-1.6x, so a plan that starts one must beat the best plan without it by
-    CATCHUP_MARGIN (10%), not the 2% that a request already drafting needs to switch. One
+    """A catch-up is paid up front and repaid only if its forecasts hold, so a plan that
+    starts one must beat the best plan without it by CATCHUP_MARGIN (10%), not the 2% that
+    a request already drafting needs to switch. One
     request, one draft, a 50 ms step, free draft passes, a catch-up rate of 1 ms per backlog
     token: its backlog per future token is set so that drafting is priced at 1.05x and 1.15x
     the goodput of not drafting. Once caught up, the same request drafts at any gain."""
