@@ -112,7 +112,7 @@ class DraftController:
                gains: dict[str, Sequence[float]] | None = None,
                catchup: dict[str, float] | None = None, stochastic: Collection[str] = (),
                contexts: dict[str, int] | None = None,
-               upcoming: dict[str, tuple[int, float]] | None = None) -> dict[str, int]:
+               upcoming: dict[str, tuple[int, float, int]] | None = None) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: the step's
         plain decodes besides them (one sampled token each, committed whatever k is), which
         share the step's cost; gains: request id -> the drafter's P(draft i accepted),
@@ -121,9 +121,9 @@ class DraftController:
         drafter that keeps its own KV, 0 when caught up; absent: no such KV); stochastic:
         the candidates sampled at a temperature (their rows cost more than argmax);
         contexts: request id -> context tokens of every decode row of the step (candidates
-        and plain decodes; absent: 0); upcoming: request id -> (context, catch-up per token)
-        of the rows about to join the decode batch (requests in prefill, and those admitted
-        next). Returns id -> k. Every draft adds one sampled token to the step."""
+        and plain decodes; absent: 0); upcoming: request id -> (context, catch-up per token,
+        drafts it may take) of the rows about to join the decode batch (requests in prefill,
+        and those admitted next). Returns id -> k. Every draft adds one sampled token to the step."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
@@ -148,24 +148,25 @@ class DraftController:
         return new
 
     def _defer_catchups(self, candidates: dict[str, int], base: int,
-                        upcoming: dict[str, tuple[int, float]]) -> dict[str, int]:
+                        upcoming: dict[str, tuple[int, float, int]]) -> dict[str, int]:
         """`candidates`, with no drafts for a request still behind (a draft model's catch-up
         ahead of it) that would not draft in the batch it is about to be in: these decode
-        rows plus the `upcoming` ones, each a candidate for max_k drafts at the drafter-wide
-        rates with its own context and catch-up. A catch-up pays back over the steps its
-        request drafts after it; priced at the decode batch of the moment, the few rows
-        decoding while the others prefill made a 400-token catch-up look cheap, and the
-        request stopped drafting as the batch filled (a server's grounded B = 16: 4 catch-ups
-        in its first steps, 0.91x of no speculation, then not one draft)."""
+        rows plus the `upcoming` ones, each a candidate for the drafts it may take at the
+        drafter-wide rates with its own context and catch-up (none: a plain decode). A
+        catch-up pays back over the steps its request drafts after it; priced at the decode
+        batch of the moment, the few rows decoding while the others prefill made a
+        400-token catch-up look cheap, and the request stopped drafting as the batch filled
+        (a server's grounded B = 16: 4 catch-ups in its first steps, 0.91x of no
+        speculation, then not one draft)."""
         behind = self._starting(candidates)
         if not upcoming or not behind:
             return candidates
         now = self._gains, self._catchup, self._contexts, self._context_base
         self._gains = {**self._gains, **{rid: self.accept.gains(rid, self.max_k) for rid in upcoming}}
-        self._catchup = {**self._catchup, **{rid: c for rid, (_, c) in upcoming.items()}}
-        self._contexts = {**self._contexts, **{rid: n for rid, (n, _) in upcoming.items()}}
-        self._context_base += sum(self.context.row(n) for n, _ in upcoming.values())
-        future = self._greedy({**candidates, **dict.fromkeys(upcoming, self.max_k)}, base + len(upcoming))
+        self._catchup = {**self._catchup, **{rid: c for rid, (_, c, _) in upcoming.items()}}
+        self._contexts = {**self._contexts, **{rid: n for rid, (n, _, _) in upcoming.items()}}
+        self._context_base += sum(self.context.row(n) for n, _, _ in upcoming.values())
+        future = self._greedy({**candidates, **{rid: k for rid, (_, _, k) in upcoming.items()}}, base + len(upcoming))
         self._gains, self._catchup, self._contexts, self._context_base = now
         return {rid: 0 if rid in behind and not future[rid] else n for rid, n in candidates.items()}
 

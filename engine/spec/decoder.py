@@ -83,7 +83,7 @@ class SpeculativeDecoder:
                 continue
             contexts[req.request_id] = req.num_computed_tokens
             proposal = self._proposal(req)
-            if proposal.drafts:
+            if proposal.drafts and self._room(req, 0):
                 candidates[req.request_id] = proposal
                 drafting.append(req)
             else:
@@ -91,7 +91,8 @@ class SpeculativeDecoder:
         if not candidates:
             return
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
-        chosen = self.controller.choose({rid: len(p.drafts) for rid, p in candidates.items()}, other, gains,
+        chosen = self.controller.choose({r.request_id: min(len(candidates[r.request_id].drafts), self._room(r, 0))
+                                         for r in drafting}, other, gains,
                                         self._catchup(drafting),
                                         [r.request_id for r in drafting if not r.params.greedy], contexts,
                                         self._upcoming(joining))
@@ -111,13 +112,25 @@ class SpeculativeDecoder:
             return {}
         return {req.request_id: self._backlog_per_token(req, req.num_computed_tokens) for req in requests}
 
-    def _upcoming(self, joining: Sequence[Request]) -> dict[str, tuple[int, float]]:
-        """Request id -> (context, catch-up per token it may commit) of each row about to
-        join the decode batch, as it will be once its prompt is computed; only a drafter that
-        keeps its own KV needs them (the controller prices catch-ups against them)."""
+    def _upcoming(self, joining: Sequence[Request]) -> dict[str, tuple[int, float, int]]:
+        """Request id -> (context, catch-up per token it may commit, drafts it may take) of
+        each row about to join the decode batch, as it will be once its prompt is computed
+        (and its first token sampled); only a drafter that keeps its own KV needs them (the
+        controller prices catch-ups against them). A constrained request under a drafter
+        that drafts inside the step never drafts: it joins as a plain decode."""
         if not self.drafter.keeps_kv:
             return {}
-        return {req.request_id: (req.num_tokens, self._backlog_per_token(req, req.num_tokens)) for req in joining}
+        return {req.request_id: (req.num_tokens, self._backlog_per_token(req, req.num_tokens),
+                                 0 if req.matcher is not None and self.drafter.needs_runner else self._room(req, 1))
+                for req in joining}
+
+    def _room(self, req: Request, first: int) -> int:
+        """The drafts req may take in a step (at most max_k) once `first` more tokens are
+        committed: the scheduler keeps a fully accepted run within max_tokens (`_drafts`), so
+        drafts past it are never verified and must not be priced."""
+        if req.params.max_tokens is None:
+            return self.max_k
+        return max(0, min(self.max_k, req.params.max_tokens - req.num_output_tokens - first - 1))
 
     def _backlog_per_token(self, req: Request, computed: int) -> float:
         backlog = self.drafter.backlog(req.request_id, computed)

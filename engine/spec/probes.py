@@ -165,7 +165,12 @@ def measure_draft_costs(scratch: ProbeScratch, drafter: Any, repeats: int = 4) -
     the engine's batch size (`DRAFT_PASS_ROWS`): the probes pin the line's slope (engine/spec/latency.py)."""
     line = measure_latency(lambda n: scratch.draft_pass(drafter, n), DRAFT_PASS_ROWS, repeats, what="draft pass")
     seconds = best_time(lambda: scratch.catchup_pass(drafter), repeats)
-    rate = max(seconds - line.predict(1), 0.0) / (scratch.context - 1) if seconds is not None else line.per_token
+    if seconds is None:
+        rate = line.per_token
+    elif seconds > line.predict(1):
+        rate = (seconds - line.predict(1)) / (scratch.context - 1)
+    else:  # the line's one-row pass caught an interruption: the whole pass per token, never free
+        rate = seconds / scratch.context
     log.info("draft catch-up: %.3f ms per backlog token (a %d-token pass 0)", 1e3 * rate, scratch.context)
     return line, rate
 

@@ -483,6 +483,26 @@ def test_a_catch_up_is_priced_at_the_batch_its_request_is_about_to_be_in(prefill
     assert req.draft_token_ids
     decoder.propose([req], joining)
     assert req.draft_token_ids
+    # Rows that join but can never draft are plain decodes in that batch: 15 constrained
+    # requests under a drafter that drafts inside the step (each would draft if it could, as
+    # the 20-token case above shows) leave the behind request alone in a B = 16 batch.
+    class InStep(Behind):
+        needs_runner = True
+
+    decoder = SpeculativeDecoder(InStep(0), ctl)
+    req = _decoding(1)[0]
+    req.request_id = "behind2"
+    for _ in range(20):
+        ctl.observe("behind2", 8, 8)
+    joining = [Request(f"c{i}", list(range(20)), SamplingParams(max_tokens=64)) for i in range(15)]
+    for r in joining:
+        r.matcher = object()  # constrained
+    decoder.propose([req], joining)
+    assert not req.draft_token_ids
+    for r in joining:
+        r.matcher = None
+    decoder.propose([req], joining)
+    assert req.draft_token_ids
 
 
 def test_a_pass_0_with_a_backlog_teaches_the_catch_up_rate_and_leaves_the_pass_line_alone():
@@ -578,3 +598,25 @@ def test_a_catch_up_starts_only_where_it_beats_no_drafts_by_a_margin(gain_over_n
     catchup = ((50 * (1 + g) / gain_over_no_drafts - 50) - g) / (1 + g)
     assert ctl.choose({"a": 1}, other_tokens=0, catchup={"a": catchup}) == {"a": int(drafts)}
     assert ctl.choose({"a": 1}, other_tokens=0, catchup={"a": 0.0}) == {"a": 1}
+
+
+@pytest.mark.parametrize("outputs,most", [(0, 8), (60, 3), (62, 1), (63, 0)])
+def test_drafts_past_a_requests_token_budget_are_not_priced(outputs, most):
+    """The scheduler keeps a fully accepted run within max_tokens (a request with r tokens
+    to go verifies at most r - 1 drafts), so the controller is offered only those: a
+    request 2 tokens from its end of 64, drafting at batch 1 where every draft pays, gets
+    1 draft, not 8 of which 7 would be cut (and priced as if verified)."""
+    from engine.spec.decoder import SpeculativeDecoder
+
+    class Free(_AlwaysDrafts):
+        keeps_kv = False
+
+    ctl = DraftController(8, measured_fp32_table())
+    for _ in range(20):
+        ctl.observe("r0", 8, 8)
+    decoder = SpeculativeDecoder(Free(0), ctl)
+    req = _decoding(1)[0]
+    req.append_output(list(range(outputs)))
+    req.num_computed_tokens = req.num_tokens - 1
+    decoder.propose([req])
+    assert len(req.draft_token_ids) == most

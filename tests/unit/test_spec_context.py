@@ -244,7 +244,7 @@ def test_deferred_catch_ups_neither_reset_nor_join_an_exploration():
     ctl = q8_self_draft()
     ctl._idle, ctl._explore_after = 20, 4 * EXPLORE_AFTER
     ids = [f"r{i}" for i in range(16)]
-    joining = {f"j{i}": (1000, 15.0) for i in range(15)}
+    joining = {f"j{i}": (1000, 15.0, 8) for i in range(15)}
     plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=dict.fromkeys(ids, 15.0),
                       contexts=dict.fromkeys(ids, 1000), upcoming=joining)
     assert sum(plan.values()) == 0

@@ -74,3 +74,21 @@ def test_probes_leave_no_zero_page_mappings_and_the_free_order_as_it_was(tiny, m
     out = llm.generate(["The cat"], __import__("engine").SamplingParams(max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
     assert kv.num_free_blocks == kv.pool.num_blocks
+
+
+def test_a_catch_up_probe_no_slower_than_the_pass_line_is_not_priced_free(monkeypatch):
+    """The catch-up rate is the probe's 128-token pass 0 beyond the line's one-row pass,
+    per backlog token. On a tiny draft model a noisy line (one suite run here) put D(1)
+    above that pass and the rate at 0: catch-ups priced free. Then the whole pass per
+    token is the rate."""
+    from engine.spec import probes
+    from engine.spec.latency import LatencyModel
+
+    class Scratch:
+        context = 128
+
+    monkeypatch.setattr(probes, "measure_latency", lambda *a, **k: LatencyModel(0.006, 0.0005))
+    monkeypatch.setattr(probes, "best_time", lambda run, repeats: 0.0060 + 0.0005 + 127 * 0.0004)
+    assert probes.measure_draft_costs(Scratch(), None)[1] == pytest.approx(0.0004)
+    monkeypatch.setattr(probes, "best_time", lambda run, repeats: 0.004)  # below D(1) = 6.5 ms
+    assert probes.measure_draft_costs(Scratch(), None)[1] == pytest.approx(0.004 / 128)
