@@ -186,10 +186,11 @@ class DraftController:
         toss: the q8 self-draft at grounded B = 4 ran every fixed k at 0.87-0.95x of no drafts
         in one run (adaptive, starting catch-ups for 405 drafts, 0.91x) and at 1.04-1.10x in
         another. Requests already drafting switch at the usual `switch_margin`."""
-        starts = {rid for rid in self._starting(candidates) if plan[rid]}
-        if not starts:
+        behind = self._starting(candidates)
+        if not any(plan[rid] for rid in behind):
             return plan
-        rest = self._greedy({rid: 0 if rid in starts else n for rid, n in candidates.items()}, base)
+        # Without any start (not only the plan's: the rest must not start one unpriced).
+        rest = self._greedy({rid: 0 if rid in behind else n for rid, n in candidates.items()}, base)
         if self._goodput(plan, base) >= (1.0 + CATCHUP_MARGIN) * self._goodput(rest, base):
             return plan
         return rest
