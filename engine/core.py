@@ -234,7 +234,7 @@ class EngineCore:
         Off when the request wants logprobs (forced tokens have no distribution to report)."""
         if req.matcher is None or not self.enable_fast_forward or req.params.logprobs is not None:
             return None, None
-        room = min(req.params.max_tokens - req.num_output_tokens, self.max_model_len - req.num_tokens,
+        room = min(req.budget_left, self.max_model_len - req.num_tokens,
                    FAST_FORWARD_MAX)
         forced = req.matcher.forced_tokens(room) if room > 0 else []
         if not forced:

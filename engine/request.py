@@ -73,6 +73,11 @@ class Request:
         return len(self.output_token_ids)
 
     @property
+    def budget_left(self) -> int | None:
+        """Output tokens max_tokens still allows (None: no max_tokens)."""
+        return None if self.params.max_tokens is None else self.params.max_tokens - self.num_output_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 

@@ -102,8 +102,8 @@ class Scheduler:
         if not req.draft_token_ids or num_new != 1 or req.num_computed_tokens + 1 != req.num_tokens:
             return ()
         k = min(len(req.draft_token_ids), budget - 1, self.config.max_model_len - req.num_tokens - 1)
-        if req.params.max_tokens is not None:
-            k = min(k, req.params.max_tokens - req.num_output_tokens - 1)
+        if req.budget_left is not None:
+            k = min(k, req.budget_left - 1)
         return tuple(req.draft_token_ids[:max(k, 0)])
 
     def _allocate_or_preempt(self, req: Request, num_new: int, preempted: list[str]) -> bool:

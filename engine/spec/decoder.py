@@ -69,6 +69,7 @@ class SpeculativeDecoder:
         the next schedules admit (with the running ones still in prefill they are the rows
         about to join the decode batch, whose size decides whether a catch-up pays back)."""
         candidates: dict[str, Proposal] = {}
+        offered: dict[str, int] = {}  # each candidate's drafts within its token budget
         drafting: list[Request] = []  # the candidates' requests
         # Plain decodes besides the candidates. Prefill chunks are left out of the step the
         # controller prices: that work is owed whatever k is, and counting it would make
@@ -83,16 +84,17 @@ class SpeculativeDecoder:
                 continue
             contexts[req.request_id] = req.num_computed_tokens
             proposal = self._proposal(req)
-            if proposal.drafts and self._room(req, 0):
+            room = min(len(proposal.drafts), self._room(req, 0))
+            if room:
                 candidates[req.request_id] = proposal
+                offered[req.request_id] = room
                 drafting.append(req)
             else:
                 other += 1
         if not candidates:
             return
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
-        chosen = self.controller.choose({r.request_id: min(len(candidates[r.request_id].drafts), self._room(r, 0))
-                                         for r in drafting}, other, gains,
+        chosen = self.controller.choose(offered, other, gains,
                                         self._catchup(drafting),
                                         [r.request_id for r in drafting if not r.params.greedy], contexts,
                                         self._upcoming(joining))
@@ -128,15 +130,14 @@ class SpeculativeDecoder:
         """The drafts req may take in a step (at most max_k) once `first` more tokens are
         committed: the scheduler keeps a fully accepted run within max_tokens (`_drafts`), so
         drafts past it are never verified and must not be priced."""
-        if req.params.max_tokens is None:
-            return self.max_k
-        return max(0, min(self.max_k, req.params.max_tokens - req.num_output_tokens - first - 1))
+        left = req.budget_left
+        return self.max_k if left is None else max(0, min(self.max_k, left - first - 1))
 
     def _backlog_per_token(self, req: Request, computed: int) -> float:
         backlog = self.drafter.backlog(req.request_id, computed)
         if not backlog:
             return 0.0
-        remaining = req.params.max_tokens - req.num_output_tokens if req.params.max_tokens else CATCHUP_HORIZON
+        remaining = req.budget_left if req.params.max_tokens else CATCHUP_HORIZON
         return backlog / max(1, min(remaining, CATCHUP_HORIZON))
 
     def _proposal(self, req: Request) -> Proposal:
