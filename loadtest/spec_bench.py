@@ -4,11 +4,13 @@ Workloads (loadtest/workloads/*.jsonl): grounded (summarise / edit / extract ove
 stdlib source and docs) and open chat. For each workload, batch size B and
 configuration, B requests run concurrently (`max_num_seqs=B`) over
 `prompts_for(B)` prompts, greedy, `--max-tokens` each, EOS allowed; tokens/s =
-completion tokens / wall time. All configurations of one (workload, B) run in
-`--repeats` (`--repeats-large` at B >= 16) interleaved rounds in the same process
-on the same weights (best round kept; the decode phase's rate, over steps without
-prefill tokens, is its best round too), so the baseline is measured in the same
-run; the outputs are compared with the no-speculation run token for token (greedy
+completion tokens / time. Offline, all configurations of one (workload, B) run as
+fresh engines on the same weights in one process, stepped in token lockstep
+(loadtest/lockstep.py: the engine with the fewest committed tokens steps next, so a
+drift of the VM's speed falls on every configuration alike), `--repeats` rounds; the
+summary's ratios are geometric means of each round's ratios (paired within the round),
+so the baseline is measured in the same minutes; the outputs are compared with the
+no-speculation run token for token (greedy
 speculation is lossless). `--server` also measures through HTTP
 (`python -m server`, chat completions, B concurrent clients) for no speculation
 and adaptive.
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import math
 import platform
 import sys
 import time
@@ -80,82 +84,72 @@ def prompts_for(batch: int) -> int:
     return {1: 4, 4: 16}.get(batch, 2 * batch if batch < 64 else batch)
 
 
-def run_offline(loaded, cfg: Config, prompts: list[str], batch: int, args, warmup: list[str] = ()) -> dict:
+def _build(loaded, cfg: Config, batch: int, args, warmup: list[str]):
     from engine import LLM, SamplingParams
     llm = LLM(loaded=loaded, max_num_seqs=batch, kv_cache_memory=args.kv_cache_mib << 20,
               **cfg.engine_args())
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     llm.generate(["Warm up: say hi."] + list(warmup), SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
-    before = _spec_totals(llm)
-    decode = _DecodePhase(llm.core)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    seconds = time.perf_counter() - t0
-    after = _spec_totals(llm)
-    decode.detach()
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    n = sum(map(len, tokens))
-    drafted = after[1] - before[1]
-    return {"tokens_per_s": n / seconds, "tokens": n, "seconds": seconds, "decode_tokens_per_s": decode.rate(),
-            "cost_model": _cost_model(llm),
-            "verifications": after[0] - before[0], "draft_tokens": drafted,
-            "accepted_tokens": after[2] - before[2],
-            "acceptance": (after[2] - before[2]) / drafted if drafted else None,
-            "mean_k": drafted / max(after[0] - before[0], 1), "_outputs": tokens}
+    return llm
+
+
+def run_offline_round(loaded, cfgs: list[Config], prompts: list[str], batch: int, args,
+                      warmup: list[str]) -> dict[str, dict]:
+    """One round: a fresh engine per configuration, all stepped in token lockstep
+    (loadtest/lockstep.py), so each configuration's rate is measured over the same minutes."""
+    from engine import SamplingParams
+    from lockstep import run_lockstep
+    engines = {cfg.label: _build(loaded, cfg, batch, args, warmup) for cfg in cfgs}
+    before = {label: _spec_totals(llm) for label, llm in engines.items()}
+    lanes = run_lockstep(engines, prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+    out = {}
+    for lane in lanes:
+        after = _spec_totals(lane.llm)
+        verifications, drafted, accepted = (a - b for a, b in zip(after, before[lane.label]))
+        out[lane.label] = {"tokens_per_s": lane.rate(), "tokens": lane.tokens, "seconds": lane.seconds,
+                           "steps": lane.steps, "decode_tokens_per_s": lane.decode_rate(),
+                           "cost_model": _cost_model(lane.llm), "verifications": verifications,
+                           "draft_tokens": drafted, "accepted_tokens": accepted,
+                           "acceptance": accepted / drafted if drafted else None,
+                           "mean_k": drafted / max(verifications, 1), "_outputs": lane.outputs}
+    del engines, lanes
+    gc.collect()
+    return out
 
 
 def run_offline_group(loaded, cfgs: list[Config], prompts: list[str], batch: int, args,
                       warmup: list[str], name: str, t_start: float) -> list[dict]:
-    """Every configuration `--repeats` times in rounds (round r starts r configurations
-    further on, so no configuration always runs first); each keeps its best round (this
-    VM's speed drifts by 10-20% between minutes) and lists all of them."""
+    """`--repeats` lockstep rounds; each row keeps every round's rate (the summary compares
+    configurations round by round) and reports their geometric mean."""
     runs: dict[str, list[dict]] = {cfg.label: [] for cfg in cfgs}
-    repeats = args.repeats_large if batch >= 16 else args.repeats
-    for rnd in range(repeats):
-        for cfg in cfgs[rnd % len(cfgs):] + cfgs[:rnd % len(cfgs)]:
-            r = run_offline(loaded, cfg, prompts, batch, args, warmup)
-            runs[cfg.label].append(r)
+    for rnd in range(args.repeats):
+        for label, r in run_offline_round(loaded, cfgs, prompts, batch, args, warmup).items():
+            runs[label].append(r)
             acc = "" if r["acceptance"] is None else f"  accept {r['acceptance']:.2f}  mean k {r['mean_k']:.2f}"
-            print(f"offline {name:9s} B={batch:2d} {cfg.label:15s} {r['tokens_per_s']:7.1f} tok/s"
+            print(f"offline {name:9s} B={batch:2d} {label:15s} {r['tokens_per_s']:7.1f} tok/s"
                   f" (decode phase {r['decode_tokens_per_s'] or 0:7.1f}){acc}"
                   f"  [round {rnd + 1}, {time.perf_counter() - t_start:.0f} s]", flush=True)
     ref = runs[cfgs[0].label][0]["_outputs"]
     rows = []
     for cfg in cfgs:
-        best = dict(max(runs[cfg.label], key=lambda r: r["tokens_per_s"]))
-        best.pop("_outputs")
-        best.update(mode="offline", workload=name, batch=batch, config=cfg.label, prompts=len(prompts),
-                    rounds_tok_s=[r["tokens_per_s"] for r in runs[cfg.label]],
-                    decode_tokens_per_s=max(r["decode_tokens_per_s"] or 0.0 for r in runs[cfg.label]) or None,
-                    mismatched_outputs=max(mismatches(ref, r["_outputs"]) for r in runs[cfg.label]))
-        rows.append(best)
-        print(f"  best of {repeats}: {cfg.label:15s} {best['tokens_per_s']:7.1f} tok/s"
-              f"  diff outputs {best['mismatched_outputs']}", flush=True)
+        rounds = runs[cfg.label]
+        row = {k: v for k, v in rounds[-1].items() if k not in ("_outputs", "tokens_per_s", "decode_tokens_per_s")}
+        row.update(mode="offline", workload=name, batch=batch, config=cfg.label, prompts=len(prompts),
+                   rounds_tok_s=[r["tokens_per_s"] for r in rounds],
+                   rounds_decode_tok_s=[r["decode_tokens_per_s"] for r in rounds],
+                   rounds_draft_tokens=[r["draft_tokens"] for r in rounds],
+                   tokens_per_s=_gmean([r["tokens_per_s"] for r in rounds]),
+                   decode_tokens_per_s=_gmean([r["decode_tokens_per_s"] for r in rounds]),
+                   mismatched_outputs=max(mismatches(ref, r["_outputs"]) for r in rounds))
+        rows.append(row)
+        print(f"  {len(rounds)} rounds: {cfg.label:15s} {row['tokens_per_s']:7.1f} tok/s"
+              f"  diff outputs {row['mismatched_outputs']}", flush=True)
     return rows
 
 
-class _DecodePhase:
-    """Tokens per second over the steps without prefill tokens (the steps a draft length
-    changes; at B = 64 grounded, prefill is two thirds of the wall time and varied by
-    ~10% between rounds, more than the differences between configurations)."""
-
-    def __init__(self, core):
-        self.core, self.tokens, self.seconds = core, 0, 0.0
-        step = core.step
-
-        def timed():
-            outputs, stats = step()
-            if not stats.num_prompt_tokens and stats.step_duration:
-                self.tokens += stats.num_generation_tokens
-                self.seconds += stats.step_duration
-            return outputs, stats
-        core.step = timed
-
-    def detach(self) -> None:
-        del self.core.step  # the instance attribute: the class's method again
-
-    def rate(self) -> float | None:
-        return self.tokens / self.seconds if self.seconds else None
+def _gmean(values: list[float | None]) -> float | None:
+    if not values or any(not v for v in values):
+        return None
+    return math.exp(sum(map(math.log, values)) / len(values))
 
 
 def _spec_totals(llm) -> tuple[int, int, int]:
@@ -232,27 +226,36 @@ def run_server(cfg: Config, workloads: dict, batches: list[int], args) -> list[d
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per (mode, workload, batch): adaptive vs no spec and vs the best fixed configuration."""
+    """Per (mode, workload, batch): adaptive vs no spec and vs the best fixed configuration.
+    Offline rows carry one rate per lockstep round; a ratio is the geometric mean of the
+    rounds' ratios, and "best" is the configuration with the highest such ratio to no spec."""
     out = []
     keys = sorted({(r["mode"], r["workload"], r["batch"]) for r in rows})
     for mode, wl, b in keys:
-        members = [r for r in rows if (r["mode"], r["workload"], r["batch"]) == (mode, wl, b)]
-        group = {r["config"]: r["tokens_per_s"] for r in members}
-        adaptive = next((v for k, v in group.items() if k.endswith("adaptive")), None)
-        if adaptive is None or "no spec" not in group:
+        members = {r["config"]: r for r in rows if (r["mode"], r["workload"], r["batch"]) == (mode, wl, b)}
+        ad_label = next((k for k in members if k.endswith("adaptive")), None)
+        if ad_label is None or "no spec" not in members:
             continue
-        best_label = max((k for k in group if not k.endswith("adaptive")), key=group.get)
-        entry = {"mode": mode, "workload": wl, "batch": b, "adaptive_tok_s": adaptive,
-                 "no_spec_tok_s": group["no spec"], "speedup_vs_no_spec": adaptive / group["no spec"],
-                 "best_other": best_label, "ratio_vs_best_other": adaptive / group[best_label]}
-        decode = {r["config"]: r.get("decode_tokens_per_s") for r in members}
-        if all(decode.values()):  # offline rows: the decode phase alone, the same comparison
-            d_ad = next(v for k, v in decode.items() if k.endswith("adaptive"))
-            d_best = max((k for k in decode if not k.endswith("adaptive")), key=decode.get)
-            entry.update(decode_speedup_vs_no_spec=d_ad / decode["no spec"], decode_best_other=d_best,
-                         decode_ratio_vs_best_other=d_ad / decode[d_best])
+        entry = {"mode": mode, "workload": wl, "batch": b, "adaptive_tok_s": members[ad_label]["tokens_per_s"],
+                 "no_spec_tok_s": members["no spec"]["tokens_per_s"]}
+        for prefix, key in (("", "rounds_tok_s"), ("decode_", "rounds_decode_tok_s")):
+            # server rows: one run each, so one "round" of their rate; no decode-phase figure
+            rounds = {k: r[key] if key in r else [r["tokens_per_s"]] if not prefix else None
+                      for k, r in members.items()}
+            if not all(v and all(v) for v in rounds.values()):
+                continue
+            others = [k for k in members if k != ad_label]
+            best = max(others, key=lambda k: _paired(rounds[k], rounds["no spec"]))
+            entry.update({f"{prefix}speedup_vs_no_spec": _paired(rounds[ad_label], rounds["no spec"]),
+                          f"{prefix}best_other": best,
+                          f"{prefix}ratio_vs_best_other": _paired(rounds[ad_label], rounds[best])})
         out.append(entry)
     return out
+
+
+def _paired(a: list[float], b: list[float]) -> float:
+    """Geometric mean over rounds of a[r] / b[r]."""
+    return _gmean([x / y for x, y in zip(a, b)])
 
 
 def main() -> None:
@@ -266,9 +269,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-mib", type=int, default=2048)
     ap.add_argument("--warmup-prompts", type=int, default=0,
                     help="run this many held-out prompts of the workload (its last ones) before timing")
-    ap.add_argument("--repeats", type=int, default=2, help="offline rounds per configuration (best kept)")
-    ap.add_argument("--repeats-large", type=int, default=3,
-                    help="offline rounds at B >= 16 (prefill-heavy runs whose rounds vary most)")
+    ap.add_argument("--repeats", type=int, default=2, help="offline lockstep rounds (ratios paired within a round)")
     ap.add_argument("--server", action="store_true", help="also measure through HTTP")
     ap.add_argument("--server-batches", default="1,16")
     ap.add_argument("--draft-model", help="method draft: the draft model (e.g. smollm2-135m, the target's own GGUF)")
