@@ -156,6 +156,8 @@ class EngineCore:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running, self.scheduler.next_admitted())
         sched = self.scheduler.schedule()
+        if self.spec is not None and sched.preempted_ids:
+            self.spec.preempted(sched.preempted_ids)
         produced: list[tuple[Request, list[int]]] = []
         lp_by_id: dict = {}
         result = None

@@ -75,6 +75,16 @@ class KVCacheManager:
             hits.append(block_id)
         return hits
 
+    def blocks_to_decode(self, req: Request) -> int:
+        """Free blocks `req` still takes before its first decode step: those its prompt and
+        first sampled token need beyond the blocks it holds or, not admitted yet, beyond its
+        cached prefix (whose blocks without a user sit in the free queue: taking them counts)."""
+        total = cdiv(req.num_tokens + 1, self.block_size)
+        held = self.req_blocks.get(req.request_id)
+        if held is not None:
+            return max(0, total - len(held))
+        cached = self.find_cached_prefix(req)
+        return total - len(cached) + sum(1 for b in cached if self.pool.blocks[b].ref_count == 0)
 
     # ---- allocation ----------------------------------------------------
     def allocate(self, req: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:

@@ -58,9 +58,19 @@ class Scheduler:
         return len(self.requests)
 
     def next_admitted(self) -> list[Request]:
-        """The waiting requests the next schedules admit first: as many as there are free
-        seats (`max_num_seqs`), in service order (token budget and KV room aside)."""
-        return self.waiting.first(self.config.max_num_seqs - len(self.running))
+        """The waiting requests the next schedules admit first, in service order: as many as
+        there are free seats (`max_num_seqs`) and, after what the running prompts still need,
+        free KV blocks for their prompts and first decodes (the head of the line blocks the
+        rest, as in admission). The token budget aside: a long prompt joins a few steps later."""
+        free = self.kv.num_free_blocks - sum(self.kv.blocks_to_decode(r) for r in self.running
+                                             if r.num_computed_tokens + 1 < r.num_tokens)
+        admitted = []
+        for req in self.waiting.first(self.config.max_num_seqs - len(self.running)):
+            free -= self.kv.blocks_to_decode(req)
+            if free < 0:
+                break
+            admitted.append(req)
+        return admitted
 
     # ---- scheduling --------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

@@ -68,6 +68,10 @@ class Drafter(abc.ABC):
     def forget(self, request_id: str) -> None:
         """The request finished or was aborted: drop its state."""
 
+    def preempted(self, request_id: str) -> None:
+        """The request was preempted: its KV blocks went back to the pool and the target
+        will recompute it. A drafter whose KV lives in those blocks drops what it knew of it."""
+
 
 def register_drafter(name: str) -> Callable[[type], type]:
     def wrap(cls: type) -> type:

@@ -119,7 +119,8 @@ class DraftController:
         decreasing (a tree drafter; others: a_r^(i+1)); catchup: request id -> a draft
         model's backlog per token the request may still commit (every candidate of a
         drafter that keeps its own KV, 0 when caught up; absent: no such KV); stochastic:
-        the candidates sampled at a temperature (their rows cost more than argmax);
+        the candidates and upcoming rows sampled at a temperature (their rows cost more
+        than argmax);
         contexts: request id -> context tokens of every decode row of the step (candidates
         and plain decodes; absent: 0); upcoming: request id -> (context, catch-up per token,
         drafts it may take) of the rows about to join the decode batch (requests in prefill,

@@ -96,7 +96,8 @@ class SpeculativeDecoder:
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
         chosen = self.controller.choose(offered, other, gains,
                                         self._catchup(drafting),
-                                        [r.request_id for r in drafting if not r.params.greedy], contexts,
+                                        [r.request_id for r in (*drafting, *joining) if not r.params.greedy],
+                                        contexts,
                                         self._upcoming(joining))
         for req in running:
             k = chosen.get(req.request_id, 0)
@@ -183,6 +184,11 @@ class SpeculativeDecoder:
     def forget(self, request_id: str) -> None:
         self.drafter.forget(request_id)
         self.controller.forget(request_id)
+
+    def preempted(self, request_ids: Sequence[str]) -> None:
+        """Requests preempted this step (their acceptance estimates stay: same request)."""
+        for rid in request_ids:
+            self.drafter.preempted(rid)
 
 
 def probe_shapes(max_k: int, max_tokens: int) -> list[tuple[int, int]]:

@@ -247,3 +247,9 @@ class DraftModelDrafter(ModelDrafter):
 
     def forget(self, request_id: str) -> None:
         self._computed.pop(request_id, None)
+
+    def preempted(self, request_id: str) -> None:
+        # While the request waits, where the target will restart (its prefix-cache hit) is
+        # unknown; a kept mark would price its catch-up as if our KV survived. From 0, as a
+        # new request with a prefix hit catches up.
+        self._computed.pop(request_id, None)

@@ -50,7 +50,11 @@ def test_target_as_its_own_draft_accepts_greedy_drafts(make_llm, smol_loaded, hf
     llm = make_llm(num_kv_blocks=16, speculative_method="draft", num_speculative_tokens=4,
                    speculative_adaptive=False, draft_loaded=smol_loaded)
     run(llm, [PROMPTS[1]], params(1))  # leaves its prompt blocks in the prefix cache
+    preempted = _watch_preemptions(llm)
     outs = run(llm, BATCH, params())
+    # A preempted request's draft KV went with its blocks: while it waits, its catch-up is
+    # priced from 0 (its whole context), not from the mark its draft had reached.
+    assert preempted and all(backlog == tokens for backlog, tokens in preempted), preempted
     stats = llm.core.spec.totals
     assert stats.num_draft_tokens > 40
     # Same weights: a draft differs from the target only on a numerical near-tie.
@@ -59,6 +63,23 @@ def test_target_as_its_own_draft_accepts_greedy_drafts(make_llm, smol_loaded, hf
     for prompt, r, o in zip(BATCH, ref, outs):
         assert_same_or_near_tie(hf_smol, base, prompt, r.outputs[0], o.outputs[0])
     assert llm.core.runner.model_drafter._computed == {}
+
+
+def _watch_preemptions(llm) -> list[tuple[int, int]]:
+    """(draft backlog, tokens) of each request right after the step that preempted it."""
+    seen: list[tuple[int, int]] = []
+    counts: dict[str, int] = {}
+    step = llm.core.step
+
+    def watched():
+        result = step()
+        for rid, req in llm.core.scheduler.requests.items():
+            if req.num_preemptions > counts.get(rid, 0):
+                seen.append((llm.core.runner.model_drafter.backlog(rid, req.num_tokens), req.num_tokens))
+            counts[rid] = req.num_preemptions
+        return result
+    llm.core.step = watched
+    return seen
 
 
 def test_tiny_random_draft_model_is_lossless(make_llm, hf_smol, plain_greedy, tiny_draft):

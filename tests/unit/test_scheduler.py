@@ -282,6 +282,23 @@ def test_next_admitted_is_the_waiting_head_as_far_as_seats_are_free():
     h.run()
 
 
+def test_next_admitted_stops_where_kv_blocks_run_out_and_counts_prefix_hits():
+    """6 blocks of 16: A (40 tokens, 3 blocks with its first decode) and B (30, 2) fit, C
+    (40, 3) does not and holds D back, as admission does. Then E, first in line, shares
+    A's two full blocks: it needs 1 block of the 1 left, and is admitted next."""
+    h = Harness(num_blocks=6, block_size=16, max_num_seqs=8, max_num_batched_tokens=512)
+    a = h.add("A", prompt(20, 40), max_tokens=3)
+    for rid, seed, n in (("B", 21, 30), ("C", 22, 40), ("D", 23, 5)):
+        h.add(rid, prompt(seed, n), max_tokens=3)
+    assert [r.request_id for r in h.sched.next_admitted()] == ["A", "B"]
+    assert [e.request_id for e in h.step().scheduled] == ["A", "B"]
+    assert h.sched.next_admitted() == []  # C first: 3 blocks, 1 free
+    h.add("E", a.token_ids[:32] + prompt(24, 3), max_tokens=3, priority=-1)
+    assert [r.request_id for r in h.sched.next_admitted()] == ["E"]
+    assert "E" in [e.request_id for e in h.step().scheduled]
+    h.run()
+
+
 def test_head_of_line_waits_for_blocks():
     # C needs more blocks than are free; D (small) must not overtake it.
     h = Harness(num_blocks=6, block_size=16, max_num_seqs=8, max_num_batched_tokens=512)

@@ -505,6 +505,38 @@ def test_a_catch_up_is_priced_at_the_batch_its_request_is_about_to_be_in(prefill
     assert req.draft_token_ids
 
 
+@pytest.mark.parametrize("temperature,behind_drafts", [(0.0, True), (0.8, False)])
+def test_rows_joining_at_a_temperature_are_priced_at_their_sampling_cost(temperature, behind_drafts):
+    """As the (0, 15, 20) case above, with 6 of every 8 drafts accepted: a request behind on a
+    285-token prompt, 15 rows of 20-token prompts about to join; greedy, that B = 16 batch
+    drafts and the catch-up pays. With every row sampled at a temperature costing SAMPLE_MS
+    a row beyond argmax, the joining rows' drafts do not pay, and neither does the catch-up.
+    Priced as argmax rows (they were), the joining rows drafted and the request started it.
+    (SAMPLE_MS is set to flip the decision: this CPU's probes measured 0.001-0.13 ms a row.)"""
+    from engine.request import Request
+    from engine.spec.decoder import SpeculativeDecoder
+
+    class Behind(_AlwaysDrafts):
+        def backlog(self, request_id, num_computed_tokens):
+            return num_computed_tokens
+
+    table = measured_fp32_table()
+    table.sample_cost = SAMPLE_MS / 1e3
+    ctl = DraftController(8, table, draft_latency=LatencyModel(0.006, 0.00046))
+    for _ in range(20):
+        ctl.observe("behind", 8, 6)
+    req = _decoding(1)[0]
+    req.request_id = "behind"
+    req.params = SamplingParams(temperature=temperature, max_tokens=64)
+    joining = [Request(f"t{i}", list(range(20)), SamplingParams(temperature=temperature, max_tokens=64))
+               for i in range(15)]
+    SpeculativeDecoder(Behind(0), ctl).propose([req], joining)
+    assert bool(req.draft_token_ids) == behind_drafts, req.draft_token_ids
+
+
+SAMPLE_MS = 10.0
+
+
 def test_a_pass_0_with_a_backlog_teaches_the_catch_up_rate_and_leaves_the_pass_line_alone():
     """The q8 self-draft at open chat B = 16: one-token passes take 6.4 ms at 1 row and 19.3
     ms at 16; a pass 0 catching up on 94 prompt tokens took 0.2 ms more per backlog token.
