@@ -13,7 +13,7 @@ so the baseline is measured in the same minutes; the outputs are compared with t
 no-speculation run token for token (greedy
 speculation is lossless). `--server` also measures through HTTP
 (`python -m server`, chat completions, B concurrent clients) for no speculation
-and adaptive.
+and adaptive: both servers up at once, `--server-repeats` rounds of back-to-back runs.
 
     python loadtest/spec_bench.py --json loadtest/results/spec_cpu.json \
         --plot loadtest/results/spec_cpu.png --server
@@ -204,25 +204,35 @@ async def client_once(http, model: str) -> None:
     r.raise_for_status()
 
 
-def run_server(cfg: Config, workloads: dict, batches: list[int], args) -> list[dict]:
+def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -> list[dict]:
+    """One server per configuration, all up at once; `--server-repeats` rounds, each running
+    every (workload, B) on every server back to back (the order alternating by round), so
+    each round's ratio compares runs seconds apart. Rows keep every round's rate."""
     from local_server import Server
     # The fp32 path runs our attention over the dequantized linears, as the offline phase
     # does (an LLM built on a loaded model keeps `attention_backend` auto: ours on the CPU).
     native = ["--cpu-native-kernels"] if args.native else ["--no-cpu-native-kernels", "--attention-backend", "cpu"]
-    server = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", *native,
-                                      "--max-num-seqs", str(max(batches)), *cfg.server_args()], 600)
-    rows = []
+    servers: dict[str, Server] = {}
+    rates: dict[tuple[str, int, str], list[float]] = {}
     try:
-        for name, chats in workloads.items():
-            for batch in batches:
-                n, secs = asyncio.run(_http_batch(server.url, "smollm2-135m", chats[:prompts_for(batch)],
-                                                  batch, args.max_tokens))
-                rows.append({"mode": "server", "workload": name, "batch": batch, "config": cfg.label,
-                             "tokens": n, "seconds": secs, "tokens_per_s": n / secs})
-                print(f"  server {name:9s} B={batch:2d} {cfg.label:15s} {n / secs:7.1f} tok/s", flush=True)
+        for cfg in cfgs:
+            servers[cfg.label] = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", *native,
+                                                         "--max-num-seqs", str(max(batches)), *cfg.server_args()],
+                                        600)
+        for rnd in range(args.server_repeats):
+            for name, chats in workloads.items():
+                for batch in batches:
+                    for cfg in (cfgs if rnd % 2 == 0 else cfgs[::-1]):
+                        n, secs = asyncio.run(_http_batch(servers[cfg.label].url, "smollm2-135m",
+                                                          chats[:prompts_for(batch)], batch, args.max_tokens))
+                        rates.setdefault((name, batch, cfg.label), []).append(n / secs)
+                        print(f"  server {name:9s} B={batch:2d} {cfg.label:15s} {n / secs:7.1f} tok/s"
+                              f"  [round {rnd + 1}]", flush=True)
     finally:
-        server.stop()
-    return rows
+        for server in servers.values():
+            server.stop()
+    return [{"mode": "server", "workload": name, "batch": batch, "config": label,
+             "rounds_tok_s": r, "tokens_per_s": _gmean(r)} for (name, batch, label), r in rates.items()]
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -239,9 +249,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         entry = {"mode": mode, "workload": wl, "batch": b, "adaptive_tok_s": members[ad_label]["tokens_per_s"],
                  "no_spec_tok_s": members["no spec"]["tokens_per_s"]}
         for prefix, key in (("", "rounds_tok_s"), ("decode_", "rounds_decode_tok_s")):
-            # server rows: one run each, so one "round" of their rate; no decode-phase figure
-            rounds = {k: r[key] if key in r else [r["tokens_per_s"]] if not prefix else None
-                      for k, r in members.items()}
+            rounds = {k: r.get(key) for k, r in members.items()}  # server rows: no decode phase
             if not all(v and all(v) for v in rounds.values()):
                 continue
             others = [k for k in members if k != ad_label]
@@ -272,6 +280,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="offline lockstep rounds (ratios paired within a round)")
     ap.add_argument("--server", action="store_true", help="also measure through HTTP")
     ap.add_argument("--server-batches", default="1,16")
+    ap.add_argument("--server-repeats", type=int, default=2,
+                    help="server rounds (every server up at once; ratios paired within a round)")
     ap.add_argument("--draft-model", help="method draft: the draft model (e.g. smollm2-135m, the target's own GGUF)")
     ap.add_argument("--draft-activation-quant", choices=("none", "q8"),
                     help="method draft: the draft's activation quant on the native kernels (q8: a cheap close draft)")
@@ -286,15 +296,14 @@ def main() -> None:
     loaded = load_model(EngineArgs(cpu_native_kernels=args.native))
     tok = loaded.tokenizer
     workloads = {name: load_workload(name) for name in args.workloads.split(",")}
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]  # "": the server phase only
     cfgs = configs(args.method, [int(k) for k in args.fixed_k.split(",")], args.max_k,
                    (args.draft_model, args.draft_activation_quant))
     rows: list[dict] = []
     t_start = time.perf_counter()
     if args.server:  # first: a server that fails to start fails the run in minutes, not at its end
         server_batches = [int(b) for b in args.server_batches.split(",")]
-        for cfg in (cfgs[0], cfgs[-1]):
-            rows += run_server(cfg, workloads, server_batches, args)
+        rows += run_servers([cfgs[0], cfgs[-1]], workloads, server_batches, args)
     for name, chats in workloads.items():
         texts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in chats]
         for batch in batches:
