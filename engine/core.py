@@ -154,7 +154,9 @@ class EngineCore:
         outputs, self._pending_outputs = self._pending_outputs, []
         start = time.monotonic()
         if self.spec is not None:
-            self.spec.propose(self.scheduler.running, self.scheduler.next_admitted())
+            # next_admitted walks the waiting queue's prefix-cache hits: only when it is used
+            admitted = self.scheduler.next_admitted() if self.spec.prices_joining else ()
+            self.spec.propose(self.scheduler.running, admitted)
         sched = self.scheduler.schedule()
         if self.spec is not None and sched.preempted_ids:
             self.spec.preempted(sched.preempted_ids)

@@ -115,13 +115,19 @@ class SpeculativeDecoder:
             return {}
         return {req.request_id: self._backlog_per_token(req, req.num_computed_tokens) for req in requests}
 
+    @property
+    def prices_joining(self) -> bool:
+        """Whether `propose` prices the rows about to join the decode batch (only a drafter
+        that keeps its own KV has catch-ups to price against them); else `admitted` is unused."""
+        return self.drafter.keeps_kv
+
     def _upcoming(self, joining: Sequence[Request]) -> dict[str, tuple[int, float, int]]:
         """Request id -> (context, catch-up per token it may commit, drafts it may take) of
         each row about to join the decode batch, as it will be once its prompt is computed
         (and its first token sampled); only a drafter that keeps its own KV needs them (the
         controller prices catch-ups against them). A constrained request under a drafter
         that drafts inside the step never drafts: it joins as a plain decode."""
-        if not self.drafter.keeps_kv:
+        if not self.prices_joining:
             return {}
         return {req.request_id: (req.num_tokens, self._backlog_per_token(req, req.num_tokens),
                                  0 if req.matcher is not None and self.drafter.needs_runner else self._room(req, 1))

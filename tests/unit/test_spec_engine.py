@@ -155,12 +155,18 @@ def test_abort_mid_speculation_frees_blocks(make_llm):
     assert core.spec.drafter._state == {}
 
 
-def test_the_decoder_sees_the_rows_about_to_join_the_batch(make_llm):
+def test_the_decoder_sees_the_rows_about_to_join_the_batch(make_llm, monkeypatch):
     """Each step the decoder is given the waiting requests the schedule admits next (as many
     as seats are free) and the running ones still in prefill: the rows a draft model's
     catch-up is priced against. With 2 seats and 5 requests of staggered lengths, a request
-    is admitted while another decodes, and every admitted one runs in the next step."""
+    is admitted while another decodes, and every admitted one runs in the next step. (ngram
+    with joining rows priced, as a model drafter has them, without loading a second model;
+    ngram itself is given none: it has no catch-up to price.)"""
+    from engine.spec.decoder import SpeculativeDecoder
+
     llm = make_llm(speculative_method="ngram", num_speculative_tokens=4, max_num_seqs=2)
+    assert not llm.core.spec.prices_joining
+    monkeypatch.setattr(SpeculativeDecoder, "prices_joining", property(lambda self: True))
     core, seen = llm.core, []
     propose = core.spec.propose
 
