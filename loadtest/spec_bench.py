@@ -205,15 +205,19 @@ async def client_once(http, model: str) -> None:
 
 
 def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -> list[dict]:
-    """One server per configuration, all up at once; `--server-repeats` rounds, each running
-    every (workload, B) on every server back to back (the order alternating by round), so
-    each round's ratio compares runs seconds apart. Rows keep every round's rate."""
+    """One server per configuration, all up at once; `--server-repeats` rounds. A round runs
+    each (workload, B) wave by wave (B prompts at a time, B clients), every wave on every
+    server back to back, the order alternating by wave and round: each server's rate for
+    the round is its tokens over its waves' time, and runs a few seconds apart share the
+    VM's drift (whole runs one after another differed by 20% between rounds of the same
+    configuration). Rows keep every round's rate and what the servers drafted (/metrics)."""
     from local_server import Server
     # The fp32 path runs our attention over the dequantized linears, as the offline phase
     # does (an LLM built on a loaded model keeps `attention_backend` auto: ours on the CPU).
     native = ["--cpu-native-kernels"] if args.native else ["--no-cpu-native-kernels", "--attention-backend", "cpu"]
     servers: dict[str, Server] = {}
     rates: dict[tuple[str, int, str], list[float]] = {}
+    drafted: dict[tuple[str, int, str], list[list[float]]] = {}
     try:
         for cfg in cfgs:
             servers[cfg.label] = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", *native,
@@ -222,17 +226,44 @@ def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -
         for rnd in range(args.server_repeats):
             for name, chats in workloads.items():
                 for batch in batches:
-                    for cfg in (cfgs if rnd % 2 == 0 else cfgs[::-1]):
-                        n, secs = asyncio.run(_http_batch(servers[cfg.label].url, "smollm2-135m",
-                                                          chats[:prompts_for(batch)], batch, args.max_tokens))
-                        rates.setdefault((name, batch, cfg.label), []).append(n / secs)
-                        print(f"  server {name:9s} B={batch:2d} {cfg.label:15s} {n / secs:7.1f} tok/s"
-                              f"  [round {rnd + 1}]", flush=True)
+                    prompts = chats[:prompts_for(batch)]
+                    totals = {cfg.label: [0, 0.0] for cfg in cfgs}
+                    before = {label: _server_spec(s.url) for label, s in servers.items()}
+                    for w, start in enumerate(range(0, len(prompts), batch)):
+                        for cfg in (cfgs if (rnd + w) % 2 == 0 else cfgs[::-1]):
+                            n, secs = asyncio.run(_http_batch(servers[cfg.label].url, "smollm2-135m",
+                                                              prompts[start:start + batch], batch, args.max_tokens))
+                            totals[cfg.label][0] += n
+                            totals[cfg.label][1] += secs
+                    for label, (n, secs) in totals.items():
+                        key = (name, batch, label)
+                        rates.setdefault(key, []).append(n / secs)
+                        spec = [a - b for a, b in zip(_server_spec(servers[label].url), before[label])]
+                        drafted.setdefault(key, []).append(spec)
+                        print(f"  server {name:9s} B={batch:2d} {label:15s} {n / secs:7.1f} tok/s"
+                              f"  drafted {spec[0]:.0f} accepted {spec[1]:.0f}  [round {rnd + 1}]", flush=True)
     finally:
         for server in servers.values():
             server.stop()
     return [{"mode": "server", "workload": name, "batch": batch, "config": label,
-             "rounds_tok_s": r, "tokens_per_s": _gmean(r)} for (name, batch, label), r in rates.items()]
+             "rounds_tok_s": r, "tokens_per_s": _gmean(r),
+             "rounds_draft_tokens": [d[0] for d in drafted[(name, batch, label)]],
+             "rounds_accepted_tokens": [d[1] for d in drafted[(name, batch, label)]]}
+            for (name, batch, label), r in rates.items()]
+
+
+def _server_spec(url: str) -> list[float]:
+    """The server's draft and accepted token counters (/metrics; 0 without speculation)."""
+    import httpx
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    wanted = ("strix:spec_decode_num_draft_tokens_total", "strix:spec_decode_num_accepted_tokens_total")
+    values = dict.fromkeys(wanted, 0.0)
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        name = name.split("{")[0]  # labels: model_name
+        if name in values:
+            values[name] += float(value)
+    return [values[w] for w in wanted]
 
 
 def summarise(rows: list[dict]) -> list[dict]:

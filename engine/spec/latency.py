@@ -6,11 +6,20 @@ piecewise-linear curve through knots measured at start-up (one timed forward pas
 per knot: one row of N tokens up to the longest verification, then rows of 1 + k
 tokens), so it follows whatever shape the kernels give it: on the native CPU path
 one row runs as a GEMV and two or more as GEMM tiles (a jump of ~60% from N = 1
-to N = 2), and attention and sampling grow with the rows. Online, every step
-whose tokens all sampled moves the two knots around its N towards its measured
-time (an EMA split by the interpolation weights); steps with prefill tokens are
-not of the table's shape and are skipped. Beyond the last knot the curve goes
-on with the last segment's slope. Knot times are kept non-decreasing in N.
+to N = 2), and attention and sampling grow with the rows. Beyond the last knot the
+curve goes on with the last segment's slope. Knot times are kept non-decreasing in N.
+
+Online, every step whose tokens all sampled is learnt from in two parts: a scale shared
+by all knots moves towards the step's measured / predicted time (SCALE_EMA), then the
+two knots around its N take a slower share of what the scaled curve still misses
+(TABLE_EMA, split by the interpolation weights). Steps with prefill tokens are not of
+the table's shape and are skipped. A workload visits a few N (its plain decode step
+most), and with the knots learnt alone the visited ones moved with the VM while the
+rest kept their probe times: a draft model's grounded B = 4 run learnt its plain step
+at 71 ms against a 50 ms probe while the drafting steps' knots stayed at the probes,
+so the two plans were priced from different minutes of the machine. The shared scale
+carries a drift of the whole machine to every knot; the knots' own learning is left
+with what differs by shape.
 
 `LatencyModel` is a straight line T(N) = fixed + per_token * N fitted by
 (exponentially weighted) least squares, its fitted samples kept as anchors: a model
@@ -44,7 +53,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-TABLE_EMA = 0.1  # weight of one observed step in the knots around its N
+SCALE_EMA = 0.1  # weight of one observed step in the table's shared scale
+SCALE_CLAMP = 2.0  # one step is learnt as if it ran at most this many times its prediction (or 1/x)
+TABLE_EMA = 0.03  # weight of one observed step in the knots around its N (after the scale's share)
 ANCHOR_WEIGHT = 0.25  # a fitted sample's weight in LatencyModel (one online sample: 1, decaying)
 
 
@@ -122,35 +133,42 @@ class ContextCost:
 class LatencyTable:
     """T(N) of all-sampled steps, piecewise linear through (knots[i], times[i])."""
 
-    def __init__(self, samples: Sequence[tuple[int, float]], ema: float = TABLE_EMA, sample_cost: float = 0.0):
+    def __init__(self, samples: Sequence[tuple[int, float]], ema: float = TABLE_EMA, sample_cost: float = 0.0,
+                 scale_ema: float = SCALE_EMA):
         points = sorted(dict(samples).items())  # one time per N (the last given wins)
         if not points:
             raise ValueError("a latency table needs at least one measured step")
         self.knots = [n for n, _ in points]
-        self.times = [t for _, t in points]
-        self.ema = ema
+        self.times = [t for _, t in points]  # the curve's shape: T(N) = scale x interpolated times
+        self.scale = 1.0
+        self.ema, self.scale_ema = ema, scale_ema
         self.sample_cost = sample_cost  # seconds per row sampled at a temperature (not argmax)
         self._monotone(0)
 
     def predict(self, num_tokens: int, num_sampled: int | None = None, num_stochastic: int = 0) -> float:
-        (i, wi), (j, wj) = self._weights(num_tokens)
-        return max(wi * self.times[i] + wj * self.times[j], 1e-6) + self.sample_cost * num_stochastic
+        return max(self.scale * self._shape(num_tokens), 1e-6) + self.sample_cost * num_stochastic
 
     def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None,
                 num_stochastic: int = 0) -> None:
         if num_sampled is not None and num_sampled != num_tokens:
             return  # prefill tokens in the step: not the table's shape
         seconds -= self.sample_cost * num_stochastic  # the knots are greedy steps
+        shape = max(self._shape(num_tokens), 1e-9)
+        # One interrupted step (a VM pause) counts as at most SCALE_CLAMP times its prediction.
+        ratio = min(max(seconds / (self.scale * shape), 1.0 / SCALE_CLAMP), SCALE_CLAMP)
+        seconds = ratio * self.scale * shape
+        self.scale *= 1.0 + self.scale_ema * (ratio - 1.0)
+        if num_tokens > self.knots[-1]:
+            return  # extrapolated: the last segment's slope is the probes'; the scale learnt it
         (i, wi), (j, wj) = self._weights(num_tokens)
-        if num_tokens > self.knots[-1]:  # extrapolated: scale the last segment's knots
-            ratio = 1.0 + self.ema * (seconds / self.predict(num_tokens) - 1.0)
-            self.times[i] *= ratio
-            self.times[j] *= ratio
-        else:
-            error = seconds - self.predict(num_tokens)
-            self.times[i] += self.ema * wi * error
-            self.times[j] += self.ema * wj * error
+        error = seconds / self.scale - shape  # in the knots' units
+        self.times[i] += self.ema * wi * error
+        self.times[j] += self.ema * wj * error
         self._monotone(min(i, j))
+
+    def _shape(self, num_tokens: int) -> float:
+        (i, wi), (j, wj) = self._weights(num_tokens)
+        return wi * self.times[i] + wj * self.times[j]
 
     def _weights(self, n: int) -> tuple[tuple[int, float], tuple[int, float]]:
         """Interpolation (or, past either end, extrapolation) weights of the two knots
@@ -172,9 +190,9 @@ class LatencyTable:
 
 def describe(model: LatencyModel | LatencyTable) -> str:
     if isinstance(model, LatencyTable):
-        shown = ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in zip(model.knots, model.times))
+        shown = ", ".join(f"{n}: {model.scale * t * 1e3:.1f}" for n, t in zip(model.knots, model.times))
         return (f"latency table: T(N greedy tokens) in ms = {{{shown}}}, "
-                f"+{model.sample_cost * 1e3:.3f} ms per row sampled at a temperature")
+                f"+{model.sample_cost * 1e3:.3f} ms per row sampled at a temperature (scale {model.scale:.3f})")
     return f"latency model: T(N) = {model.fixed * 1e3:.2f} ms + {model.per_token * 1e3:.3f} ms x N tokens"
 
 

@@ -242,18 +242,48 @@ def test_latency_table_interpolates_extrapolates_and_stays_monotone():
     assert bumpy.times == [0.010, 0.010, 0.012]
 
 
-def test_latency_table_learns_only_all_sampled_steps_near_their_n():
+def test_latency_table_carries_a_drift_to_every_knot_and_learns_shape_near_n():
     table = LatencyTable([(1, 0.005), (2, 0.008), (9, 0.015), (64, 0.050)])
+    probe = {n: table.predict(n) for n in (1, 2, 5, 9, 64)}
     for _ in range(100):
-        table.observe(5, 0.020, 5)  # the machine is slower around N = 5 than probed
-    assert table.predict(5) == pytest.approx(0.020, rel=0.02)
-    assert table.times[0] == pytest.approx(0.005)  # a knot outside the bracket is untouched
-    before = list(table.times)
+        table.observe(5, 2 * probe[5], 5)  # the whole machine runs 2x slower than probed
+    assert table.predict(5) == pytest.approx(2 * probe[5], rel=0.02)
+    # The knots the workload did not visit follow (one learnt alone, a far knot kept its
+    # probe and a plan priced from both mixed two speeds of the machine).
+    for n in (1, 64):
+        assert table.predict(n) == pytest.approx(2 * probe[n], rel=0.1)
+    before = (list(table.times), table.scale)
     table.observe(40, 1.0, 4)  # 36 prefill tokens: not the table's shape
-    assert table.times == before
+    assert (table.times, table.scale) == before
+    # Two visited N slower by different factors: the shape learns the difference.
+    for _ in range(1500):
+        table.observe(2, 2 * probe[2], 2)
+        table.observe(9, 3 * probe[9], 9)
+    assert table.predict(2) == pytest.approx(2 * probe[2], rel=0.05)
+    assert table.predict(9) == pytest.approx(3 * probe[9], rel=0.05)
     for _ in range(100):
-        table.observe(128, 0.2, 128)  # past the last knot: the last segment scales
-    assert table.predict(128) == pytest.approx(0.2, rel=0.02)
+        table.observe(128, 0.4, 128)  # past the last knot: the scale learns it
+    assert table.predict(128) == pytest.approx(0.4, rel=0.02)
+    table.observe(64, 100.0, 64)  # an interrupted step moves the scale by a bounded amount
+    assert table.predict(128) < 0.4 * 1.15  # 100 s counted as 2x: the scale +10%, the knot a little
+
+
+def test_a_drift_seen_at_the_plain_step_does_not_start_drafts_the_probes_priced_out():
+    """B = 64 on a table of T(64) = 150 ms and T(128) = 250 ms: a draft costs 1.56 ms against
+    2.34 ms per committed token, so first drafts accepted at 0.6 do not pay. The machine then
+    runs every step 30% slower; the engine sees only plain steps (no drafts). With the plain
+    knot learnt alone, T(64) rose to 195 ms under a 250 ms T(128) and drafts looked cheap
+    (0.86 ms against 3.05): the plan turned to drafting on a slowdown of the machine."""
+    table = LatencyTable([(1, 0.050), (64, 0.150), (128, 0.250)])
+    ctl = DraftController(8, table)
+    ids = [f"r{i}" for i in range(64)]
+    gains = dict.fromkeys(ids, [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02])
+    assert sum(ctl.choose(dict.fromkeys(ids, 8), 0, gains).values()) == 0
+    for _ in range(200):
+        table.observe(64, 1.3 * 0.150, 64)
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, gains)
+        assert sum(plan.values()) == 0
+    assert table.predict(64) == pytest.approx(1.3 * 0.150, rel=0.02)
 
 
 def test_step_latency_probes_every_draft_length_at_batch_1_and_prices_the_gemv_jump(monkeypatch):
