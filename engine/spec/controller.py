@@ -61,6 +61,8 @@ cheaper than it is).
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
+
 from engine.spec.acceptance import AcceptanceModel
 from engine.spec.latency import ContextCost, LatencyModel, LatencyTable
 
@@ -74,6 +76,20 @@ EXPLORE_EVIDENCE = 2.0  # tries below which a rate is a guess (explored after EX
 EXPLORE_BACKLOG = 1.0  # a draft model's backlog per token a request may commit, at most, to explore it
 EXPLORE_OPTIMISM = 2.0  # pseudo-hits on every rate in the test whether exploring may pay
 CATCHUP_MARGIN = 0.10  # a plan starting catch-ups beats the same plan without them by this much
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What one `choose` call prices its plans with, besides the controller's cost models.
+    `_defer_catchups` and `_deeper_may_pay` price other batches or rates with a copy."""
+    gains: dict[str, Sequence[float]]  # each candidate's P(drafts 1..j accepted), j = 1..
+    tree: frozenset[str]  # candidates whose gains are their drafter's own (a draft tree)
+    others: int  # plain decodes besides the candidates (one committed token each)
+    catchup: dict[str, float]  # a draft model's backlog per token a request may commit
+    stochastic: frozenset[str]  # requests sampled at a temperature
+    contexts: dict[str, int]  # context tokens of each decode row
+    context_base: float  # what every decode row's context costs its one token
+    behind: frozenset[str]  # candidates that would start a catch-up by drafting
 
 
 class DraftController:
@@ -92,13 +108,6 @@ class DraftController:
         self.prior, self.switch_margin = prior, switch_margin
         self.accept = AcceptanceModel(max_k, prior)
         self._k: dict[str, int] = {}  # each request's k of its last plan (hysteresis)
-        self._gains: dict[str, Sequence[float]] = {}  # this choose() call's drafter gains
-        self._tree: frozenset[str] = frozenset()  # this choose() call's candidates with their drafter's gains
-        self._others = 0  # this choose() call's plain decodes (one committed token each)
-        self._catchup: dict[str, float] = {}  # this choose() call's backlog per future token
-        self._stochastic: frozenset[str] = frozenset()  # this choose() call's non-argmax candidates
-        self._contexts: dict[str, int] = {}  # this choose() call's context length per decode row
-        self._context_base = 0.0  # this choose() call's context cost of every decode row's one token
         self._idle, self._explore_after = 0, EXPLORE_AFTER  # steps in a row leaving drafts untested; the wait
         self._explored: dict[str, float] = {}  # the last exploration's requests -> accepted drafts expected
         self._surprise = [0.0, 0.0]  # the last exploration's accepted drafts, and those expected
@@ -128,27 +137,28 @@ class DraftController:
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
-        self._tree = frozenset(gains or ())
-        self._gains = {rid: gains[rid] if rid in self._tree else self.accept.gains(rid, n)
-                       for rid, n in candidates.items()}
-        self._others = other_tokens
-        self._catchup = catchup or {}
-        self._stochastic = frozenset(stochastic)
-        self._contexts = contexts or {}
-        self._context_base = sum(self.context.row(n) for n in self._contexts.values())
-        candidates = self._defer_catchups(candidates, base, upcoming or {})
-        new = self._hold_catchups(candidates, base, self._greedy(candidates, base))
+        tree = frozenset(gains or ())
+        catchup = catchup or {}
+        contexts = contexts or {}
+        p = Pricing({rid: gains[rid] if rid in tree else self.accept.gains(rid, n) for rid, n in candidates.items()},
+                    tree, other_tokens, catchup, frozenset(stochastic), contexts,
+                    sum(self.context.row(n) for n in contexts.values()),
+                    # A draft model is behind on these and they did not draft last step (one
+                    # that did owes at most its last accepted draft: `_last_draft_cost`).
+                    frozenset(rid for rid in candidates if catchup.get(rid) and not self._k.get(rid)))
+        candidates = self._defer_catchups(p, candidates, base, upcoming or {})
+        new = self._hold_catchups(p, candidates, base, self._greedy(p, candidates, base))
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
         # Hysteresis: more drafts must beat the old plan by the margin, fewer only beat it.
         margin = 1.0 if sum(new.values()) < sum(old.values()) else 1.0 + self.switch_margin
-        if new != old and self._goodput(new, base) < margin * self._goodput(old, base):
+        if new != old and self._goodput(p, new, base) < margin * self._goodput(p, old, base):
             new = old
         self._k.update(new)  # hysteresis holds the plan, not an exploration's one-off depths
-        new = self._explore(candidates, base, new)
+        new = self._explore(p, candidates, base, new)
         self.accept.idle([rid for rid, k in new.items() if not k], max(new.values(), default=0))
         return new
 
-    def _defer_catchups(self, candidates: dict[str, int], base: int,
+    def _defer_catchups(self, p: Pricing, candidates: dict[str, int], base: int,
                         upcoming: dict[str, tuple[int, float, int]]) -> dict[str, int]:
         """`candidates`, with no drafts for a request still behind (a draft model's catch-up
         ahead of it) that would not draft in the batch it is about to be in: these decode
@@ -159,25 +169,18 @@ class DraftController:
         400-token catch-up look cheap, and the request stopped drafting as the batch filled
         (a server's grounded B = 16: 4 catch-ups in its first steps, 0.91x of no
         speculation, then not one draft)."""
-        behind = self._starting(candidates)
-        if not upcoming or not behind:
+        if not upcoming or not p.behind:
             return candidates
-        now = self._gains, self._catchup, self._contexts, self._context_base
-        self._gains = {**self._gains, **{rid: self.accept.gains(rid, self.max_k) for rid in upcoming}}
-        self._catchup = {**self._catchup, **{rid: c for rid, (_, c, _) in upcoming.items()}}
-        self._contexts = {**self._contexts, **{rid: n for rid, (n, _, _) in upcoming.items()}}
-        self._context_base += sum(self.context.row(n) for n, _, _ in upcoming.values())
-        future = self._greedy({**candidates, **{rid: k for rid, (_, _, k) in upcoming.items()}}, base + len(upcoming))
-        self._gains, self._catchup, self._contexts, self._context_base = now
-        return {rid: 0 if rid in behind and not future[rid] else n for rid, n in candidates.items()}
+        future = replace(p, gains={**p.gains, **{rid: self.accept.gains(rid, self.max_k) for rid in upcoming}},
+                         catchup={**p.catchup, **{rid: c for rid, (_, c, _) in upcoming.items()}},
+                         contexts={**p.contexts, **{rid: n for rid, (n, _, _) in upcoming.items()}},
+                         context_base=p.context_base + sum(self.context.row(n) for n, _, _ in upcoming.values()))
+        plan = self._greedy(future, {**candidates, **{rid: k for rid, (_, _, k) in upcoming.items()}},
+                            base + len(upcoming))
+        return {rid: 0 if rid in p.behind and not plan[rid] else n for rid, n in candidates.items()}
 
-    def _starting(self, requests: Collection[str]) -> set[str]:
-        """The requests that would start a catch-up by drafting: a draft model is behind on
-        them and they did not draft last step (one that did owes at most its last accepted
-        draft, one token priced by `_last_draft_cost`)."""
-        return {rid for rid in requests if self._catchup.get(rid) and not self._k.get(rid)}
-
-    def _hold_catchups(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
+    def _hold_catchups(self, p: Pricing, candidates: dict[str, int], base: int,
+                       plan: dict[str, int]) -> dict[str, int]:
         """`plan`, unless the catch-ups it starts raise its goodput by less than
         CATCHUP_MARGIN over the best plan without them. A catch-up is paid now and repaid
         only if the forecasts it was priced on hold for the request's remaining tokens: the
@@ -187,16 +190,15 @@ class DraftController:
         toss: the q8 self-draft at grounded B = 4 ran every fixed k at 0.87-0.95x of no drafts
         in one run (adaptive, starting catch-ups for 405 drafts, 0.91x) and at 1.04-1.10x in
         another. Requests already drafting switch at the usual `switch_margin`."""
-        behind = self._starting(candidates)
-        if not any(plan[rid] for rid in behind):
+        if not any(plan[rid] for rid in p.behind):
             return plan
         # Without any start (not only the plan's: the rest must not start one unpriced).
-        rest = self._greedy({rid: 0 if rid in behind else n for rid, n in candidates.items()}, base)
-        if self._goodput(plan, base) >= (1.0 + CATCHUP_MARGIN) * self._goodput(rest, base):
+        rest = self._greedy(p, {rid: 0 if rid in p.behind else n for rid, n in candidates.items()}, base)
+        if self._goodput(p, plan, base) >= (1.0 + CATCHUP_MARGIN) * self._goodput(p, rest, base):
             return plan
         return rest
 
-    def _explore(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
+    def _explore(self, p: Pricing, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
         """`plan`, unless it left drafts untested (no request drafts as deep as some could)
         for a while: then up to EXPLORE_ROWS requests draft all they can, and the wait
         doubles. A draft position no plan reaches is never tested, so estimates a warm-up
@@ -228,32 +230,31 @@ class DraftController:
                 and self.accept.evidence(top + 1) < EXPLORE_EVIDENCE)
         if self._idle < (EXPLORE_SOON if self._soon or thin else self._explore_after):
             return plan
-        behind = {rid: self._catchup.get(rid, 0.0) for rid, n in candidates.items() if n and rid not in self._tree}
+        behind = {rid: p.catchup.get(rid, 0.0) for rid, n in candidates.items() if n and rid not in p.tree}
         pool = [rid for rid, backlog in behind.items() if backlog <= EXPLORE_BACKLOG]  # candidate order
         if not pool:
             return plan
         self._idle, self._soon = 0, False
         eligible = set(pool)
-        if not self._deeper_may_pay({rid: candidates[rid] if rid in eligible else 0 for rid in candidates}, base, plan):
+        if not self._deeper_may_pay(p, {rid: candidates[rid] if rid in eligible else 0 for rid in candidates},
+                                    base, plan):
             return plan  # asked again after the same wait: the untested rates fade meanwhile
         self._explore_after *= 2
         least = sorted(pool, key=behind.__getitem__)[:EXPLORE_ROWS]  # stable: ties keep candidate order
         deep = {rid: min(candidates[rid], self.max_k) for rid in least}
-        self._explored = {rid: sum(self._gains[rid][:k]) for rid, k in deep.items()}
+        self._explored = {rid: sum(p.gains[rid][:k]) for rid, k in deep.items()}
         self._surprise = [0.0, 0.0]
         return {rid: max(k, deep.get(rid, 0)) for rid, k in plan.items()}
 
-    def _deeper_may_pay(self, candidates: dict[str, int], base: int, plan: dict[str, int]) -> bool:
+    def _deeper_may_pay(self, p: Pricing, candidates: dict[str, int], base: int, plan: dict[str, int]) -> bool:
         """Whether a request would draft deeper than in `plan` if every rate were at its
         upper estimate (EXPLORE_OPTIMISM pseudo-hits: 1 for an untried rate, its value for a
         well-tried one). Where even that does not pay nothing is explored: a draft model at
         a large batch, or rates that many tries put where the plan already prices them
         (with every draft taken as accepted, grounded B = 16 and B = 64 explored 4 rows
         every wait, all accepted as expected, and paid 2-5% of the run for it)."""
-        measured = self._gains
-        self._gains = {rid: self.accept.gains(rid, len(g), EXPLORE_OPTIMISM) for rid, g in measured.items()}
-        flat = self._greedy(candidates, base)
-        self._gains = measured
+        hopeful = replace(p, gains={rid: self.accept.gains(rid, len(g), EXPLORE_OPTIMISM) for rid, g in p.gains.items()})
+        flat = self._greedy(hopeful, candidates, base)
         return any(flat[rid] > plan[rid] for rid in candidates)
 
     def _explored_row(self, request_id: str, num_accepted: int) -> None:
@@ -267,31 +268,28 @@ class DraftController:
         if not self._explored and self._surprise[0] > EXPLORE_SURPRISE * self._surprise[1] + 1:
             self._soon = True
 
-    def _gain(self, rid: str, j: int) -> float:
-        """Expected accepted tokens added by request rid's j-th draft (j >= 1)."""
-        return self._gains[rid][j - 1]
-
-    def _greedy(self, candidates: dict[str, int], base: int) -> dict[str, int]:
-        gains = sorted(((self._gain(rid, j), rid) for rid, n in candidates.items()
+    def _greedy(self, p: Pricing, candidates: dict[str, int], base: int) -> dict[str, int]:
+        # Each draft's expected accepted tokens: request rid's j-th draft adds p.gains[rid][j - 1].
+        gains = sorted(((p.gains[rid][j - 1], rid) for rid, n in candidates.items()
                         for j in range(1, min(n, self.max_k) + 1)), reverse=True)
         # Walk the gains in order and keep the best prefix (not the first local maximum: a
         # model drafter's pass has a fixed cost that only pays once several rows share it).
         plan = dict.fromkeys(candidates, 0)
-        committed = float(len(candidates) + self._others)
+        committed = float(len(candidates) + p.others)
         tokens, passes, draft_cost = base, 0, 0.0
-        sto = sum(rid in self._stochastic for rid in candidates)  # tokens sampled at a temperature
-        best, best_len = committed / (self._step(tokens, sto) + self._context_base), 0
+        sto = sum(rid in p.stochastic for rid in candidates)  # tokens sampled at a temperature
+        best, best_len = committed / (self._step(tokens, sto) + p.context_base), 0
         taken: list[str] = []
         for gain, rid in gains:
             j = plan[rid] + 1  # this gain is the request's j-th draft
-            draft_cost += (self._draft_increment(j > passes) + self._context_increment(rid)
-                           + self._catchup_cost(rid, gain + (j == 1))
-                           + self._last_draft_cost(rid, j) - self._last_draft_cost(rid, j - 1))
+            draft_cost += (self._draft_increment(j > passes) + self._context_increment(p, rid)
+                           + self._catchup_cost(p, rid, gain + (j == 1))
+                           + self._last_draft_cost(p, rid, j) - self._last_draft_cost(p, rid, j - 1))
             plan[rid], passes = j, max(passes, j)
             committed, tokens = committed + gain, tokens + 1
-            sto += rid in self._stochastic
+            sto += rid in p.stochastic
             taken.append(rid)
-            value = committed / (self._step(tokens, sto) + self._context_base + draft_cost)
+            value = committed / (self._step(tokens, sto) + p.context_base + draft_cost)
             if value > best:
                 best, best_len = value, len(taken)
         chosen = dict.fromkeys(candidates, 0)
@@ -305,11 +303,11 @@ class DraftController:
             return 0.0
         return d.per_token + (d.fixed if new_pass else 0.0)
 
-    def _context_increment(self, rid: str) -> float:
+    def _context_increment(self, p: Pricing, rid: str) -> float:
         """What one more draft of rid adds through its context: one more query token over
         it in the target step and, with a model drafter, its row in one more draft pass."""
         rate = self.context.per_query_token + (self.context.draft_per_token if self.draft_latency else 0.0)
-        return self._contexts.get(rid, 0) * rate
+        return p.contexts.get(rid, 0) * rate
 
     @property
     def catchup_per_token(self) -> float | None:
@@ -319,32 +317,32 @@ class DraftController:
         seconds, tokens = self._backlog
         return seconds / tokens if tokens else self.draft_latency.per_token
 
-    def _catchup_cost(self, rid: str, tokens: float) -> float:
+    def _catchup_cost(self, p: Pricing, rid: str, tokens: float) -> float:
         """The share of rid's catch-up carried by `tokens` committed tokens."""
-        c = self._catchup.get(rid)
+        c = p.catchup.get(rid)
         return 0.0 if not c or self.draft_latency is None else self.catchup_per_token * c * tokens
 
-    def _last_draft_cost(self, rid: str, k: int) -> float:
+    def _last_draft_cost(self, p: Pricing, rid: str, k: int) -> float:
         """The expected cost of feeding rid's k-th draft to the draft model next step (one
         more token in that request's row of pass 0)."""
-        if not k or rid not in self._catchup or self.draft_latency is None:
+        if not k or rid not in p.catchup or self.draft_latency is None:
             return 0.0
-        return self.catchup_per_token * self._gains[rid][k - 1]
+        return self.catchup_per_token * p.gains[rid][k - 1]
 
-    def _draft_cost(self, plan: dict[str, int]) -> float:
+    def _draft_cost(self, p: Pricing, plan: dict[str, int]) -> float:
         d = self.draft_latency
         if d is None:
             return 0.0
         ks = [k for k in plan.values() if k]
         passes = sum(d.fixed + d.per_token * sum(k >= j for k in ks) for j in range(1, max(ks, default=0) + 1))
-        return passes + sum(self._catchup_cost(rid, 1.0 + sum(self._gains[rid][:k])) + self._last_draft_cost(rid, k)
+        return passes + sum(self._catchup_cost(p, rid, 1.0 + sum(p.gains[rid][:k])) + self._last_draft_cost(p, rid, k)
                             for rid, k in plan.items() if k)
 
-    def _goodput(self, plan: dict[str, int], base: int) -> float:
-        committed = self._others + sum(1.0 + sum(self._gains[rid][:k]) for rid, k in plan.items())
-        sto = sum(1 + k for rid, k in plan.items() if rid in self._stochastic)
-        context = self._context_base + sum(k * self._context_increment(rid) for rid, k in plan.items())
-        return committed / (self._step(base + sum(plan.values()), sto) + context + self._draft_cost(plan))
+    def _goodput(self, p: Pricing, plan: dict[str, int], base: int) -> float:
+        committed = p.others + sum(1.0 + sum(p.gains[rid][:k]) for rid, k in plan.items())
+        sto = sum(1 + k for rid, k in plan.items() if rid in p.stochastic)
+        context = p.context_base + sum(k * self._context_increment(p, rid) for rid, k in plan.items())
+        return committed / (self._step(base + sum(plan.values()), sto) + context + self._draft_cost(p, plan))
 
     def _step(self, tokens: int, stochastic: int) -> float:
         return self.latency.predict(tokens, tokens, stochastic)  # decodes and drafts all sample
