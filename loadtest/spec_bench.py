@@ -209,8 +209,8 @@ def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -
     each (workload, B) wave by wave (B prompts at a time, B clients), every wave on every
     server back to back, the order alternating by wave and round: each server's rate for
     the round is its tokens over its waves' time, and runs a few seconds apart share the
-    VM's drift (whole runs one after another differed by 20% between rounds of the same
-    configuration). Rows keep every round's rate and what the servers drafted (/metrics)."""
+    VM's drift (with whole runs back to back, one cell's paired ratio read 0.80x in one round
+    and 0.99x in the next). Rows keep every round's rate and what the servers drafted (/metrics)."""
     from local_server import Server
     # The fp32 path runs our attention over the dequantized linears, as the offline phase
     # does (an LLM built on a loaded model keeps `attention_backend` auto: ours on the CPU).
