@@ -249,9 +249,11 @@ def test_latency_table_carries_a_drift_to_every_knot_and_learns_shape_near_n():
         table.observe(5, 2 * probe[5], 5)  # the whole machine runs 2x slower than probed
     assert table.predict(5) == pytest.approx(2 * probe[5], rel=0.02)
     # The knots the workload did not visit follow (one learnt alone, a far knot kept its
-    # probe and a plan priced from both mixed two speeds of the machine).
+    # probe and a plan priced from both mixed two speeds of the machine). Not wholly: the
+    # visited knots took their share (3% against the scale's 10% a step) before the
+    # prediction matched, and keep it, so the rest follow ~92% of a 2x drift.
     for n in (1, 64):
-        assert table.predict(n) == pytest.approx(2 * probe[n], rel=0.1)
+        assert 1.8 * probe[n] < table.predict(n) < 2 * probe[n]
     before = (list(table.times), table.scale)
     table.observe(40, 1.0, 4)  # 36 prefill tokens: not the table's shape
     assert (table.times, table.scale) == before
