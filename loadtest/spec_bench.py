@@ -259,15 +259,14 @@ def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -
 def _server_spec(url: str) -> list[float]:
     """The server's draft and accepted token counters (/metrics; 0 without speculation)."""
     import httpx
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    wanted = ("strix:spec_decode_num_draft_tokens_total", "strix:spec_decode_num_accepted_tokens_total")
-    values = dict.fromkeys(wanted, 0.0)
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        name = name.split("{")[0]  # labels: model_name
-        if name in values:
-            values[name] += float(value)
-    return [values[w] for w in wanted]
+    from soak import scrape
+
+    async def read() -> dict[str, float]:
+        async with httpx.AsyncClient(base_url=url) as http:
+            return await scrape(http)
+    values = asyncio.run(read())
+    return [values.get(name, 0.0) for name in ("strix:spec_decode_num_draft_tokens_total",
+                                               "strix:spec_decode_num_accepted_tokens_total")]
 
 
 def summarise(rows: list[dict]) -> list[dict]:
