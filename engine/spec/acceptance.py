@@ -17,9 +17,16 @@ and *hit* if it was accepted too. The model keeps
     drafting) and priced the q8 self-draft out at open chat B = 16.
 P(drafts 1..j all accepted) = first(rid) * hazard[2] * ... * hazard[j] is the gain of
 the j-th draft (expected tokens it adds). Every rate is a ratio of exponentially
-decayed counts with pseudo-tries at its prior: `strength` for the first-draft rates,
-so a handful of verifications move a request's (one that keeps missing stops being
-drafted within a few steps), `position_strength` for each continuation rate and
+decayed counts with pseudo-tries at its prior: `strength` for the drafter-wide
+first-draft rate; `request_strength` (1) for a request's own, which remembers
+~1 / (1 - request_decay) = 20 of its verifications. A request's own tries must outweigh
+its prior: a workload change (a server that served grounded requests at ~70% first
+drafts, then open chat at 2%) leaves the drafter-wide rate high for ~50 verifications,
+and at 4 pseudo-tries against at most 5 remembered tries (decay 0.8) a request whose
+every draft missed stayed at 4/9 of that rate, above what a draft needs at B = 1
+(~6%): it drafted through its whole reply (0.96x of no speculation). The longer memory
+also steadies a request's estimate (fewer k changes on a stationary input).
+`position_strength` for each continuation rate and
 `shared_strength` for the pooled one. The drafter-wide rates remember
 ~1 / (1 - shared_decay) tries; decayed counts level off at that many, so pseudo-tries
 keep their weight for good: a fixed prior biases every position, and the bias
@@ -73,12 +80,13 @@ class _Rate:
 
 class AcceptanceModel:
     def __init__(self, max_k: int, prior: float = 0.6, strength: float = 4.0,
-                 request_decay: float = 0.8, shared_decay: float = 0.98,
+                 request_decay: float = 0.95, shared_decay: float = 0.98, request_strength: float = 1.0,
                  idle_decay: float = 0.95, shared_idle_decay: float = 0.995, shared_strength: float = 1.0,
                  position_strength: float = 4.0, untested_decay: float = 0.95):
         self.prior, self.strength, self.shared_strength = prior, strength, shared_strength
         self.position_strength, self.untested_decay = position_strength, untested_decay
         self.request_decay, self.shared_decay = request_decay, shared_decay
+        self.request_strength = request_strength
         self.idle_decay, self.shared_idle_decay = idle_decay, shared_idle_decay
         self._shared_first = _Rate()
         self._hazard = [_Rate() for _ in range(max_k + 1)]  # [j]: draft j given 1..j-1 (j >= 2)
@@ -92,7 +100,7 @@ class AcceptanceModel:
     def first(self, request_id: str) -> float:
         rate = self._first.get(request_id)
         shared = self.shared_first()
-        return shared if rate is None else rate.value(shared, self.strength)
+        return shared if rate is None else rate.value(shared, self.request_strength)
 
     def pooled(self) -> float:
         """The continuation rate over all positions (each position's prior)."""
