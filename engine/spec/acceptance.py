@@ -18,21 +18,25 @@ and *hit* if it was accepted too. The model keeps
 P(drafts 1..j all accepted) = first(rid) * hazard[2] * ... * hazard[j] is the gain of
 the j-th draft (expected tokens it adds). Every rate is a ratio of exponentially
 decayed counts with pseudo-tries at its prior: `strength` for the drafter-wide
-first-draft rate; `request_strength` (1) for a request's own, which remembers
-~1 / (1 - request_decay) = 20 of its verifications. A request's own tries must outweigh
-its prior: a workload change (a server that served grounded requests at ~70% first
-drafts, then open chat at 2%) leaves the drafter-wide rate high for ~50 verifications,
-and at 4 pseudo-tries against at most 5 remembered tries (decay 0.8) a request whose
-every draft missed stayed at 4/9 of that rate, above what a draft needs at B = 1
-(~6%): it drafted through its whole reply (0.96x of no speculation). The longer memory
-also steadies a request's estimate (fewer k changes on a stationary input).
-`position_strength` for each continuation rate and
-`shared_strength` for the pooled one. The drafter-wide rates remember
-~1 / (1 - shared_decay) tries; decayed counts level off at that many, so pseudo-tries
-keep their weight for good: a fixed prior biases every position, and the bias
-multiplies along a chain (4 pseudo-tries at 0.6 on each continuation predicted 5.8
-accepted drafts of 8 where the q8 self-draft had 7.1). A pooled prior is the data's own
-average, so it only pulls a position towards the others.
+first-draft rate, `request_strength` (1) for a request's own (which remembers
+~1 / (1 - request_decay) = 20 of its verifications), `position_strength` for each
+continuation rate and `shared_strength` for the pooled one.
+
+A request's own tries must outweigh its prior: a workload change (a server that served
+grounded requests at ~70% first drafts, then open chat at 2%) leaves the drafter-wide
+rate high for ~50 verifications, and at 4 pseudo-tries against at most 5 remembered
+tries (decay 0.8) a request whose every draft missed stayed at 4/9 of that rate, above
+what a draft needs at B = 1 (~6%): it drafted through its whole reply (0.96x of no
+speculation; now ~10 misses stop it). What it does not mend: near break-even (ngram on
+open chat at B = 16, where a first draft pays above ~0.4) which requests draft follows a
+few tries either way; adaptive drafted 1.6-2.9 tokens a verification there with 14-19%
+accepted (0.96x of no speculation; 0.95x with the old rates).
+
+The drafter-wide rates remember ~1 / (1 - shared_decay) tries; decayed counts level
+off at that many, so pseudo-tries keep their weight for good: a fixed prior biases
+every position, and the bias multiplies along a chain (4 pseudo-tries at 0.6 on each
+continuation predicted 5.8 accepted drafts of 8 where the q8 self-draft had 7.1). A
+pooled prior is the data's own average, so it only pulls a position towards the others.
 
 A request that is not drafted produces no evidence, so a pessimistic estimate would
 never be revisited: each step a candidate is not drafted, its counts decay by
