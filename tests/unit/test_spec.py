@@ -169,6 +169,14 @@ def test_fixed_k_when_not_adaptive():
     assert ctl.choose({"a": 8, "b": 2}, other_tokens=100) == {"a": 4, "b": 2}
 
 
+def _accepted_run(rng: random.Random, k: int, first: float, then: float) -> int:
+    """Accepted drafts of k: the first with probability `first`, each next one `then`."""
+    accepted = 0
+    while accepted < k and rng.random() < (first if accepted == 0 else then):
+        accepted += 1
+    return accepted
+
+
 def _stationary_changes(seed: int, warm_up: int, steps: int) -> tuple[int, dict[str, int]]:
     """Plan changes over `steps` steps after `warm_up` steps of two requests drafting at a
     stationary 0.7 per position; and the last plan."""
@@ -178,10 +186,7 @@ def _stationary_changes(seed: int, warm_up: int, steps: int) -> tuple[int, dict[
     for step in range(warm_up + steps):
         plan = ctl.choose({"a": 8, "b": 8}, other_tokens=0)
         for rid, k in plan.items():
-            accepted = 0
-            while accepted < k and rng.random() < 0.7:
-                accepted += 1
-            ctl.observe(rid, k, accepted)
+            ctl.observe(rid, k, _accepted_run(rng, k, 0.7, 0.7))
         changes += step >= warm_up and plan != last  # 100 pairs: the first with the warm-up's last plan
         last = plan
     return changes, last
@@ -208,10 +213,7 @@ def test_a_request_that_keeps_missing_stops_being_drafted_after_a_workload_chang
         for r in range(4):
             for _ in range(30):
                 k = ctl.choose({f"g{r}": 8}, 0)[f"g{r}"]
-                accepted = int(k > 0 and rng.random() < 0.7)
-                while accepted and accepted < k and rng.random() < 0.85:
-                    accepted += 1
-                ctl.observe(f"g{r}", k, accepted)
+                ctl.observe(f"g{r}", k, _accepted_run(rng, k, 0.7, 0.85))
             ctl.forget(f"g{r}")
         assert ctl.acceptance("new") > 0.5  # the drafter-wide rate a new request starts from
         drafted = []

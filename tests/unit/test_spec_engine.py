@@ -104,8 +104,8 @@ def test_greedy_mixed_batch_with_preemption_and_prefix_hits(make_llm, hf_smol, p
 def test_greedy_batch_1(make_llm, hf_smol, plain):
     base_llm, ref = plain
     llm = make_llm(speculative_method="ngram", num_speculative_tokens=8)
-    # The real model's rows read their own KV: the start-up probes priced a row's context.
-    assert llm.core.spec.controller.context.row(128, 1) > 0
+    # The real model's rows read their own KV: the start-up probes priced each context token.
+    assert llm.core.spec.controller.context.per_token > 0
     use_synthetic_latency(llm)
     for i in (0, 1, 6):
         out = run(llm, [PROMPTS[i]], [greedy()])[0]
