@@ -26,10 +26,13 @@ _REGISTRY: dict[str, type["Drafter"]] = {}
 class Proposal:
     """A request's drafts: a chain, or a tree when `parents` is set (engine/spec/tree.py).
     `gains[i]`, when set, is the drafter's estimate of P(draft i is accepted); drafts
-    are then in decreasing gain order (so every prefix is the best tree of its size)."""
+    are then in decreasing gain order (so every prefix is the best tree of its size).
+    `source`, when set, names what the drafts were drawn from (`ngram`: the length of the
+    suffix match); the controller keeps a first-draft acceptance rate per source."""
     drafts: list[int]
     parents: list[int] | None = None
     gains: list[float] | None = None
+    source: int | None = None
 
     def chain_prefix(self) -> list[int]:
         """The drafts up to the first one that does not follow its predecessor."""

@@ -90,6 +90,7 @@ class Pricing:
     contexts: dict[str, int]  # context tokens of each decode row
     context_base: float  # what every decode row's context costs its one token
     behind: frozenset[str]  # candidates that would start a catch-up by drafting
+    sources: dict[str, int]  # each candidate's proposal source (absent: none named)
 
 
 class DraftController:
@@ -121,7 +122,8 @@ class DraftController:
                gains: dict[str, Sequence[float]] | None = None,
                catchup: dict[str, float] | None = None, stochastic: Collection[str] = (),
                contexts: dict[str, int] | None = None,
-               upcoming: dict[str, tuple[int, float, int]] | None = None) -> dict[str, int]:
+               upcoming: dict[str, tuple[int, float, int]] | None = None,
+               sources: dict[str, int] | None = None) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: the step's
         plain decodes besides them (one sampled token each, committed whatever k is), which
         share the step's cost; gains: request id -> the drafter's P(draft i accepted),
@@ -133,19 +135,22 @@ class DraftController:
         contexts: request id -> context tokens of every decode row of the step (candidates
         and plain decodes; absent: 0); upcoming: request id -> (context, catch-up per token,
         drafts it may take) of the rows about to join the decode batch (requests in prefill,
-        and those admitted next). Returns id -> k. Every draft adds one sampled token to the step."""
+        and those admitted next); sources: request id -> its proposal's source
+        (`Proposal.source`). Returns id -> k. Every draft adds one sampled token to the step."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
         tree = frozenset(gains or ())
         catchup = catchup or {}
-        contexts = contexts or {}
-        p = Pricing({rid: gains[rid] if rid in tree else self.accept.gains(rid, n) for rid, n in candidates.items()},
+        contexts, sources = contexts or {}, sources or {}
+        p = Pricing({rid: gains[rid] if rid in tree else self.accept.gains(rid, n, source=sources.get(rid))
+                     for rid, n in candidates.items()},
                     tree, other_tokens, catchup, frozenset(stochastic), contexts,
                     sum(self.context.row(n) for n in contexts.values()),
                     # A draft model is behind on these and they did not draft last step (one
                     # that did owes at most its last accepted draft: `_last_draft_cost`).
-                    frozenset(rid for rid in candidates if catchup.get(rid) and not self._k.get(rid)))
+                    frozenset(rid for rid in candidates if catchup.get(rid) and not self._k.get(rid)),
+                    sources)
         candidates = self._defer_catchups(p, candidates, base, upcoming or {})
         new = self._hold_catchups(p, candidates, base, self._greedy(p, candidates, base))
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
@@ -253,7 +258,8 @@ class DraftController:
         a large batch, or rates that many tries put where the plan already prices them
         (with every draft taken as accepted, grounded B = 16 and B = 64 explored 4 rows
         every wait, all accepted as expected, and paid 2-5% of the run for it)."""
-        hopeful = replace(p, gains={rid: self.accept.gains(rid, len(g), EXPLORE_OPTIMISM) for rid, g in p.gains.items()})
+        hopeful = replace(p, gains={rid: self.accept.gains(rid, len(g), EXPLORE_OPTIMISM, p.sources.get(rid))
+                                    for rid, g in p.gains.items()})
         flat = self._greedy(hopeful, candidates, base)
         return any(flat[rid] > plan[rid] for rid in candidates)
 
@@ -363,11 +369,12 @@ class DraftController:
         self._backlog = [self._backlog[0] * CATCHUP_DECAY + max(seconds - d.predict(rows), 0.0),
                          self._backlog[1] * CATCHUP_DECAY + (tokens - rows)]
 
-    def observe(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        """Learn from one verification: accepted of drafted (a run, stops at a miss)."""
+    def observe(self, request_id: str, num_drafts: int, num_accepted: int, source: int | None = None) -> None:
+        """Learn from one verification: accepted of drafted (a run, stops at a miss) of a
+        proposal from `source`."""
         if request_id in self._explored:
             self._explored_row(request_id, num_accepted)
-        self.accept.observe(request_id, num_drafts, num_accepted)
+        self.accept.observe(request_id, num_drafts, num_accepted, source)
 
     def forget(self, request_id: str) -> None:
         self._k.pop(request_id, None)

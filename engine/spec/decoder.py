@@ -15,6 +15,7 @@ drawn inside the step) do not draft constrained requests.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class SpeculativeDecoder:
         self.drafter, self.controller = drafter, controller
         self.stats = SpecStats()  # since the last drain
         self.totals = SpecStats()  # since start-up (draft_lengths not kept)
+        self._sources: dict[str, int] = {}  # request id -> the source of its last drafts
 
     @property
     def max_k(self) -> int:
@@ -98,13 +100,18 @@ class SpeculativeDecoder:
                                         self._catchup(drafting),
                                         [r.request_id for r in (*drafting, *joining) if not r.params.greedy],
                                         contexts,
-                                        self._upcoming(joining))
+                                        self._upcoming(joining),
+                                        {rid: p.source for rid, p in candidates.items() if p.source is not None})
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
                 proposal = candidates[req.request_id]
                 req.draft_token_ids = proposal.drafts[:k]
                 req.draft_parents = proposal.parents[:k] if proposal.parents is not None else []
+                if proposal.source is not None:
+                    self._sources[req.request_id] = proposal.source
+                else:
+                    self._sources.pop(req.request_id, None)
 
     def _catchup(self, requests) -> dict[str, float]:
         """Request id -> backlog tokens per token it may still commit (its remaining budget,
@@ -153,8 +160,9 @@ class SpeculativeDecoder:
         if self.drafter.needs_runner:
             return Proposal([])
         # Constrained: a chain only (the grammar masks rows after the drafts before them).
-        drafts = self.drafter.propose_tree(req.request_id, req.token_ids, self.max_k).chain_prefix()
-        return Proposal(drafts[:req.matcher.validate_tokens(drafts)] if drafts else drafts)
+        proposal = self.drafter.propose_tree(req.request_id, req.token_ids, self.max_k)
+        drafts = proposal.chain_prefix()
+        return Proposal(drafts[:req.matcher.validate_tokens(drafts)] if drafts else drafts, source=proposal.source)
 
     def observe(self, scheduled: Sequence[ScheduledRequest], produced: dict[str, int],
                 num_tokens: int, seconds: float, draft_passes: Sequence = (),
@@ -170,7 +178,7 @@ class SpeculativeDecoder:
             if not k or entry.request_id not in produced:
                 continue
             accepted = produced[entry.request_id] - 1
-            self.controller.observe(entry.request_id, k, accepted)
+            self.controller.observe(entry.request_id, k, accepted, self._sources.get(entry.request_id))
             self.stats.add(k, accepted)
             self.totals.add(k, accepted, keep_length=False)
         for p in draft_passes:
@@ -190,6 +198,7 @@ class SpeculativeDecoder:
     def forget(self, request_id: str) -> None:
         self.drafter.forget(request_id)
         self.controller.forget(request_id)
+        self._sources.pop(request_id, None)
 
     def preempted(self, request_ids: Sequence[str]) -> None:
         """Requests preempted this step (their acceptance estimates stay: same request)."""
@@ -232,25 +241,37 @@ def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: 
     """The table of T(N): `run_probe(rows, per_row, temperature)` runs one all-sampled step of
     that shape and returns False when it could not (no KV room): that probe and larger ones
     are left out. Knots are greedy steps; the largest probed shape is timed once more sampled
-    at temperature 1, and the difference per row is the table's `sample_cost`.
+    at temperature 1 (alternating with greedy runs), and the difference per row is the
+    table's `sample_cost`.
 
-    Each knot is the best of `repeats` runs, and a knot above a later one is lowered to it:
-    a step of more tokens does not cost less, so that knot caught an interruption. With the
-    best of 2 and no such check, one server's table read {2: 41.0, 3: 55.7, ..., 12: 55.7}
-    ms (the plateau from keeping knots non-decreasing) and batch 1 drafted 1 token a step."""
-    samples, largest = [], None
+    Each knot is the best of `repeats` runs taken in rounds over all shapes (not each shape's
+    repeats in a row: the VM's speed drifts over the seconds the probes take, and timing
+    the shapes one after the other put that drift between neighbouring knots; one server's
+    table rose 0.6 ms a token from N = 20 to 30 and 3.5 ms from 30 to 44, and priced k = 1 at
+    B = 16 7-10% below no drafts). A knot above a later one is lowered to it: a step of more
+    tokens does not cost less, so that knot caught an interruption. With the best of 2 and
+    no such check, one server's table read {2: 41.0, 3: 55.7, ..., 12: 55.7} ms (the plateau
+    from keeping knots non-decreasing) and batch 1 drafted 1 token a step."""
     run_probe(*shapes[0], 0.0)  # warm-up
-    for rows, per_row in shapes:
-        seconds = best_time(lambda: run_probe(rows, per_row, 0.0), repeats)
-        if seconds is None:
-            break
-        samples.append((rows * per_row, seconds))
-        largest = (rows, per_row, seconds)
+    best, usable = [math.inf] * len(shapes), len(shapes)
+    for _ in range(repeats):
+        for i, (rows, per_row) in enumerate(shapes[:usable]):
+            seconds = best_time(lambda: run_probe(rows, per_row, 0.0), 1)
+            if seconds is None:  # no KV room for it, nor for larger ones
+                usable = i
+                break
+            best[i] = min(best[i], seconds)
+    samples = [(rows * per_row, t) for (rows, per_row), t in zip(shapes[:usable], best)]
     sample_cost = 0.0
-    if largest is not None:
-        rows, per_row, greedy = largest
-        sampled = best_time(lambda: run_probe(rows, per_row, 1.0), repeats)
-        sample_cost = max((sampled - greedy) / (rows * per_row), 0.0) if sampled is not None else 0.0
+    if usable:
+        rows, per_row = shapes[usable - 1]
+        times = {0.0: math.inf, 1.0: math.inf}  # temperature -> best seconds
+        for _ in range(repeats):
+            for temperature in times:
+                seconds = best_time(lambda: run_probe(rows, per_row, temperature), 1)
+                times[temperature] = min(times[temperature], math.inf if seconds is None else seconds)
+        if math.isfinite(times[1.0]):
+            sample_cost = max((times[1.0] - times[0.0]) / (rows * per_row), 0.0)
     for i in reversed(range(len(samples) - 1)):
         samples[i] = (samples[i][0], min(samples[i][1], samples[i + 1][1]))
     table = LatencyTable(samples or [(1, 0.05)], sample_cost=sample_cost)

@@ -1,7 +1,8 @@
 """`ngram` drafter: prompt/output lookup in the request's own tokens.
 
 For the longest n in (max_n .. 1) whose last-n-token suffix occurred earlier,
-propose the k tokens that followed its most recent earlier occurrence.
+propose the k tokens that followed its most recent earlier occurrence; n is the
+proposal's `source` (a longer match is far likelier to be continued).
 
 Per request it keeps, for each n, a dict n-gram -> end index (exclusive) of the
 most recent occurrence, extended incrementally with the tokens committed since
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.spec.base import Drafter, register_drafter
+from engine.spec.base import Drafter, Proposal, register_drafter
 
 
 @dataclass
@@ -33,15 +34,20 @@ class NgramDrafter(Drafter):
         self._state: dict[str, _Index] = {}
 
     def propose(self, request_id: str, token_ids: Sequence[int], k: int) -> list[int]:
+        return self.propose_tree(request_id, token_ids, k).drafts
+
+    def propose_tree(self, request_id: str, token_ids: Sequence[int], k: int) -> Proposal:
+        """A chain whose `source` is the match length n: the controller prices a draft
+        after a 4-token match apart from one after a 1-token guess (engine/spec/acceptance.py)."""
         length = len(token_ids)
         if k <= 0 or length < 2:
-            return []
+            return Proposal([])
         index = self._index(request_id, token_ids)
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
             end = index.ends[n - 1].get(tuple(token_ids[length - n:]))
             if end is not None:
-                return list(token_ids[end:min(end + k, length)])
-        return []
+                return Proposal(list(token_ids[end:min(end + k, length)]), source=n)
+        return Proposal([])
 
     def _index(self, request_id: str, token_ids: Sequence[int]) -> _Index:
         index = self._state.get(request_id)

@@ -11,7 +11,7 @@ from engine.sample import Sampler, SamplingRow, build_sampling_metadata
 from engine.sampling_params import SamplingParams
 from engine.spec import DraftController, LatencyModel, accept_drafts, create_drafter
 from engine.spec.latency import LatencyTable, fit_quality
-from engine.spec.base import Drafter
+from engine.spec.base import Drafter, Proposal
 from engine.spec.ngram import NgramDrafter
 
 
@@ -58,6 +58,15 @@ def test_ngram_prefers_longest_match_and_recent_occurrence():
     assert d.propose("c", [7, 7, 7, 7], 2) == [7]  # capped at the end of the tokens
     with pytest.raises(ValueError, match="unknown speculative method"):
         create_drafter("nope")
+
+
+def test_ngram_names_its_match_length_as_the_proposal_source():
+    d = create_drafter("ngram")
+    toks = [1, 2, 3, 9, 5, 2, 3, 7, 1, 2, 3]
+    assert d.propose_tree("a", toks, 3) == Proposal([9, 5, 2], source=3)
+    assert d.propose_tree("b", [8, 1, 2, 3, 4, 6, 1, 2, 3, 4], 2) == Proposal([6, 1], source=4)
+    assert d.propose_tree("c", [5, 6, 7, 5], 2) == Proposal([6, 7], source=1)
+    assert d.propose_tree("d", [4, 5, 6], 3) == Proposal([])
 
 
 # ----------------------------------------------------------------- verification
@@ -222,6 +231,61 @@ def test_a_request_that_keeps_missing_stops_being_drafted_after_a_workload_chang
             ctl.observe("o", drafted[-1], 0)
         assert drafted[0] > 0  # it starts from the high drafter-wide rate, and drafts
         assert sum(drafted) <= 120, seed
+
+
+def _drafted_by_source(seed: int, keyed: bool) -> dict[int, list[int]]:
+    """16 requests each step, each proposing after a 4-token match (25%: first draft accepted
+    70%, then 80%) or a 1-token one (12%, then 50%), as `ngram` on open chat; with `keyed`
+    the controller is told each proposal's source. Returns source -> drafts planned for each
+    such proposal over the 100 steps after a 50-step warm-up."""
+    rng = random.Random(seed)
+    ctl = DraftController(8, cpu_like())
+    rates = {4: (0.7, 0.8), 1: (0.12, 0.5)}
+    out: dict[int, list[int]] = {4: [], 1: []}
+    for step in range(150):
+        sources = {f"r{i}": 4 if rng.random() < 0.25 else 1 for i in range(16)}
+        plan = ctl.choose(dict.fromkeys(sources, 8), 0, sources=sources if keyed else None)
+        for rid, k in plan.items():
+            src = sources[rid]
+            ctl.observe(rid, k, _accepted_run(rng, k, *rates[src]), src if keyed else None)
+            if step >= 50:
+                out[src].append(k)
+    return out
+
+
+def test_controller_prices_first_drafts_by_their_source():
+    # At 16 rows of cpu_like a first draft pays above ~0.49. Pooled, the first drafts are
+    # accepted ~27% of the time and none pays; by source, the 4-token matches (70%) do,
+    # but for a request whose own rate for them a recent miss halved (one pseudo-try).
+    for seed in range(3):
+        keyed = _drafted_by_source(seed, keyed=True)
+        assert sum(k > 0 for k in keyed[4]) >= 0.7 * len(keyed[4]), seed
+        assert sum(k > 0 for k in keyed[1]) <= 0.05 * len(keyed[1]), seed
+        pooled = _drafted_by_source(seed, keyed=False)
+        assert sum(k > 0 for k in pooled[4]) <= 0.1 * len(pooled[4]), seed  # what keying fixes
+
+
+def test_decoder_learns_each_verification_under_its_proposals_source():
+    from engine.request import Request
+    from engine.sched.output import ScheduledRequest
+    from engine.spec.decoder import SpeculativeDecoder
+    ctl = DraftController(8, cpu_like(), adaptive=False)  # both draft every step
+    decoder = SpeculativeDecoder(create_drafter("ngram"), ctl)
+    long_match = Request("long", [8, 1, 2, 3, 4, 6, 7, 1, 2, 3, 4], SamplingParams(max_tokens=32))
+    short_match = Request("short", [5, 6, 7, 9, 9, 5], SamplingParams(max_tokens=32))
+    for req in (long_match, short_match):
+        req.num_computed_tokens = req.num_tokens - 1
+    for _ in range(3):
+        decoder.propose([long_match, short_match])
+        assert long_match.draft_token_ids[:2] == [6, 7] and short_match.draft_token_ids[:1] == [6]
+        scheduled = [ScheduledRequest(r, r.num_computed_tokens, 1 + len(r.draft_token_ids), (), True,
+                                      tuple(r.draft_token_ids)) for r in (long_match, short_match)]
+        decoder.observe(scheduled, {"long": 3, "short": 1}, 0, 0.0)  # 2 drafts accepted / none
+    # 3 hits and 3 misses at 4 pseudo-tries at 0.6: 0.77 after 4-token matches, 0.34 after 1.
+    # The drafter-wide rate took all six: 0.54.
+    assert ctl.accept.shared_first(4) > 0.75 and ctl.accept.shared_first(1) < 0.35
+    assert 0.5 < ctl.accept.shared_first() < 0.6
+    assert ctl.acceptance("long") < ctl.accept.first("long", 4)  # a request's rate is by source too
 
 
 def test_controller_counts_model_draft_passes():
@@ -681,6 +745,30 @@ def test_a_probe_caught_by_an_interruption_does_not_flatten_the_table(monkeypatc
     table = measure_step_latency(probe, [(1, n) for n in range(1, 10)])
     assert table.predict(3) == pytest.approx(0.036 + 0.0012 * 3)  # lowered to the 4-token knot
     assert table.predict(9) - table.predict(2) == pytest.approx(0.0012 * 7)
+
+
+def test_step_latency_probes_run_in_rounds_so_a_slow_spell_does_not_bend_the_table(monkeypatch):
+    """The VM slows down for a spell as long as one round of probes (every shape once). Timed
+    shape after shape (each best of 4 in a row), the shapes inside the spell were all 30%
+    high and the table bent between neighbouring knots; in rounds, each shape is timed
+    outside the spell too, so every knot is its true cost."""
+    from engine.spec.decoder import measure_step_latency, probe_shapes
+    import engine.spec.decoder as decoder
+    shapes = probe_shapes(8, 144)
+    clock, calls = [0.0], [0]
+
+    def cost(n):
+        return 0.040 + 0.0015 * n
+
+    def probe(rows, per_row, temperature):
+        calls[0] += 1
+        slow = 10 <= calls[0] < 10 + len(shapes)  # one round's worth of calls, after the warm-up
+        clock[0] += cost(rows * per_row) * (1.3 if slow else 1.0)
+        return True
+    monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])
+    table = measure_step_latency(probe, shapes)
+    for rows, per_row in shapes:
+        assert table.predict(rows * per_row) == pytest.approx(cost(rows * per_row), rel=1e-9), (rows, per_row)
 
 
 @pytest.mark.parametrize("gain_over_no_drafts,drafts", [(1.05, False), (1.15, True)])
