@@ -211,6 +211,25 @@ def test_exploration_takes_the_requests_least_behind():
     assert all(plan[rid] < 8 for rid in ("r0", "r2", "r4", "r7"))
 
 
+def test_exploration_takes_the_requests_likeliest_to_accept_a_first_draft():
+    """An exploration tests the continuation rates, which a first draft that misses leaves
+    untested: of 8 candidates equally behind (none), the 4 whose first drafts hit draft 8,
+    not the first 4 in candidate order, whose first drafts keep missing (`ngram` on open
+    chat: 1-token guesses at ~12% listed before 4-token matches at ~69%)."""
+    ctl = shallow_drafter()
+    misses, hits = [f"miss{i}" for i in range(4)], [f"hit{i}" for i in range(4)]
+    for _ in range(10):
+        for rid in misses + hits:
+            ctl.observe(rid, 1, rid in hits)
+    for _ in range(300):
+        plan = ctl.choose(dict.fromkeys(misses + hits, 8), 0)
+        if max(plan.values()) == 8:
+            break
+        for rid, k in plan.items():
+            ctl.observe(rid, k, min(k, 1) if rid in hits else 0)
+    assert {rid for rid, k in plan.items() if k == 8} == set(hits)
+
+
 def test_a_fresh_engine_whose_first_verification_missed_draft_2_explores_soon():
     """The prior (0.6) plans 2 drafts; a miss at draft 2 leaves one guess behind its rate,
     and the plan of one draft tests no continuation. The rate rests on under
