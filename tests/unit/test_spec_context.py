@@ -129,7 +129,9 @@ def test_continuation_rates_a_warm_up_left_low_are_explored_from_shallow_drafts(
     assert 0 < max(planned[:EXPLORE_AFTER - 1]) <= 16  # k <= 1 each
     explored = [i for i, n in enumerate(planned) if n > 16]
     assert explored[:2] == [EXPLORE_AFTER - 1, EXPLORE_AFTER - 1 + EXPLORE_SOON]  # surprised: soon again
-    assert low < 0.6 and ctl.accept.hazard(4) > 0.9
+    # Each position rests on the few tries the explorations gave it (one miss at 0.97 moves
+    # it by ~0.1); their pooled rate on all of them.
+    assert low < 0.6 and ctl.accept.pooled() > 0.9 and min(ctl.accept.hazard(j) for j in range(2, 9)) > 0.7
 
 
 def test_a_hopeless_drafter_is_explored_once_its_misses_have_faded_then_ever_more_rarely():

@@ -84,6 +84,9 @@ def test_greedy_mixed_batch_with_preemption_and_prefix_hits(make_llm, hf_smol, p
         use_synthetic_latency(llm)
     if method == "recycling":  # learn the adjacency first (it is shared across requests)
         run(llm, PROMPTS[4:], [greedy()] * 4)
+    else:  # cache one prompt's blocks, so it hits them when the batch admits it (the hits
+        # preemption gives, a preempted request's own blocks still cached, depend on timing)
+        run(llm, [PROMPTS[2]], [SamplingParams(max_tokens=2, temperature=0.0)])
     outs = run(llm, PROMPTS, mixed_params())
     stats = llm.core.spec.totals
     assert stats.num_accepted_tokens > 20, stats  # drafts were really verified and kept
