@@ -32,7 +32,7 @@ and *hit* if it was accepted too. The model keeps
     must not stand on that try. With each position's prior the rate of the one before
     (one pseudo-try), one miss at draft 7 in a warm-up put that rate at 0.5 (0.95 once
     drafting) and priced the q8 self-draft out at open chat B = 16.
-P(drafts 1..j all accepted) = first(rid) * hazard[2] * ... * hazard[j] is the gain of
+P(drafts 1..j all accepted) = first(rid, source) * hazard[2] * ... * hazard[j] is the gain of
 the j-th draft (expected tokens it adds). Every rate is a ratio of exponentially
 decayed counts with pseudo-tries at its prior: `strength` for the drafter-wide
 first-draft rate and each source's, `request_strength` (1) for a
@@ -69,7 +69,7 @@ explored again once they are few, and not while many recent tries price it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 def _upper(value: float, optimism: float, evidence: float) -> float:
@@ -115,8 +115,8 @@ class AcceptanceConfig:
 
 
 class AcceptanceModel:
-    def __init__(self, max_k: int, prior: float = 0.6, config: AcceptanceConfig | None = None):
-        c = replace(config, prior=prior) if config is not None else AcceptanceConfig(prior=prior)
+    def __init__(self, max_k: int, config: AcceptanceConfig = AcceptanceConfig()):
+        c = config
         self.prior, self.strength, self.shared_strength = c.prior, c.strength, c.shared_strength
         self.position_strength, self.untested_decay = c.position_strength, c.untested_decay
         self.request_decay, self.shared_decay = c.request_decay, c.shared_decay
@@ -163,7 +163,7 @@ class AcceptanceModel:
         p, pooled = self.first(request_id, source), self.pooled()
         if optimism:
             own = self._first.get(request_id, {}).get(source)
-            rate = self._sources.get(source, self._shared_first) if source is not None else self._shared_first
+            rate = self._shared_first if source is None else self._sources.get(source, _Rate())  # as shared_first
             p = _upper(p, optimism, (own.tries if own else 0.0) + rate.tries)
         out = []
         for j in range(1, min(k, len(self._hazard) - 1) + 1):

@@ -60,10 +60,10 @@ cheaper than it is).
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
-from engine.spec.acceptance import AcceptanceModel
+from engine.spec.acceptance import AcceptanceConfig, AcceptanceModel
 from engine.spec.latency import ContextCost, LatencyModel, LatencyTable
 
 CATCHUP_DECAY = 0.9  # weight of the past in the catch-up rate, per pass 0 with a backlog
@@ -76,6 +76,27 @@ EXPLORE_EVIDENCE = 2.0  # tries below which a rate is a guess (explored after EX
 EXPLORE_BACKLOG = 1.0  # a draft model's backlog per token a request may commit, at most, to explore it
 EXPLORE_OPTIMISM = 2.0  # pseudo-hits on every rate in the test whether exploring may pay
 CATCHUP_MARGIN = 0.10  # a plan starting catch-ups beats the same plan without them by this much
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """What the decoder knows of a step's rows besides the candidates' draft counts (each
+    field keyed by request id; absent: none)."""
+    # The drafter's own P(draft i accepted), decreasing (a tree drafter); others: the
+    # acceptance model's.
+    gains: Mapping[str, Sequence[float]] = field(default_factory=dict)
+    # A draft model's backlog per token the request may still commit: every candidate of a
+    # drafter that keeps its own KV, 0 when caught up; absent: no such KV.
+    catchup: Mapping[str, float] = field(default_factory=dict)
+    # The candidates and upcoming rows sampled at a temperature (their rows cost more than argmax).
+    stochastic: Collection[str] = ()
+    # Context tokens of every decode row of the step (candidates and plain decodes; absent: 0).
+    contexts: Mapping[str, int] = field(default_factory=dict)
+    # (context, catch-up per token, drafts it may take) of the rows about to join the decode
+    # batch (requests in prefill, and those admitted next).
+    upcoming: Mapping[str, tuple[int, float, int]] = field(default_factory=dict)
+    # Each candidate's proposal source (`Proposal.source`).
+    sources: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,51 +128,36 @@ class DraftController:
         # ratio of decayed sums (time beyond D(rows), backlog tokens) over the passes seen.
         self._backlog = [0.0, 0.0] if catchup_per_token is None else [catchup_per_token * PRIOR_TOKENS, PRIOR_TOKENS]
         self.prior, self.switch_margin = prior, switch_margin
-        self.accept = AcceptanceModel(max_k, prior)
+        self.accept = AcceptanceModel(max_k, AcceptanceConfig(prior=prior))
         self._k: dict[str, int] = {}  # each request's k of its last plan (hysteresis)
         self._idle, self._explore_after = 0, EXPLORE_AFTER  # steps in a row leaving drafts untested; the wait
         self._explored: dict[str, float] = {}  # the last exploration's requests -> accepted drafts expected
         self._surprise = [0.0, 0.0]  # the last exploration's accepted drafts, and those expected
         self._soon = False  # the next exploration after EXPLORE_SOON steps (the last one surprised)
 
-    def acceptance(self, request_id: str) -> float:
-        """The estimated acceptance of the request's first draft."""
-        return self.accept.first(request_id)
+    def acceptance(self, request_id: str, source: int | None = None) -> float:
+        """The estimated acceptance of the request's first draft from `source`."""
+        return self.accept.first(request_id, source)
 
-    def choose(self, candidates: dict[str, int], other_tokens: int,
-               gains: dict[str, Sequence[float]] | None = None,
-               catchup: dict[str, float] | None = None, stochastic: Collection[str] = (),
-               contexts: dict[str, int] | None = None,
-               upcoming: dict[str, tuple[int, float, int]] | None = None,
-               sources: dict[str, int] | None = None) -> dict[str, int]:
+    def choose(self, candidates: dict[str, int], other_tokens: int, rows: StepRows = StepRows()) -> dict[str, int]:
         """candidates: request id -> drafts available (<= max_k); other_tokens: the step's
         plain decodes besides them (one sampled token each, committed whatever k is), which
-        share the step's cost; gains: request id -> the drafter's P(draft i accepted),
-        decreasing (a tree drafter; others: a_r^(i+1)); catchup: request id -> a draft
-        model's backlog per token the request may still commit (every candidate of a
-        drafter that keeps its own KV, 0 when caught up; absent: no such KV); stochastic:
-        the candidates and upcoming rows sampled at a temperature (their rows cost more
-        than argmax);
-        contexts: request id -> context tokens of every decode row of the step (candidates
-        and plain decodes; absent: 0); upcoming: request id -> (context, catch-up per token,
-        drafts it may take) of the rows about to join the decode batch (requests in prefill,
-        and those admitted next); sources: request id -> its proposal's source
-        (`Proposal.source`). Returns id -> k. Every draft adds one sampled token to the step."""
+        share the step's cost; rows: what else is known of the step's rows (`StepRows`).
+        Returns id -> k. Every draft adds one sampled token to the step."""
         if not self.adaptive:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
-        tree = frozenset(gains or ())
-        catchup = catchup or {}
-        contexts, sources = contexts or {}, sources or {}
-        p = Pricing({rid: gains[rid] if rid in tree else self.accept.gains(rid, n, source=sources.get(rid))
+        tree = frozenset(rows.gains)
+        catchup, contexts, sources = dict(rows.catchup), dict(rows.contexts), dict(rows.sources)
+        p = Pricing({rid: rows.gains[rid] if rid in tree else self.accept.gains(rid, n, source=sources.get(rid))
                      for rid, n in candidates.items()},
-                    tree, other_tokens, catchup, frozenset(stochastic), contexts,
+                    tree, other_tokens, catchup, frozenset(rows.stochastic), contexts,
                     sum(self.context.row(n) for n in contexts.values()),
                     # A draft model is behind on these and they did not draft last step (one
                     # that did owes at most its last accepted draft: `_last_draft_cost`).
                     frozenset(rid for rid in candidates if catchup.get(rid) and not self._k.get(rid)),
                     sources)
-        candidates = self._defer_catchups(p, candidates, base, upcoming or {})
+        candidates = self._defer_catchups(p, candidates, base, dict(rows.upcoming))
         new = self._hold_catchups(p, candidates, base, self._greedy(p, candidates, base))
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
         # Hysteresis: more drafts must beat the old plan by the margin, fewer only beat it.

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from engine.request import Request
 from engine.sched.output import ScheduledRequest
 from engine.spec.base import Drafter, Proposal
-from engine.spec.controller import DraftController
+from engine.spec.controller import DraftController, StepRows
 from engine.spec.latency import LatencyModel, LatencyTable, describe, fit_quality
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,11 @@ class SpeculativeDecoder:
         if not candidates:
             return
         gains = {rid: p.gains for rid, p in candidates.items() if p.gains is not None}
-        chosen = self.controller.choose(offered, other, gains,
-                                        self._catchup(drafting),
-                                        [r.request_id for r in (*drafting, *joining) if not r.params.greedy],
-                                        contexts,
-                                        self._upcoming(joining),
-                                        {rid: p.source for rid, p in candidates.items() if p.source is not None})
+        rows = StepRows(gains, self._catchup(drafting),
+                        [r.request_id for r in (*drafting, *joining) if not r.params.greedy],
+                        contexts, self._upcoming(joining),
+                        {rid: p.source for rid, p in candidates.items() if p.source is not None})
+        chosen = self.controller.choose(offered, other, rows)
         for req in running:
             k = chosen.get(req.request_id, 0)
             if k:
@@ -240,9 +239,9 @@ def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), re
 def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: int = 4) -> LatencyTable:
     """The table of T(N): `run_probe(rows, per_row, temperature)` runs one all-sampled step of
     that shape and returns False when it could not (no KV room): that probe and larger ones
-    are left out. Knots are greedy steps; the largest probed shape is timed once more sampled
-    at temperature 1 (alternating with greedy runs), and the difference per row is the
-    table's `sample_cost`.
+    are left out. Knots are greedy steps; the largest probed shape is timed `repeats` times
+    more at temperature 1, alternating with as many greedy runs, and the difference of the
+    bests per row is the table's `sample_cost`.
 
     Each knot is the best of `repeats` runs taken in rounds over all shapes (not each shape's
     repeats in a row: the VM's speed drifts over the seconds the probes take, and timing

@@ -10,6 +10,7 @@ import torch
 from engine.sample import Sampler, SamplingRow, build_sampling_metadata
 from engine.sampling_params import SamplingParams
 from engine.spec import DraftController, LatencyModel, accept_drafts, create_drafter
+from engine.spec.controller import StepRows
 from engine.spec.latency import LatencyTable, fit_quality
 from engine.spec.base import Drafter, Proposal
 from engine.spec.ngram import NgramDrafter
@@ -244,7 +245,7 @@ def _drafted_by_source(seed: int, keyed: bool) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {4: [], 1: []}
     for step in range(150):
         sources = {f"r{i}": 4 if rng.random() < 0.25 else 1 for i in range(16)}
-        plan = ctl.choose(dict.fromkeys(sources, 8), 0, sources=sources if keyed else None)
+        plan = ctl.choose(dict.fromkeys(sources, 8), 0, StepRows(sources=sources if keyed else {}))
         for rid, k in plan.items():
             src = sources[rid]
             ctl.observe(rid, k, _accepted_run(rng, k, *rates[src]), src if keyed else None)
@@ -263,6 +264,17 @@ def test_controller_prices_first_drafts_by_their_source():
         assert sum(k > 0 for k in keyed[1]) <= 0.05 * len(keyed[1]), seed
         pooled = _drafted_by_source(seed, keyed=False)
         assert sum(k > 0 for k in pooled[4]) <= 0.1 * len(pooled[4]), seed  # what keying fixes
+
+
+def test_an_untried_source_is_explored_at_its_upper_estimate():
+    """A source no verification has tried rests on no tries: its upper estimate is 1, so
+    `_deeper_may_pay` may explore it, however many tries the other sources had."""
+    from engine.spec.acceptance import AcceptanceModel
+    model = AcceptanceModel(8)
+    for i in range(40):
+        model.observe(f"r{i}", 1, 0, source=1)
+    assert model.gains("new", 1, 2.0, source=4) == [1.0]
+    assert model.gains("new", 1, 2.0, source=1)[0] < 0.3
 
 
 def test_decoder_learns_each_verification_under_its_proposals_source():
@@ -325,12 +337,12 @@ def test_controller_sizes_trees_from_the_drafters_node_gains():
     ctl = DraftController(8, lat)
     for _ in range(50):
         ctl.observe("a", 1, 0)  # a_r ~ 0 would give no drafts without the tree's own gains
-    k = ctl.choose({"a": 8}, other_tokens=0, gains={"a": gains})["a"]
+    k = ctl.choose({"a": 8}, other_tokens=0, rows=StepRows(gains={"a": gains}))["a"]
     # With k nodes goodput is (1 + sum(gains[:k])) / (31 + k) ms; the best k is 3.
     best = max(range(9), key=lambda n: (1 + sum(gains[:n])) / (0.031 + 0.001 * n))
     assert k == best == 3
     big = DraftController(8, LatencyModel(0.005, 0.004))
-    plan = big.choose({f"r{i}": 8 for i in range(64)}, 0, {f"r{i}": gains for i in range(64)})
+    plan = big.choose({f"r{i}": 8 for i in range(64)}, 0, StepRows({f"r{i}": gains for i in range(64)}))
     assert set(plan.values()) == {0}
 
 
@@ -382,10 +394,10 @@ def test_a_drift_seen_at_the_plain_step_does_not_start_drafts_the_probes_priced_
     ctl = DraftController(8, table)
     ids = [f"r{i}" for i in range(64)]
     gains = dict.fromkeys(ids, [0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02])
-    assert sum(ctl.choose(dict.fromkeys(ids, 8), 0, gains).values()) == 0
+    assert sum(ctl.choose(dict.fromkeys(ids, 8), 0, StepRows(gains)).values()) == 0
     for _ in range(200):
         table.observe(64, 1.3 * 0.150, 64)
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0, gains)
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, StepRows(gains))
         assert sum(plan.values()) == 0
     assert table.predict(64) == pytest.approx(1.3 * 0.150, rel=0.02)
 
@@ -704,7 +716,7 @@ def test_a_draft_models_last_draft_is_fed_next_step_and_priced():
             c.observe("a", 1, 1)
         return c
     assert ctl().choose({"a": 1}, other_tokens=0) == {"a": 1}
-    assert ctl().choose({"a": 1}, other_tokens=0, catchup={"a": 0.0}) == {"a": 0}
+    assert ctl().choose({"a": 1}, other_tokens=0, rows=StepRows(catchup={"a": 0.0})) == {"a": 0}
 
 
 def test_rows_sampled_at_a_temperature_are_priced_and_learnt_apart_from_greedy_ones():
@@ -723,7 +735,8 @@ def test_rows_sampled_at_a_temperature_are_priced_and_learnt_apart_from_greedy_o
     def drafts(stochastic):
         ctl = DraftController(8, LatencyTable([(16, 0.056), (144, 0.186)], sample_cost=0.004))
         ids = [f"r{i}" for i in range(16)]
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0, dict.fromkeys(ids, gains), stochastic=ids if stochastic else ())
+        rows = StepRows(dict.fromkeys(ids, gains), stochastic=ids if stochastic else ())
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, rows)
         return sum(plan.values())
     # Greedy: a draft costs ~1 ms against 3.5 ms per committed token; sampled: 5 ms against 7.5.
     assert drafts(False) == 32 and drafts(True) == 0
@@ -771,6 +784,26 @@ def test_step_latency_probes_run_in_rounds_so_a_slow_spell_does_not_bend_the_tab
         assert table.predict(rows * per_row) == pytest.approx(cost(rows * per_row), rel=1e-9), (rows, per_row)
 
 
+def test_a_shape_without_kv_room_in_a_later_round_is_left_out_with_the_larger_ones(monkeypatch):
+    """A probe that could not run (False) in round 2 drops its shape and the larger ones,
+    though round 1 timed them; the sampling cost is then timed on the largest shape left."""
+    from engine.spec.decoder import measure_step_latency
+    import engine.spec.decoder as decoder
+    clock, calls = [0.0], {}
+
+    def probe(rows, per_row, temperature):
+        n = rows * per_row
+        calls[n] = calls.get(n, 0) + 1
+        if n >= 12 and calls[n] >= 2:
+            return False  # room for it in round 1 only
+        clock[0] += 0.04 + 0.001 * n + (0.0003 * n if temperature > 0 else 0.0)
+        return True
+    monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])
+    table = measure_step_latency(probe, [(1, 1), (1, 5), (1, 9), (6, 2), (10, 2)])
+    assert table.knots == [1, 5, 9]
+    assert table.sample_cost == pytest.approx(0.0003, rel=1e-6)
+
+
 @pytest.mark.parametrize("gain_over_no_drafts,drafts", [(1.05, False), (1.15, True)])
 def test_a_catch_up_starts_only_where_it_beats_no_drafts_by_a_margin(gain_over_no_drafts, drafts):
     """A catch-up is paid up front and repaid only if its forecasts hold, so a plan that
@@ -786,8 +819,8 @@ def test_a_catch_up_starts_only_where_it_beats_no_drafts_by_a_margin(gain_over_n
     g = ctl.accept.gains("a", 1)[0]
     # goodput(k = 1) / goodput(k = 0) = 50 (1 + g) / (50 + catchup (1 + g) + g), in ms
     catchup = ((50 * (1 + g) / gain_over_no_drafts - 50) - g) / (1 + g)
-    assert ctl.choose({"a": 1}, other_tokens=0, catchup={"a": catchup}) == {"a": int(drafts)}
-    assert ctl.choose({"a": 1}, other_tokens=0, catchup={"a": 0.0}) == {"a": 1}
+    assert ctl.choose({"a": 1}, other_tokens=0, rows=StepRows(catchup={"a": catchup})) == {"a": int(drafts)}
+    assert ctl.choose({"a": 1}, other_tokens=0, rows=StepRows(catchup={"a": 0.0})) == {"a": 1}
 
 
 @pytest.mark.parametrize("outputs,most", [(0, 8), (60, 3), (62, 1), (63, 0)])

@@ -11,7 +11,7 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.sched.output import ScheduledRequest
 from engine.spec import DraftController, LatencyModel, create_drafter
-from engine.spec.controller import EXPLORE_AFTER, EXPLORE_BACKLOG, EXPLORE_SOON
+from engine.spec.controller import EXPLORE_AFTER, EXPLORE_BACKLOG, EXPLORE_SOON, StepRows
 from engine.spec.decoder import SpeculativeDecoder
 from engine.spec.latency import ContextCost, LatencyTable
 
@@ -49,9 +49,10 @@ def test_long_contexts_make_drafts_dearer_at_large_batch(batch, context, drafts)
     ms at 1000, beside ~1.3 ms of verify and draft-pass rows: at 1000 tokens drafting 8 per
     row no longer pays; at B = 1 it still pays many times over. Unpriced, every case drafts."""
     ids = [f"r{i}" for i in range(batch)]
-    plan = q8_self_draft().choose(dict.fromkeys(ids, 8), 0, contexts=dict.fromkeys(ids, context))
+    plan = q8_self_draft().choose(dict.fromkeys(ids, 8), 0, StepRows(contexts=dict.fromkeys(ids, context)))
     assert sum(plan.values()) == drafts
-    unpriced = q8_self_draft(ContextCost()).choose(dict.fromkeys(ids, 8), 0, contexts=dict.fromkeys(ids, context))
+    unpriced = q8_self_draft(ContextCost()).choose(dict.fromkeys(ids, 8), 0,
+                                                   StepRows(contexts=dict.fromkeys(ids, context)))
     assert sum(unpriced.values()) == 8 * batch
 
 
@@ -61,9 +62,9 @@ def test_plain_decodes_contexts_count_in_the_step():
     draft nothing alone, and draft beside 48 plain decodes of 2000 tokens' context)."""
     ids = [f"r{i}" for i in range(16)]
     ctx = dict.fromkeys(ids, 1000)
-    assert sum(q8_self_draft().choose(dict.fromkeys(ids, 8), 0, contexts=ctx).values()) == 0
+    assert sum(q8_self_draft().choose(dict.fromkeys(ids, 8), 0, StepRows(contexts=ctx)).values()) == 0
     others = {f"o{i}": 2000 for i in range(48)}
-    assert sum(q8_self_draft().choose(dict.fromkeys(ids, 8), 48, contexts={**ctx, **others}).values()) > 0
+    assert sum(q8_self_draft().choose(dict.fromkeys(ids, 8), 48, StepRows(contexts={**ctx, **others})).values()) > 0
 
 
 def test_the_table_and_the_pass_line_learn_without_the_contexts_share():
@@ -90,9 +91,9 @@ def simulate(ctl: DraftController, acceptance, batch: int, steps: int, backlog: 
     catch-up per future token of every request; `context`: every row's own context tokens."""
     rates = [acceptance] * 8 if isinstance(acceptance, float) else acceptance
     rnd, ids, planned = random.Random(0), [f"r{i}" for i in range(batch)], []
-    catchup = None if backlog is None else dict.fromkeys(ids, backlog)
+    catchup = {} if backlog is None else dict.fromkeys(ids, backlog)
     for _ in range(steps):
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=catchup, contexts=dict.fromkeys(ids, context))
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, StepRows(catchup=catchup, contexts=dict.fromkeys(ids, context)))
         planned.append(sum(plan.values()))
         for rid, k in plan.items():
             accepted = 0
@@ -206,7 +207,7 @@ def test_exploration_takes_the_requests_least_behind():
     ids = [f"r{i}" for i in range(8)]
     catchup = dict(zip(ids, [0.9, 0.1, 2.0, 0.0, 0.5, 0.3, 0.05, 0.7]))
     for _ in range(300):
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=catchup)
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, StepRows(catchup=catchup))
         if max(plan.values()) == 8:
             break
     assert {rid for rid, k in plan.items() if k == 8} == {"r3", "r6", "r1", "r5"}
@@ -222,7 +223,7 @@ def test_exploration_takes_the_requests_likeliest_to_accept_a_first_draft():
     misses, hits = [f"miss{i}" for i in range(4)], [f"hit{i}" for i in range(4)]
     for _ in range(10):
         for rid in misses + hits:
-            ctl.observe(rid, 1, rid in hits)
+            ctl.observe(rid, 1, int(rid in hits))
     for _ in range(300):
         plan = ctl.choose(dict.fromkeys(misses + hits, 8), 0)
         if max(plan.values()) == 8:
@@ -255,7 +256,7 @@ def test_one_miss_at_a_deep_draft_leaves_its_rate_near_the_others():
         ctl.observe("warm-up", k, accepted)
     assert ctl.accept.hazard(7) > 0.7
     ids = [f"r{i}" for i in range(16)]
-    assert sum(ctl.choose(dict.fromkeys(ids, 8), 0, contexts=dict.fromkeys(ids, 300)).values()) > 0
+    assert sum(ctl.choose(dict.fromkeys(ids, 8), 0, StepRows(contexts=dict.fromkeys(ids, 300))).values()) > 0
 
 
 def test_deferred_catch_ups_neither_reset_nor_join_an_exploration():
@@ -266,7 +267,7 @@ def test_deferred_catch_ups_neither_reset_nor_join_an_exploration():
     ctl._idle, ctl._explore_after = 20, 4 * EXPLORE_AFTER
     ids = [f"r{i}" for i in range(16)]
     joining = {f"j{i}": (1000, 15.0, 8) for i in range(15)}
-    plan = ctl.choose(dict.fromkeys(ids, 8), 0, catchup=dict.fromkeys(ids, 15.0),
-                      contexts=dict.fromkeys(ids, 1000), upcoming=joining)
+    plan = ctl.choose(dict.fromkeys(ids, 8), 0, StepRows(catchup=dict.fromkeys(ids, 15.0),
+                                                         contexts=dict.fromkeys(ids, 1000), upcoming=joining))
     assert sum(plan.values()) == 0
     assert (ctl._idle, ctl._explore_after) == (20, 4 * EXPLORE_AFTER)
