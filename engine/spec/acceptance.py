@@ -159,7 +159,7 @@ class AcceptanceModel:
         """[P(drafts 1..j accepted) for j = 1..k], decreasing, for a proposal from `source`.
         With `optimism`, every rate is at its upper estimate (`_upper`): what the drafts
         could be worth where the rates rest on few tries. A request's first-draft rate counts
-        the drafter-wide tries as its evidence too (that rate is its prior)."""
+        the drafter-wide tries of its source as its evidence too (that rate is its prior)."""
         p, pooled = self.first(request_id, source), self.pooled()
         if optimism:
             own = self._first.get(request_id, {}).get(source)
