@@ -116,38 +116,36 @@ class AcceptanceConfig:
 
 class AcceptanceModel:
     def __init__(self, max_k: int, config: AcceptanceConfig = AcceptanceConfig()):
-        c = config
-        self.prior, self.strength, self.shared_strength = c.prior, c.strength, c.shared_strength
-        self.position_strength, self.untested_decay = c.position_strength, c.untested_decay
-        self.request_decay, self.shared_decay = c.request_decay, c.shared_decay
-        self.request_strength = c.request_strength
-        self.idle_decay, self.shared_idle_decay = c.idle_decay, c.shared_idle_decay
+        self.config = config
         self._shared_first = _Rate()
         self._sources: dict[int, _Rate] = {}  # each proposal source's first drafts
         self._hazard = [_Rate() for _ in range(max_k + 1)]  # [j]: draft j given 1..j-1 (j >= 2)
         self._pooled = _Rate()  # every continuation try, whatever its position
         self._first: dict[str, dict[int | None, _Rate]] = {}  # request -> source -> its first drafts
 
+    def _source_rate(self, source: int | None) -> _Rate:
+        """The drafter-wide first-draft counts of `source` (None: of every proposal)."""
+        return self._shared_first if source is None else self._sources.get(source, _Rate())
+
     def shared_first(self, source: int | None = None) -> float:
         """The drafter-wide acceptance of first drafts (a new request's estimate), or of
         those from `source` (each source its own population, from the same prior)."""
-        rate = self._shared_first if source is None else self._sources.get(source, _Rate())
-        return rate.value(self.prior, self.strength)
+        return self._source_rate(source).value(self.config.prior, self.config.strength)
 
     def first(self, request_id: str, source: int | None = None) -> float:
         """The request's own first-draft rate for proposals from `source`, with 1 pseudo-try
         (`request_strength`) at the drafter-wide rate of that source."""
         shared = self.shared_first(source)
         rate = self._first.get(request_id, {}).get(source)
-        return shared if rate is None else rate.value(shared, self.request_strength)
+        return shared if rate is None else rate.value(shared, self.config.request_strength)
 
     def pooled(self) -> float:
         """The continuation rate over all positions (each position's prior)."""
-        return self._pooled.value(self.shared_first(), self.shared_strength)
+        return self._pooled.value(self.shared_first(), self.config.shared_strength)
 
     def hazard(self, j: int) -> float:
         """P(draft j accepted | drafts 1..j-1 accepted), j >= 2."""
-        return self._hazard[j].value(self.pooled(), self.position_strength)
+        return self._hazard[j].value(self.pooled(), self.config.position_strength)
 
     def evidence(self, j: int) -> float:
         """The decayed tries behind draft j's rate (j = 1: the drafter-wide first-draft rate;
@@ -163,13 +161,12 @@ class AcceptanceModel:
         p, pooled = self.first(request_id, source), self.pooled()
         if optimism:
             own = self._first.get(request_id, {}).get(source)
-            rate = self._shared_first if source is None else self._sources.get(source, _Rate())  # as shared_first
-            p = _upper(p, optimism, (own.tries if own else 0.0) + rate.tries)
+            p = _upper(p, optimism, (own.tries if own else 0.0) + self._source_rate(source).tries)
         out = []
         for j in range(1, min(k, len(self._hazard) - 1) + 1):
             if j > 1:
                 h = self._hazard[j]
-                rate = h.value(pooled, self.position_strength)
+                rate = h.value(pooled, self.config.position_strength)
                 p *= _upper(rate, optimism, h.tries * h.fresh) if optimism else rate
             out.append(p)
         return out
@@ -179,13 +176,13 @@ class AcceptanceModel:
         if num_drafts <= 0:
             return
         hit = num_accepted >= 1
-        self._first.setdefault(request_id, {}).setdefault(source, _Rate()).add(hit, self.request_decay)
-        self._shared_first.add(hit, self.shared_decay)
+        self._first.setdefault(request_id, {}).setdefault(source, _Rate()).add(hit, self.config.request_decay)
+        self._shared_first.add(hit, self.config.shared_decay)
         if source is not None:
-            self._sources.setdefault(source, _Rate()).add(hit, self.shared_decay)
+            self._sources.setdefault(source, _Rate()).add(hit, self.config.shared_decay)
         for j in range(2, min(num_drafts, num_accepted + 1, len(self._hazard) - 1) + 1):
-            self._hazard[j].add(num_accepted >= j, self.shared_decay)  # tried: 1..j-1 accepted
-            self._pooled.add(num_accepted >= j, self.shared_decay)
+            self._hazard[j].add(num_accepted >= j, self.config.shared_decay)  # tried: 1..j-1 accepted
+            self._pooled.add(num_accepted >= j, self.config.shared_decay)
 
     def idle(self, request_ids, deepest: int) -> None:
         """A step in which `request_ids` (candidates) were not drafted and no request
@@ -196,12 +193,12 @@ class AcceptanceModel:
         few tries again and its upper estimate rises until an exploration tests it."""
         for rid in request_ids:
             for rate in self._first.get(rid, {}).values():
-                rate.fade(self.idle_decay)
+                rate.fade(self.config.idle_decay)
         if not deepest:
             for rate in (self._shared_first, *self._sources.values()):
-                rate.fade(self.shared_idle_decay)
+                rate.fade(self.config.shared_idle_decay)
         for rate in self._hazard[max(deepest, 1) + 1:]:
-            rate.fresh *= self.untested_decay
+            rate.fresh *= self.config.untested_decay
 
     def forget(self, request_id: str) -> None:
         self._first.pop(request_id, None)

@@ -106,12 +106,12 @@ class Pricing:
     gains: dict[str, Sequence[float]]  # each candidate's P(drafts 1..j accepted), j = 1..
     tree: frozenset[str]  # candidates whose gains are their drafter's own (a draft tree)
     others: int  # plain decodes besides the candidates (one committed token each)
-    catchup: dict[str, float]  # a draft model's backlog per token a request may commit
+    catchup: Mapping[str, float]  # a draft model's backlog per token a request may commit
     stochastic: frozenset[str]  # requests sampled at a temperature
-    contexts: dict[str, int]  # context tokens of each decode row
+    contexts: Mapping[str, int]  # context tokens of each decode row
     context_base: float  # what every decode row's context costs its one token
     behind: frozenset[str]  # candidates that would start a catch-up by drafting
-    sources: dict[str, int]  # each candidate's proposal source (absent: none named)
+    sources: Mapping[str, int]  # each candidate's proposal source (absent: none named)
 
 
 class DraftController:
@@ -148,7 +148,7 @@ class DraftController:
             return {rid: min(n, self.max_k) for rid, n in candidates.items()}
         base = other_tokens + len(candidates)
         tree = frozenset(rows.gains)
-        catchup, contexts, sources = dict(rows.catchup), dict(rows.contexts), dict(rows.sources)
+        catchup, contexts, sources = rows.catchup, rows.contexts, rows.sources
         p = Pricing({rid: rows.gains[rid] if rid in tree else self.accept.gains(rid, n, source=sources.get(rid))
                      for rid, n in candidates.items()},
                     tree, other_tokens, catchup, frozenset(rows.stochastic), contexts,
@@ -157,7 +157,7 @@ class DraftController:
                     # that did owes at most its last accepted draft: `_last_draft_cost`).
                     frozenset(rid for rid in candidates if catchup.get(rid) and not self._k.get(rid)),
                     sources)
-        candidates = self._defer_catchups(p, candidates, base, dict(rows.upcoming))
+        candidates = self._defer_catchups(p, candidates, base, rows.upcoming)
         new = self._hold_catchups(p, candidates, base, self._greedy(p, candidates, base))
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
         # Hysteresis: more drafts must beat the old plan by the margin, fewer only beat it.
@@ -170,7 +170,7 @@ class DraftController:
         return new
 
     def _defer_catchups(self, p: Pricing, candidates: dict[str, int], base: int,
-                        upcoming: dict[str, tuple[int, float, int]]) -> dict[str, int]:
+                        upcoming: Mapping[str, tuple[int, float, int]]) -> dict[str, int]:
         """`candidates`, with no drafts for a request still behind (a draft model's catch-up
         ahead of it) that would not draft in the batch it is about to be in: these decode
         rows plus the `upcoming` ones, each a candidate for the drafts it may take at the

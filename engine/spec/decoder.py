@@ -60,7 +60,7 @@ class SpeculativeDecoder:
         self.drafter, self.controller = drafter, controller
         self.stats = SpecStats()  # since the last drain
         self.totals = SpecStats()  # since start-up (draft_lengths not kept)
-        self._sources: dict[str, int] = {}  # request id -> the source of its last drafts
+        self._sources: dict[str, int | None] = {}  # request id -> the source of its last drafts
 
     @property
     def max_k(self) -> int:
@@ -107,10 +107,7 @@ class SpeculativeDecoder:
                 proposal = candidates[req.request_id]
                 req.draft_token_ids = proposal.drafts[:k]
                 req.draft_parents = proposal.parents[:k] if proposal.parents is not None else []
-                if proposal.source is not None:
-                    self._sources[req.request_id] = proposal.source
-                else:
-                    self._sources.pop(req.request_id, None)
+                self._sources[req.request_id] = proposal.source
 
     def _catchup(self, requests) -> dict[str, float]:
         """Request id -> backlog tokens per token it may still commit (its remaining budget,
