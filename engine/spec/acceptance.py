@@ -153,21 +153,31 @@ class AcceptanceModel:
         rate = self._shared_first if j <= 1 else self._hazard[min(j, len(self._hazard) - 1)]
         return rate.tries
 
-    def gains(self, request_id: str, k: int, optimism: float = 0.0, source: int | None = None) -> list[float]:
+    def continuations(self, optimism: float = 0.0) -> list[float]:
+        """[1.0, hazard(2), ..., hazard(max_k)]: what a chain's gains multiply by, draft by
+        draft; with `optimism` every continuation rate at its upper estimate (`_upper`).
+        The same for every request, so a step's pricing reads it once."""
+        pooled, strength = self.pooled(), self.config.position_strength
+        out = [1.0]
+        for h in self._hazard[2:]:
+            rate = h.value(pooled, strength)
+            out.append(_upper(rate, optimism, h.tries * h.fresh) if optimism else rate)
+        return out
+
+    def gains(self, request_id: str, k: int, optimism: float = 0.0, source: int | None = None,
+              continuations: list[float] | None = None) -> list[float]:
         """[P(drafts 1..j accepted) for j = 1..k], decreasing, for a proposal from `source`.
         With `optimism`, every rate is at its upper estimate (`_upper`): what the drafts
         could be worth where the rates rest on few tries. A request's first-draft rate counts
-        the drafter-wide tries of its source as its evidence too (that rate is its prior)."""
-        p, pooled = self.first(request_id, source), self.pooled()
+        the drafter-wide tries of its source as its evidence too (that rate is its prior).
+        `continuations`: `self.continuations(optimism)`, when the caller has read it."""
+        p = self.first(request_id, source)
         if optimism:
             own = self._first.get(request_id, {}).get(source)
             p = _upper(p, optimism, (own.tries if own else 0.0) + self._source_rate(source).tries)
         out = []
-        for j in range(1, min(k, len(self._hazard) - 1) + 1):
-            if j > 1:
-                h = self._hazard[j]
-                rate = h.value(pooled, self.config.position_strength)
-                p *= _upper(rate, optimism, h.tries * h.fresh) if optimism else rate
+        for rate in (continuations or self.continuations(optimism))[:k]:
+            p *= rate
             out.append(p)
         return out
 

@@ -53,6 +53,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 SCALE_EMA = 0.1  # weight of one observed step in the table's shared scale
 SCALE_CLAMP = 2.0  # one step is learnt as if it ran at most this many times its prediction (or 1/x)
 TABLE_EMA = 0.03  # weight of one observed step in the knots around its N (after the scale's share)
@@ -83,6 +85,10 @@ class LatencyModel:
 
     def predict(self, num_tokens: int, num_sampled: int = 0, num_stochastic: int = 0) -> float:
         return max(self.fixed + self.per_token * num_tokens, 1e-6)
+
+    def predict_many(self, num_tokens: np.ndarray, num_stochastic: np.ndarray) -> np.ndarray:
+        """`predict` of each step size in `num_tokens`."""
+        return np.maximum(self.fixed + self.per_token * num_tokens, 1e-6)
 
     def observe(self, num_tokens: int, seconds: float, num_sampled: int = 0, num_stochastic: int = 0) -> None:
         self._sums = [s * self.decay for s in self._sums]
@@ -147,6 +153,15 @@ class LatencyTable:
 
     def predict(self, num_tokens: int, num_sampled: int | None = None, num_stochastic: int = 0) -> float:
         return max(self.scale * self._shape(num_tokens), 1e-6) + self.sample_cost * num_stochastic
+
+    def predict_many(self, num_tokens: np.ndarray, num_stochastic: np.ndarray) -> np.ndarray:
+        """`predict` of each (step size, rows sampled at a temperature) pair, at once."""
+        knots, times = np.array(self.knots, dtype=float), np.array(self.times)
+        shape = np.interp(num_tokens, knots, times)  # below the first knot: its time
+        if len(knots) > 1:  # past the last knot: the last segment's slope goes on
+            slope = (times[-1] - times[-2]) / (knots[-1] - knots[-2])
+            shape = np.where(num_tokens > knots[-1], times[-1] + slope * (num_tokens - knots[-1]), shape)
+        return np.maximum(self.scale * shape, 1e-6) + self.sample_cost * num_stochastic
 
     def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None,
                 num_stochastic: int = 0) -> None:

@@ -356,6 +356,52 @@ def test_latency_table_interpolates_extrapolates_and_stays_monotone():
     assert bumpy.times == [0.010, 0.010, 0.012]
 
 
+def test_greedy_plan_is_the_best_prefix_of_the_drafts_by_gain():
+    """`_greedy` (vectorized) against the goodput of every prefix of the drafts in gain order,
+    each priced on its own by `_goodput`: with free drafts and with a model drafter's passes,
+    catch-ups, contexts and sampled rows."""
+    from engine.spec.controller import Pricing
+    from engine.spec.latency import ContextCost
+    rng = random.Random(3)
+    table = LatencyTable([(1, 0.045), (2, 0.05), (9, 0.07), (32, 0.11), (128, 0.29)], sample_cost=0.0003)
+    for trial in range(40):
+        drafter = LatencyModel(0.01, 0.002) if trial % 2 else None
+        ctl = DraftController(8, table, draft_latency=drafter, catchup_per_token=0.0005 if drafter else None,
+                              context=ContextCost(3e-6, 7e-7, 1e-6))
+        ids = [f"r{i}" for i in range(rng.choice([1, 3, 16]))]
+        gains = {}
+        for rid in ids:
+            g, x = [], rng.random()
+            for _ in range(8):
+                x *= rng.choice([1.0, rng.random() ** 0.2])
+                g.append(x)
+            gains[rid] = g
+        cands = {rid: rng.randint(1, 8) for rid in ids}
+        p = Pricing(gains, frozenset(), 2, {rid: rng.choice([0.0, 0.3]) for rid in ids} if drafter else {},
+                    frozenset(ids[::3]), {rid: rng.randint(10, 600) for rid in ids}, 0.001, frozenset(), {})
+        base = p.others + len(ids)
+        order = sorted(((gains[rid][j - 1], rid) for rid in ids for j in range(1, cands[rid] + 1)), reverse=True)
+        prefixes, plan = [dict.fromkeys(ids, 0)], dict.fromkeys(ids, 0)
+        for _, rid in order:
+            plan = {**plan, rid: plan[rid] + 1}
+            prefixes.append(plan)
+        best = max(ctl._goodput(p, q, base) for q in prefixes)
+        assert ctl._goodput(p, ctl._greedy(p, cands, base), base) == pytest.approx(best, rel=1e-9)
+
+
+def test_latency_predict_many_equals_predict_at_every_step_size():
+    """The controller prices a step's every draft prefix at once (`predict_many`): below the
+    first knot, on and between knots, past the last one, with rows sampled at a temperature,
+    after online learning moved the scale, and for a one-knot table and a straight line."""
+    import numpy as np
+    table = LatencyTable([(2, 0.008), (4, 0.010), (9, 0.015), (30, 0.020)], sample_cost=0.0003)
+    table.observe(9, 0.02, 9)
+    tokens, sto = np.arange(0, 60), np.arange(60) % 7
+    for model in (table, LatencyTable([(5, 0.01)], sample_cost=0.001), LatencyModel(0.004, 0.001)):
+        many = model.predict_many(tokens, sto)
+        assert many == pytest.approx([model.predict(int(n), int(n), int(s)) for n, s in zip(tokens, sto)], rel=1e-12)
+
+
 def test_latency_table_carries_a_drift_to_every_knot_and_learns_shape_near_n():
     table = LatencyTable([(1, 0.005), (2, 0.008), (9, 0.015), (64, 0.050)])
     probe = {n: table.predict(n) for n in (1, 2, 5, 9, 64)}
