@@ -157,7 +157,7 @@ class DraftController:
                     tree, other_tokens, catchup, frozenset(rows.stochastic), contexts,
                     sum(self.context.row(n) for n in contexts.values()),
                     # A draft model is behind on these and they did not draft last step (one
-                    # that did owes at most its last accepted draft: `_last_draft_cost`).
+                    # that did owes at most its last accepted draft: `_draft_costs`).
                     frozenset(rid for rid in candidates if catchup.get(rid) and not self._k.get(rid)),
                     sources)
         candidates = self._defer_catchups(p, candidates, base, rows.upcoming)
@@ -307,19 +307,7 @@ class DraftController:
             return dict.fromkeys(ids, 0)
         gain, row, j = (np.array(col) for col in zip(*order))
         j = -j
-        # What each draft adds to the step beyond its verify token: its context's reads, and
-        # with a model drafter its draft-pass row (a new pass's fixed cost for the first to
-        # reach a depth), its share of a catch-up and the change in its last draft's feed.
-        cost = np.array([self._context_increment(p, rid) for rid in ids])[row]
-        d = self.draft_latency
-        if d is not None:
-            deepest = np.maximum.accumulate(np.concatenate(([0], j[:-1])))
-            rate = self.catchup_per_token
-            behind = np.array([p.catchup.get(rid) or 0.0 for rid in ids])[row]
-            fed = np.array([rid in p.catchup for rid in ids])[row]
-            before = np.array([p.gains[ids[r]][k - 2] if k > 1 else 0.0 for r, k in zip(row, j)])
-            cost = (d.per_token + d.fixed * (j > deepest) + cost + rate * behind * (gain + (j == 1))
-                    + rate * fed * (gain - before))
+        cost = self._draft_costs(p, ids, self._gain_matrix(p, ids), row, j)
         tokens = base + np.arange(1, len(order) + 1)
         sto = sto0 + np.cumsum([ids[r] in p.stochastic for r in row])
         values = (committed0 + np.cumsum(gain)) / (self._steps(tokens, sto) + p.context_base + np.cumsum(cost))
@@ -342,32 +330,46 @@ class DraftController:
         seconds, tokens = self._backlog
         return seconds / tokens if tokens else self.draft_latency.per_token
 
-    def _catchup_cost(self, p: Pricing, rid: str, tokens: float) -> float:
-        """The share of rid's catch-up carried by `tokens` committed tokens."""
-        c = p.catchup.get(rid)
-        return 0.0 if not c or self.draft_latency is None else self.catchup_per_token * c * tokens
+    def _gain_matrix(self, p: Pricing, ids: list[str]) -> np.ndarray:
+        """[len(ids), max_k]: p.gains of each request, 0 past its last."""
+        out = np.zeros((len(ids), self.max_k))
+        for r, rid in enumerate(ids):
+            g = p.gains[rid][:self.max_k]
+            out[r, :len(g)] = g
+        return out
 
-    def _last_draft_cost(self, p: Pricing, rid: str, k: int) -> float:
-        """The expected cost of feeding rid's k-th draft to the draft model next step (one
-        more token in that request's row of pass 0)."""
-        if not k or rid not in p.catchup or self.draft_latency is None:
-            return 0.0
-        return self.catchup_per_token * p.gains[rid][k - 1]
-
-    def _draft_cost(self, p: Pricing, plan: dict[str, int]) -> float:
+    def _draft_costs(self, p: Pricing, ids: list[str], gains: np.ndarray, row: np.ndarray,
+                     j: np.ndarray) -> np.ndarray:
+        """What each draft adds to the step beyond its verify token; draft i is request
+        ids[row[i]]'s j[i]-th (`gains`: `_gain_matrix`), and each request's drafts come in j
+        order. Its context's reads and, with a model drafter, its draft-pass row (a new pass's
+        fixed cost for the first draft to reach a depth), its share of its request's catch-up
+        (1 + the drafts' gains carry it) and the change in the expected cost of feeding the
+        request's last draft to the draft model next step."""
+        cost = np.array([self._context_increment(p, rid) for rid in ids])[row]
         d = self.draft_latency
         if d is None:
-            return 0.0
-        ks = [k for k in plan.values() if k]
-        passes = sum(d.fixed + d.per_token * sum(k >= j for k in ks) for j in range(1, max(ks, default=0) + 1))
-        return passes + sum(self._catchup_cost(p, rid, 1.0 + sum(p.gains[rid][:k])) + self._last_draft_cost(p, rid, k)
-                            for rid, k in plan.items() if k)
+            return cost
+        gain = gains[row, j - 1]
+        before = np.where(j > 1, gains[row, np.maximum(j - 2, 0)], 0.0)
+        deepest = np.maximum.accumulate(np.concatenate(([0], j[:-1])))
+        rate = self.catchup_per_token
+        behind = np.array([p.catchup.get(rid) or 0.0 for rid in ids])[row]
+        fed = np.array([rid in p.catchup for rid in ids])[row]
+        return (d.per_token + d.fixed * (j > deepest) + cost + rate * behind * (gain + (j == 1))
+                + rate * fed * (gain - before))
 
     def _goodput(self, p: Pricing, plan: dict[str, int], base: int) -> float:
         committed = p.others + sum(1.0 + sum(p.gains[rid][:k]) for rid, k in plan.items())
         sto = sum(1 + k for rid, k in plan.items() if rid in p.stochastic)
-        context = p.context_base + sum(k * self._context_increment(p, rid) for rid, k in plan.items())
-        return committed / (self._step(base + sum(plan.values()), sto) + context + self._draft_cost(p, plan))
+        ids = list(plan)
+        ks = np.array([plan[rid] for rid in ids])
+        extra = 0.0
+        if ks.any():  # each request's drafts 1..k, in j order
+            row = np.repeat(np.arange(len(ids)), ks)
+            j = np.arange(len(row)) - np.repeat(np.cumsum(ks) - ks, ks) + 1
+            extra = float(self._draft_costs(p, ids, self._gain_matrix(p, ids), row, j).sum())
+        return committed / (self._step(base + sum(plan.values()), sto) + p.context_base + extra)
 
     def _step(self, tokens: int, stochastic: int) -> float:
         return self.latency.predict(tokens, tokens, stochastic)  # decodes and drafts all sample
