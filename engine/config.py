@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MODEL = "smollm2-135m"
+DRAFT_KV_MODES = ("auto", "own", "shared")  # EngineArgs.speculative_draft_kv
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ class EngineArgs:
     # kernels, e.g. the target's own GGUF as a cheap, close draft of the exact fp32 target); None:
     # the draft loads with the target's settings.
     speculative_draft_activation_quant: str | None = None
+    # method "draft": where the draft model's KV lives. "own": tensors of its own (it catches up
+    # on every committed token); "shared": the target's (no catch-up; the verify pass rewrites
+    # every drafted slot; needs the same KV shape); "auto": shared when the draft is the target's
+    # own checkpoint (a q8 self-draft), else own.
+    speculative_draft_kv: str = "auto"
     speculative_layerskip_keep: float = 0.5  # method "layerskip": fraction of the layers the draft runs
 
     def _speculative_dict(self) -> dict:
@@ -80,6 +86,8 @@ class EngineArgs:
             raise ValueError("speculative_layerskip_keep must be in (0, 1]")
         if self.speculative_draft_activation_quant not in (None, "none", "q8"):
             raise ValueError("speculative_draft_activation_quant must be 'none' or 'q8'")
+        if self.speculative_draft_kv not in DRAFT_KV_MODES:
+            raise ValueError(f"speculative_draft_kv must be one of {DRAFT_KV_MODES}")
         return method, k
 
     def resolved_speculative_model(self) -> str | None:

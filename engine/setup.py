@@ -148,8 +148,11 @@ def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | 
     torch.manual_seed(args.seed)
     loaded = loaded or load_model(args, progress)
     cfg, tokenizer = loaded.config, loaded.tokenizer
-    draft = _draft_model(args, loaded, draft)
-    num_blocks = _num_blocks(args, [cfg] + ([draft.config] if draft else []), loaded.dtype, loaded.device)
+    draft, same = _draft_model(args, loaded, draft)
+    shared_kv = draft is not None and _draft_shares_kv(args.speculative_draft_kv, cfg, draft.config, same)
+    # A block holds KV for the target and, unless it shares the target's, the draft model.
+    own = [draft.config] if draft is not None and not shared_kv else []
+    num_blocks = _num_blocks(args, [cfg] + own, loaded.dtype, loaded.device)
     max_len = min(_max_model_len(args, cfg, num_blocks), loaded.max_positions)
     cache = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
     kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -165,15 +168,19 @@ def build_parts(args: EngineArgs, progress: bool = False, loaded: LoadedModel | 
     log.info("model %s: %d layers, %d KV blocks x %d tokens, max_model_len %d, %s on %s",
              args.model, cfg.num_layers, num_blocks, args.block_size, max_len, loaded.dtype, loaded.device)
     scheduler = Scheduler(sched_cfg, kv)
-    spec = build_speculative(args, scheduler, runner, draft)
+    spec = build_speculative(args, scheduler, runner, draft, shared_kv)
     return EngineParts(args, cfg, tokenizer, scheduler, runner, eos, spec)
 
 
-def _draft_model(args: EngineArgs, target: LoadedModel, draft: LoadedModel | None) -> LoadedModel | None:
-    """The draft model of method "draft" (loaded like the target), checked against it; else None."""
+def _draft_model(args: EngineArgs, target: LoadedModel, draft: LoadedModel | None
+                 ) -> tuple[LoadedModel | None, bool]:
+    """The draft model of method "draft" (loaded like the target), checked against it, and
+    whether it is the target's own checkpoint (the target's object, or loaded from the
+    target's file); (None, False) for other methods."""
     method, _ = args.resolved_speculative()
     if method != "draft":
-        return None
+        return None, False
+    same = draft is target
     if draft is None:
         name = args.resolved_speculative_model()
         if not name:
@@ -181,17 +188,37 @@ def _draft_model(args: EngineArgs, target: LoadedModel, draft: LoadedModel | Non
         quant = args.speculative_draft_activation_quant
         own = {} if quant is None else {"cpu_activation_quant": quant, "cpu_native_kernels": True}
         draft = load_model(args.replace(model=name, max_model_len=max(target.max_positions, 1), **own))
+        same = resolve_model(name).path.resolve() == resolve_model(args.model).path.resolve()
     if draft.config.vocab_size != target.config.vocab_size or draft.device != target.device:
         raise UnsupportedModelError(f"draft model vocabulary {draft.config.vocab_size} / device {draft.device} "
                                     f"differ from the target's ({target.config.vocab_size} / {target.device})")
     if draft.max_positions < target.max_positions:
         raise UnsupportedModelError("the draft model supports fewer positions than the target")
-    return draft
+    return draft, same
+
+
+def _draft_shares_kv(mode: str, target: ModelConfig, draft: ModelConfig, same_checkpoint: bool) -> bool:
+    """Whether the draft model reads and writes the target's KV (`speculative_draft_kv`).
+    Shared, a draft pass attends over the target's KV of every committed token, so the
+    draft never catches up on a prompt (with its own KV, a q8 self-draft's catch-up cost
+    ~1.3 ms a prompt token here, about the target's own prefill, and at grounded B = 4 it
+    was 6.2 s of a 25 s run); its writes land in this step's slots, which the verify pass
+    rewrites. Only a draft that computes (nearly) the target's KV gains from reading it:
+    "auto" shares for the target's own checkpoint."""
+    fits = (target.num_layers, target.num_kv_heads, target.head_dim) == (draft.num_layers, draft.num_kv_heads,
+                                                                          draft.head_dim)
+    if mode == "shared" and not fits:
+        raise UnsupportedModelError(
+            f"speculative_draft_kv shared needs the target's KV shape (layers, KV heads, head dim) "
+            f"{(target.num_layers, target.num_kv_heads, target.head_dim)}; the draft has "
+            f"{(draft.num_layers, draft.num_kv_heads, draft.head_dim)}")
+    return mode == "shared" or (mode == "auto" and same_checkpoint and fits)
 
 
 def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunner,
-                      draft: LoadedModel | None = None) -> Any:
-    """The speculative decoder of `args`, its latency models measured on this runner; None if off."""
+                      draft: LoadedModel | None = None, shared_kv: bool = False) -> Any:
+    """The speculative decoder of `args`, its latency models measured on this runner; None if off.
+    `shared_kv`: method "draft" reads and writes the target's KV (`_draft_shares_kv`)."""
     from engine.spec import DraftController, LatencyModel, create_drafter
     from engine.spec.latency import ContextCost
     from engine.spec.decoder import SpeculativeDecoder, measure_step_latency, probe_shapes
@@ -209,7 +236,8 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
         # time on open chat, against 89% (16 prompts, batch 1; the fp32 outputs agree).
         quant = args.speculative_draft_activation_quant
         own = "auto" if quant is not None and args.attention_backend == "auto" else None
-        kwargs = {"model": draft.model, "model_config": draft.config, "attention_backend": own}
+        kwargs = {"model": draft.model, "model_config": draft.config, "attention_backend": own,
+                  "shared_kv": shared_kv}
     elif method == "recycling":
         kwargs = {"vocab_size": runner.cfg.model.vocab_size}
     drafter = create_drafter(method, **kwargs)

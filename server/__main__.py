@@ -58,6 +58,8 @@ ENGINE_HELP = {
     "speculative_draft_activation_quant": "method draft: none | q8, the draft model's activation quant on the "
                                           "native CPU kernels (unset: the target's), e.g. the target's own "
                                           "GGUF in q8 as a cheap draft of the exact target",
+    "speculative_draft_kv": "method draft: auto | own | shared, where the draft model's KV lives (shared: the "
+                            "target's, no catch-up on prompts; auto: shared for the target's own checkpoint)",
 }
 
 

@@ -22,7 +22,11 @@ tensors, indexed by the target's block ids (one allocation covers both). Its
 KV must cover every committed token, so pass 0 also catches up on the tokens
 it has not seen yet (the prompt, and the last accepted draft after a step that
 accepted all k): `_computed[request]` is where the draft model's valid KV ends.
-Stale draft KV only lowers acceptance, never changes outputs.
+Stale draft KV only lowers acceptance, never changes outputs. With `shared_kv`
+(the target's own checkpoint as its draft, e.g. on q8 activations) the draft
+model reads and writes the target's KV as layerskip does: it attends over the
+target's KV of every committed token, so it never catches up, and what it
+writes into this step's slots the verify pass rewrites.
 """
 from __future__ import annotations
 
@@ -197,23 +201,30 @@ class LayerSkipDrafter(ModelDrafter):
 
 @register_drafter("draft")
 class DraftModelDrafter(ModelDrafter):
-    """A separate draft model (same tokenizer); its KV tensors use the target's block ids."""
-    keeps_kv = True
+    """A separate draft model (same tokenizer); its KV tensors use the target's block ids, or
+    are the target's (`shared_kv`: no KV of its own, nothing to catch up on)."""
 
-    def __init__(self, model=None, model_config=None, attention_backend: str | None = None):
+    def __init__(self, model=None, model_config=None, attention_backend: str | None = None,
+                 shared_kv: bool = False):
         super().__init__()
         self.model, self.model_config = model, model_config
         self.attention_backend = attention_backend  # None: the target runner's
+        self.shared_kv = shared_kv
+        self.keeps_kv = not shared_kv  # own KV: it must catch up on every committed token
+        self.kv_memory: KVMemory | None = None  # own KV only
         self.kv_caches: list[torch.Tensor] = []
         self.attn = None
-        self._computed: dict[str, int] = {}  # request id -> tokens with valid draft KV
+        self._computed: dict[str, int] = {}  # request id -> tokens with valid draft KV (own KV)
 
     def attach(self, runner) -> None:
         super().attach(runner)
         m, c = self.model_config, runner.cfg.cache
-        self.kv_memory = KVMemory(m.num_layers, (c.num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim),
-                                  runner.cfg.dtype, runner.cfg.device)
-        self.kv_caches = self.kv_memory.layers
+        if self.shared_kv:
+            self.kv_caches = runner.kv_caches
+        else:
+            self.kv_memory = KVMemory(m.num_layers, (c.num_blocks, 2, c.block_size, m.num_kv_heads, m.head_dim),
+                                      runner.cfg.dtype, runner.cfg.device)
+            self.kv_caches = self.kv_memory.layers
         shape = AttentionShape(m.num_heads, m.num_kv_heads, m.head_dim, m.head_dim ** -0.5,
                                runner.cfg.dtype, runner.cfg.device)
         self.attn = create_backend(self.attention_backend or runner.cfg.attention_backend, shape)
@@ -225,7 +236,9 @@ class DraftModelDrafter(ModelDrafter):
     def backlog(self, request_id: str, num_computed_tokens: int) -> int:
         # Tokens from where this request's draft KV ends up to its last committed token
         # (never past the target's start: after a preemption the target recomputes, and
-        # so does the draft).
+        # so does the draft). Shared KV: the target's covers them all.
+        if self.shared_kv:
+            return 0
         return num_computed_tokens - min(self._computed.get(request_id, 0), num_computed_tokens)
 
     def forward(self, input_ids, positions, layout, logit_rows=None):
@@ -236,6 +249,8 @@ class DraftModelDrafter(ModelDrafter):
     def scheduled(self, entries) -> None:
         # The target recomputing below our mark (after a preemption, into fresh blocks)
         # invalidates the draft KV from there on.
+        if self.shared_kv:
+            return
         for e in entries:
             mark = self._computed.get(e.request_id)
             if mark is not None and e.start < mark:
@@ -243,6 +258,8 @@ class DraftModelDrafter(ModelDrafter):
 
     def committed(self, entry: ScheduledRequest, accepted: int) -> None:
         # Pass j wrote position start + j (j < k); the accepted ones hold committed tokens.
+        if self.shared_kv:
+            return  # the verify pass rewrote them in the target's KV
         self._computed[entry.request_id] = entry.start + 1 + min(accepted, entry.num_draft_tokens - 1)
 
     def forget(self, request_id: str) -> None:

@@ -159,11 +159,14 @@ class ProbeScratch:
                 self.runner.model_drafter.forget(req.request_id)
 
 
-def measure_draft_costs(scratch: ProbeScratch, drafter: Any, repeats: int = 4) -> tuple[LatencyModel, float]:
+def measure_draft_costs(scratch: ProbeScratch, drafter: Any, repeats: int = 4) -> tuple[LatencyModel, float | None]:
     """A model drafter's pass line D(B) over B one-token rows and its catch-up rate:
-    seconds per backlog token a pass 0 feeds beyond its rows. Rows go up to 48 whatever
-    the engine's batch size (`DRAFT_PASS_ROWS`): the probes pin the line's slope (engine/spec/latency.py)."""
+    seconds per backlog token a pass 0 feeds beyond its rows (None for a drafter on the
+    target's KV: it never catches up). Rows go up to 48 whatever the engine's batch size
+    (`DRAFT_PASS_ROWS`): the probes pin the line's slope (engine/spec/latency.py)."""
     line = measure_latency(lambda n: scratch.draft_pass(drafter, n), DRAFT_PASS_ROWS, repeats, what="draft pass")
+    if not drafter.keeps_kv:
+        return line, None
     seconds = best_time(lambda: scratch.catchup_pass(drafter), repeats)
     if seconds is None:
         rate = line.per_token

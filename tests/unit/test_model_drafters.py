@@ -1,7 +1,7 @@
 """Model drafters (layerskip, draft) on the real SmolLM2: lossless against the plain path.
 
 The target as its own draft accepts (nearly) every greedy draft, through
-preemption and prefix hits; a tiny random draft model with the same tokenizer
+preemption and prefix hits, on its own KV and on the target's; a tiny random draft model with the same tokenizer
 is lossless for greedy and seeded sampling; layerskip is lossless; every KV
 block comes back and the draft model's per-request state is dropped.
 """
@@ -48,7 +48,7 @@ def test_kept_layers_spread_and_bounds():
 def test_target_as_its_own_draft_accepts_greedy_drafts(make_llm, smol_loaded, hf_smol, plain_greedy):
     base, ref = plain_greedy
     llm = make_llm(num_kv_blocks=16, speculative_method="draft", num_speculative_tokens=4,
-                   speculative_adaptive=False, draft_loaded=smol_loaded)
+                   speculative_adaptive=False, draft_loaded=smol_loaded, speculative_draft_kv="own")
     run(llm, [PROMPTS[1]], params(1))  # leaves its prompt blocks in the prefix cache
     preempted = _watch_preemptions(llm)
     outs = run(llm, BATCH, params())
@@ -63,6 +63,55 @@ def test_target_as_its_own_draft_accepts_greedy_drafts(make_llm, smol_loaded, hf
     for prompt, r, o in zip(BATCH, ref, outs):
         assert_same_or_near_tie(hf_smol, base, prompt, r.outputs[0], o.outputs[0])
     assert llm.core.runner.model_drafter._computed == {}
+
+
+def test_target_as_its_own_draft_on_the_shared_kv_never_catches_up(make_llm, smol_loaded, hf_smol,
+                                                                    plain_greedy):
+    """speculative_draft_kv "auto" puts the target's own checkpoint on the target's KV: the
+    draft passes attend over the target's KV of the committed tokens, so pass 0 feeds one
+    token a request (no prompt catch-up), through preemption and prefix hits; drafts are
+    accepted as with its own KV, and the output is the plain path's."""
+    base, ref = plain_greedy
+    llm = make_llm(num_kv_blocks=16, speculative_method="draft", num_speculative_tokens=4,
+                   speculative_adaptive=False, draft_loaded=smol_loaded)
+    drafter = llm.core.runner.model_drafter
+    assert drafter.shared_kv and drafter.kv_memory is None and drafter.kv_caches is llm.core.runner.kv_caches
+    passes = []
+    draft = drafter.draft
+
+    def watched(sched):
+        out = draft(sched)
+        passes.extend(out[1])
+        return out
+    drafter.draft = watched
+    run(llm, [PROMPTS[1]], params(1))  # leaves its prompt blocks in the prefix cache
+    outs = run(llm, BATCH, params())
+    stats = llm.core.spec.totals
+    assert stats.num_draft_tokens > 40 and stats.num_accepted_tokens >= 0.95 * stats.num_draft_tokens, stats
+    assert llm.core.scheduler.num_preemptions > 0 and llm.core.scheduler.kv.hit_tokens > 0
+    assert passes and all(p.num_tokens == p.rows for p in passes)  # one token a row: no catch-up
+    for prompt, r, o in zip(BATCH, ref, outs):
+        assert_same_or_near_tie(hf_smol, base, prompt, r.outputs[0], o.outputs[0])
+    assert llm.core.scheduler.kv.num_free_blocks == llm.core.scheduler.kv.pool.num_blocks
+
+
+def test_draft_kv_modes_split_the_kv_budget_only_for_a_draft_of_its_own(make_llm, smol_loaded, tiny_draft):
+    """The KV budget holds the target's KV and, unless shared, the draft's; "shared" needs
+    the target's KV shape (the tiny draft has other layers and heads); "auto" shares for
+    the target's own checkpoint only."""
+    from engine.errors import UnsupportedModelError
+
+    def blocks(**kwargs):
+        llm = make_llm(kv_cache_memory=64 << 20, speculative_method="draft", num_speculative_tokens=2,
+                       speculative_adaptive=False, **kwargs)
+        return llm.core.runner.cfg.cache.num_blocks, llm.core.runner.model_drafter.shared_kv
+    shared, own = blocks(draft_loaded=smol_loaded), blocks(draft_loaded=smol_loaded, speculative_draft_kv="own")
+    assert shared[1] and not own[1] and own[0] == shared[0] // 2  # same shape: half the blocks
+    assert blocks(draft_loaded=tiny_draft)[1] is False
+    with pytest.raises(UnsupportedModelError, match="KV shape"):
+        blocks(draft_loaded=tiny_draft, speculative_draft_kv="shared")
+    with pytest.raises(ValueError, match="speculative_draft_kv"):
+        blocks(draft_loaded=smol_loaded, speculative_draft_kv="both")
 
 
 def _watch_preemptions(llm) -> list[tuple[int, int]]:
@@ -134,6 +183,7 @@ def test_q8_self_draft_loads_in_q8_and_is_lossless(make_llm, hf_smol, plain_gree
                    speculative_draft_activation_quant="q8", num_speculative_tokens=4,
                    speculative_adaptive=False)
     draft_model = llm.core.runner.model_drafter.model
+    assert llm.core.runner.model_drafter.shared_kv  # "auto": the target's own GGUF, by name
 
     def q8_flags(model):
         return {m.q8 for m in model.modules() if hasattr(m, "q8_capable") and m.q8_capable}

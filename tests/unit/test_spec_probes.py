@@ -43,16 +43,19 @@ def tiny(tmp_path_factory):
     return path, load_model(EngineArgs(model=str(path), max_model_len=256))
 
 
-# layerskip and draft also probe draft passes (draft: on its own KV, the target as its own draft)
-@pytest.mark.parametrize("method", ["ngram", "layerskip", "draft"])
+# layerskip and draft also probe draft passes (draft: the target as its own draft, on its own KV
+# or on the target's, "draft-shared", which probes no catch-up)
+@pytest.mark.parametrize("method", ["ngram", "layerskip", "draft", "draft-shared"])
 def test_probes_leave_no_zero_page_mappings_and_the_free_order_as_it_was(tiny, method):
     from engine.llm import LLM
 
     path, loaded = tiny
     max_seqs, k = 16, 4
-    llm = LLM(loaded=loaded, max_num_seqs=max_seqs, kv_cache_memory=16 << 20, speculative_method=method,
-              num_speculative_tokens=k, speculative_adaptive=True,
-              speculative_model=str(path) if method == "draft" else None)
+    draft = method.startswith("draft")
+    llm = LLM(loaded=loaded, max_num_seqs=max_seqs, kv_cache_memory=16 << 20,
+              speculative_method="draft" if draft else method, num_speculative_tokens=k, speculative_adaptive=True,
+              speculative_model=str(path) if draft else None,
+              speculative_draft_kv="shared" if method == "draft-shared" else "own")
     core = llm.core
     kv, memory = core.scheduler.kv, core.runner.kv_memory
     assert core.spec.controller.latency.knots[-1] == max_seqs * (k + 1)  # every probe ran
@@ -61,6 +64,10 @@ def test_probes_leave_no_zero_page_mappings_and_the_free_order_as_it_was(tiny, m
     if method == "draft":
         assert core.spec.controller.catchup_per_token > 0
         assert kv_pages(core.runner.model_drafter.kv_memory)[1] == 0
+    if method == "draft-shared":
+        drafter = core.runner.model_drafter
+        assert drafter.kv_memory is None and drafter.kv_caches is core.runner.kv_caches
+        assert core.spec.controller._backlog == [0.0, 0.0]  # no catch-up probe, none to learn
     assert kv.pool.free_order() == list(range(kv.pool.num_blocks))
     # Touched: the shared context's blocks and one block per row of the largest probe (a
     # step's rows, or a draft pass's) or the context-cost probes' rows of their own longer
@@ -87,8 +94,13 @@ def test_a_catch_up_probe_no_slower_than_the_pass_line_is_not_priced_free(monkey
     class Scratch:
         context = 128
 
+    class Drafter:
+        keeps_kv = True
+
     monkeypatch.setattr(probes, "measure_latency", lambda *a, **k: LatencyModel(0.006, 0.0005))
     monkeypatch.setattr(probes, "best_time", lambda run, repeats: 0.0060 + 0.0005 + 127 * 0.0004)
-    assert probes.measure_draft_costs(Scratch(), None)[1] == pytest.approx(0.0004)
+    assert probes.measure_draft_costs(Scratch(), Drafter())[1] == pytest.approx(0.0004)
     monkeypatch.setattr(probes, "best_time", lambda run, repeats: 0.004)  # below D(1) = 6.5 ms
-    assert probes.measure_draft_costs(Scratch(), None)[1] == pytest.approx(0.004 / 128)
+    assert probes.measure_draft_costs(Scratch(), Drafter())[1] == pytest.approx(0.004 / 128)
+    Drafter.keeps_kv = False  # on the target's KV: nothing to catch up on, no probe
+    assert probes.measure_draft_costs(Scratch(), Drafter())[1] is None
