@@ -46,6 +46,7 @@ class Config:
     adaptive: bool = False
     draft_model: str | None = None  # method "draft"
     draft_quant: str | None = None  # method "draft": the draft's activation quant
+    draft_kv: str | None = None  # method "draft": auto | own | shared (None: the engine's default, auto)
 
     def engine_args(self) -> dict:
         if self.method is None:
@@ -56,6 +57,8 @@ class Config:
             out["speculative_model"] = self.draft_model
         if self.draft_quant:
             out["speculative_draft_activation_quant"] = self.draft_quant
+        if self.draft_kv:
+            out["speculative_draft_kv"] = self.draft_kv
         return out
 
     def server_args(self) -> list[str]:
@@ -64,11 +67,12 @@ class Config:
         out = ["--speculative-method", self.method, "--num-speculative-tokens", str(self.k)]
         out += ["--speculative-model", self.draft_model] if self.draft_model else []
         out += ["--speculative-draft-activation-quant", self.draft_quant] if self.draft_quant else []
+        out += ["--speculative-draft-kv", self.draft_kv] if self.draft_kv else []
         return out + ([] if self.adaptive else ["--no-speculative-adaptive"])
 
 
-def configs(method: str, fixed: list[int], max_k: int, draft: tuple[str | None, str | None] = (None, None)
-            ) -> list[Config]:
+def configs(method: str, fixed: list[int], max_k: int,
+            draft: tuple[str | None, str | None, str | None] = (None, None, None)) -> list[Config]:
     return [Config("no spec"), *(Config(f"{method} k={k}", method, k, False, *draft) for k in fixed),
             Config(f"{method} adaptive", method, max_k, True, *draft)]
 
@@ -317,6 +321,9 @@ def main() -> None:
     ap.add_argument("--server-repeats", type=int, default=2,
                     help="server rounds (every server up at once; ratios paired within a round)")
     ap.add_argument("--draft-model", help="method draft: the draft model (e.g. smollm2-135m, the target's own GGUF)")
+    ap.add_argument("--draft-kv", choices=("auto", "own", "shared"),
+                    help="method draft: where the draft's KV lives (unset: the engine's auto, shared for the "
+                         "target's own checkpoint)")
     ap.add_argument("--draft-activation-quant", choices=("none", "q8"),
                     help="method draft: the draft's activation quant on the native kernels (q8: a cheap close draft)")
     ap.add_argument("--native", action="store_true",
@@ -332,7 +339,7 @@ def main() -> None:
     workloads = {name: load_workload(name) for name in args.workloads.split(",")}
     batches = [int(b) for b in args.batches.split(",") if b]  # "": the server phase only
     cfgs = configs(args.method, [int(k) for k in args.fixed_k.split(",")], args.max_k,
-                   (args.draft_model, args.draft_activation_quant))
+                   (args.draft_model, args.draft_activation_quant, args.draft_kv))
     rows: list[dict] = []
     t_start = time.perf_counter()
     if args.server:  # first: a server that fails to start fails the run in minutes, not at its end
@@ -373,7 +380,8 @@ def write_result(args, rows: list[dict], t_start: float) -> list[dict]:
               "linear_path": ("native GGUF blocks (Q4_1 + Q8_0 head), our AVX2 kernels, fp32 activations"
                               if args.native else "fp32 dequantized GGUF, oneDNN packed" if packing_available()
                               else "fp32 dequantized GGUF, F.linear"),
-              "draft": ({"model": args.draft_model, "activation_quant": args.draft_activation_quant}
+              "draft": ({"model": args.draft_model, "activation_quant": args.draft_activation_quant,
+                         "kv": args.draft_kv or "auto (shared for the target's own checkpoint)"}
                         if args.method == "draft" else None),
               "max_tokens": args.max_tokens, "elapsed_s": time.perf_counter() - t_start,
               "rows": rows, "summary": summary}
