@@ -255,9 +255,9 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
             rows = min(CONTEXT_ROWS, args.max_num_seqs, max(args.max_num_batched_tokens // (k + 1), 1))
             context = measure_context_cost(scratch, rows, k + 1, scheduler.config.max_model_len,
                                            drafter if drafter.needs_runner else None)
+    where = "" if method != "draft" else ", the draft on the target's KV" if shared_kv else ", the draft on its own KV"
     log.info("speculative decoding: %s, up to %d tokens, %s%s", method, k,
-             "adaptive" if args.speculative_adaptive else "fixed k",
-             "" if method != "draft" else ", the draft on the target's KV" if shared_kv else ", the draft on its own KV")
+             "adaptive" if args.speculative_adaptive else "fixed k", where)
     return SpeculativeDecoder(drafter, DraftController(k, latency, args.speculative_adaptive,
                                                        draft_latency=draft_latency, catchup_per_token=catchup,
                                                        context=context))

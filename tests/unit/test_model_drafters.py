@@ -1,9 +1,10 @@
 """Model drafters (layerskip, draft) on the real SmolLM2: lossless against the plain path.
 
 The target as its own draft accepts (nearly) every greedy draft, through
-preemption and prefix hits, on its own KV and on the target's; a tiny random draft model with the same tokenizer
-is lossless for greedy and seeded sampling; layerskip is lossless; every KV
-block comes back and the draft model's per-request state is dropped.
+preemption and prefix hits, on its own KV and on the target's; a tiny random
+draft model with the same tokenizer is lossless for greedy and seeded sampling;
+layerskip is lossless; every KV block comes back and the draft model's
+per-request state is dropped.
 """
 from __future__ import annotations
 
