@@ -210,11 +210,14 @@ class DraftModelDrafter(ModelDrafter):
         self.model, self.model_config = model, model_config
         self.attention_backend = attention_backend  # None: the target runner's
         self.shared_kv = shared_kv
-        self.keeps_kv = not shared_kv  # own KV: it must catch up on every committed token
         self.kv_memory: KVMemory | None = None  # own KV only
         self.kv_caches: list[torch.Tensor] = []
         self.attn = None
         self._computed: dict[str, int] = {}  # request id -> tokens with valid draft KV (own KV)
+
+    @property
+    def keeps_kv(self) -> bool:
+        return not self.shared_kv  # own KV: it must catch up on every committed token
 
     def attach(self, runner) -> None:
         super().attach(runner)
