@@ -249,7 +249,7 @@ def build_speculative(args: EngineArgs, scheduler: Scheduler, runner: ModelRunne
     if args.speculative_adaptive:
         max_tokens = min(args.max_num_batched_tokens, args.max_num_seqs * (k + 1))
         with ProbeScratch(scheduler, runner) as scratch:
-            latency = measure_step_latency(scratch.step, probe_shapes(k, max_tokens))
+            latency = measure_step_latency(scratch.step, probe_shapes(k, max_tokens, args.max_num_seqs))
             if drafter.needs_runner:
                 draft_latency, catchup = measure_draft_costs(scratch, drafter)
             rows = min(CONTEXT_ROWS, args.max_num_seqs, max(args.max_num_batched_tokens // (k + 1), 1))

@@ -302,7 +302,7 @@ class DraftController:
                         for j, g in enumerate(p.gains[rid][:min(candidates[rid], self.max_k)], 1)), reverse=True)
         sto0 = sum(rid in p.stochastic for rid in ids)  # tokens sampled at a temperature
         committed0 = float(len(ids) + p.others)
-        best = committed0 / (self._step(base, sto0) + p.context_base)
+        best = committed0 / (self._step(base, sto0, base) + p.context_base)
         if not order:
             return dict.fromkeys(ids, 0)
         gain, row, j = (np.array(col) for col in zip(*order))
@@ -310,7 +310,7 @@ class DraftController:
         cost = self._draft_costs(p, ids, self._gain_matrix(p, ids), row, j)
         tokens = base + np.arange(1, len(order) + 1)
         sto = sto0 + np.cumsum([ids[r] in p.stochastic for r in row])
-        values = (committed0 + np.cumsum(gain)) / (self._steps(tokens, sto) + p.context_base + np.cumsum(cost))
+        values = (committed0 + np.cumsum(gain)) / (self._steps(tokens, sto, base) + p.context_base + np.cumsum(cost))
         top = int(np.argmax(values))
         taken = row[:top + 1] if values[top] > best else row[:0]
         counts = np.bincount(taken, minlength=len(ids)).tolist()
@@ -369,13 +369,14 @@ class DraftController:
             row = np.repeat(np.arange(len(ids)), ks)
             j = np.arange(len(row)) - np.repeat(np.cumsum(ks) - ks, ks) + 1
             extra = float(self._draft_costs(p, ids, self._gain_matrix(p, ids), row, j).sum())
-        return committed / (self._step(base + sum(plan.values()), sto) + p.context_base + extra)
+        return committed / (self._step(base + sum(plan.values()), sto, base) + p.context_base + extra)
 
-    def _step(self, tokens: int, stochastic: int) -> float:
-        return self.latency.predict(tokens, tokens, stochastic)  # decodes and drafts all sample
+    def _step(self, tokens: int, stochastic: int, rows: int) -> float:
+        """A step of `rows` decode rows (`base`: drafts add tokens, not rows), all sampled."""
+        return self.latency.predict(tokens, tokens, stochastic, rows)
 
-    def _steps(self, tokens: np.ndarray, stochastic: np.ndarray) -> np.ndarray:
-        return self.latency.predict_many(tokens, stochastic)  # `_step` of each
+    def _steps(self, tokens: np.ndarray, stochastic: np.ndarray, rows: int) -> np.ndarray:
+        return self.latency.predict_many(tokens, stochastic, rows)  # `_step` of each
 
     def observe_draft_pass(self, rows: int, tokens: int, seconds: float, context: int = 0) -> None:
         """Learn from one of a model drafter's passes: `rows` requests fed `tokens` tokens

@@ -5,7 +5,7 @@ running, decoding request's `draft_token_ids` (the one writer of that field):
 the drafter proposes up to max_k tokens and the controller picks k per request
 (k = 0 leaves the request on the plain decode path). After the step it feeds
 the acceptance of every verified request to the controller, the step's
-(tokens, seconds) to the latency model, and counts the spec metrics.
+(tokens, rows, seconds) to the latency model, and counts the spec metrics.
 
 Constrained (grammar) requests keep only the drafts their grammar accepts (the
 matcher validates them; the runner then masks each of the 1 + k positions with
@@ -185,7 +185,8 @@ class SpeculativeDecoder:
             stochastic = sum(1 + e.num_draft_tokens for e in scheduled if e.sample and not e.request.params.greedy)
             # The table's knots exclude what the rows' own contexts add (ContextCost).
             seconds -= sum(self.controller.context.row(e.start, e.num_tokens) for e in scheduled)
-            self.controller.latency.observe(num_tokens, max(seconds, 1e-6), sampled, stochastic)
+            rows = sum(1 for e in scheduled if e.sample)
+            self.controller.latency.observe(num_tokens, max(seconds, 1e-6), sampled, stochastic, rows)
 
     def drain(self) -> SpecStats:
         stats, self.stats = self.stats, SpecStats()
@@ -202,18 +203,20 @@ class SpeculativeDecoder:
             self.drafter.preempted(rid)
 
 
-def probe_shapes(max_k: int, max_tokens: int) -> list[tuple[int, int]]:
-    """(rows, tokens per row) of the start-up probes: one row of 1 .. 1 + max_k tokens (batch
-    1 at every draft length: the GEMV-to-GEMM jump lies here), then rows of 2 tokens at about
-    1.5x steps up to `max_tokens` (the most tokens a decode step of the engine can have)."""
+def probe_shapes(max_k: int, max_tokens: int, max_rows: int = 1) -> list[tuple[int, int]]:
+    """(rows, tokens per row) of the start-up probes, by tokens: one row of 1 .. 1 + max_k
+    tokens (batch 1 at every draft length: the GEMV-to-GEMM jump lies here), then rows = 2,
+    4, 8, ... and `max_rows`, each at 1, 2 and 1 + max_k tokens a row (its plain decode, one
+    draft each, every draft), within `max_tokens` (the most tokens a step of the engine can
+    have). Each row count is a line of the table (`LatencyTable`)."""
     shapes = [(1, n) for n in range(1, min(max_k + 1, max_tokens) + 1)]
-    target = float(shapes[-1][1])
-    while target < max_tokens:
-        target = min(target * 1.5, max_tokens)
-        rows = max(int(target) // 2, 1)
-        if 2 * rows > shapes[-1][0] * shapes[-1][1]:
-            shapes.append((rows, 2))
-    return shapes
+    counts, rows = [], 2
+    while rows < max_rows:
+        counts.append(rows)
+        rows *= 2
+    for rows in counts + ([max_rows] if max_rows > 1 else []):
+        shapes += [(rows, q) for q in sorted({1, 2, max_k + 1}) if rows * q <= max_tokens]
+    return sorted(shapes, key=lambda s: (s[0] * s[1], s[0]))
 
 
 def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), repeats: int = 4,
@@ -234,45 +237,54 @@ def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), re
 
 
 def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: int = 4) -> LatencyTable:
-    """The table of T(N): `run_probe(rows, per_row, temperature)` runs one all-sampled step of
-    that shape and returns False when it could not (no KV room): that probe and larger ones
-    are left out. Knots are greedy steps; the largest probed shape is timed `repeats` times
-    more at temperature 1, alternating with as many greedy runs, and the difference of the
-    bests per row is the table's `sample_cost`.
+    """The table of T(N, rows): `run_probe(rows, per_row, temperature)` runs one all-sampled
+    step of that shape and returns False when it could not (no KV room): that probe and
+    those of as many tokens or more are left out. Knots are greedy steps; the largest probed
+    shape is timed `repeats` times more at temperature 1, alternating with as many greedy
+    runs, and the difference of the bests per row is the table's `sample_cost`.
 
     Each knot is the best of `repeats` runs taken in rounds over all shapes (not each shape's
     repeats in a row: the VM's speed drifts over the seconds the probes take, and timing
     the shapes one after the other put that drift between neighbouring knots; one server's
     table rose 0.6 ms a token from N = 20 to 30 and 3.5 ms from 30 to 44, and priced k = 1 at
-    B = 16 7-10% below no drafts). A knot above a later one is lowered to it: a step of more
-    tokens does not cost less, so that knot caught an interruption. With the best of 2 and
-    no such check, one server's table read {2: 41.0, 3: 55.7, ..., 12: 55.7} ms (the plateau
-    from keeping knots non-decreasing) and batch 1 drafted 1 token a step."""
+    B = 16 7-10% below no drafts). A knot above a later one of its line is lowered to it: a
+    step of more tokens does not cost less, so that knot caught an interruption. With the
+    best of 2 and no such check, one server's table read {2: 41.0, 3: 55.7, ..., 12: 55.7} ms
+    (the plateau from keeping knots non-decreasing) and batch 1 drafted 1 token a step."""
     run_probe(*shapes[0], 0.0)  # warm-up
-    best, usable = [math.inf] * len(shapes), len(shapes)
+    best = [math.inf] * len(shapes)
+    usable = [True] * len(shapes)
     for _ in range(repeats):
-        for i, (rows, per_row) in enumerate(shapes[:usable]):
+        for i, (rows, per_row) in enumerate(shapes):
+            if not usable[i]:
+                continue
             seconds = best_time(lambda: run_probe(rows, per_row, 0.0), 1)
             if seconds is None:  # no KV room for it, nor for larger ones
-                usable = i
-                break
+                usable = [u and r * q < rows * per_row for u, (r, q) in zip(usable, shapes)]
+                continue
             best[i] = min(best[i], seconds)
-    samples = [(rows * per_row, t) for (rows, per_row), t in zip(shapes[:usable], best)]
-    sample_cost = 0.0
-    if usable:
-        rows, per_row = shapes[usable - 1]
-        times = {0.0: math.inf, 1.0: math.inf}  # temperature -> best seconds
-        for _ in range(repeats):
-            for temperature in times:
-                seconds = best_time(lambda: run_probe(rows, per_row, temperature), 1)
-                times[temperature] = min(times[temperature], math.inf if seconds is None else seconds)
-        if math.isfinite(times[1.0]):
-            sample_cost = max((times[1.0] - times[0.0]) / (rows * per_row), 0.0)
-    for i in reversed(range(len(samples) - 1)):
-        samples[i] = (samples[i][0], min(samples[i][1], samples[i + 1][1]))
-    table = LatencyTable(samples or [(1, 0.05)], sample_cost=sample_cost)
-    log.info("step %s (%d probes)", describe(table), len(samples))
+    knots = [(r, r * q, t) for (r, q), t, u in zip(shapes, best, usable) if u]
+    sample_cost = _sample_cost(run_probe, max(((r, n // r) for r, n, _ in knots), key=lambda s: s[0] * s[1]),
+                               repeats) if knots else 0.0
+    for i in reversed(range(len(knots))):  # lowered to the next knot of its line
+        r, n, t = knots[i]
+        later = [u for rr, nn, u in knots[i + 1:] if rr == r]
+        knots[i] = (r, n, min([t] + later[:1]))
+    table = LatencyTable([(n, t) for _, n, t in knots] or [(1, 0.05)], sample_cost=sample_cost,
+                         rows=[r for r, _, _ in knots] if knots else None)
+    log.info("step %s (%d probes)", describe(table), len(knots))
     return table
+
+
+def _sample_cost(run_probe, shape: tuple[int, int], repeats: int) -> float:
+    """Seconds per row that sampling at temperature 1 adds to argmax, on `shape`."""
+    rows, per_row = shape
+    times = {0.0: math.inf, 1.0: math.inf}  # temperature -> best seconds
+    for _ in range(repeats):
+        for temperature in times:
+            seconds = best_time(lambda: run_probe(rows, per_row, temperature), 1)
+            times[temperature] = min(times[temperature], math.inf if seconds is None else seconds)
+    return max((times[1.0] - times[0.0]) / (rows * per_row), 0.0) if math.isfinite(times[1.0]) else 0.0
 
 
 def best_time(run, repeats: int) -> float | None:

@@ -1,18 +1,32 @@
 """Step-latency models the draft controller prices its plans with.
 
-`LatencyTable` is the target step's cost T(N) for a step of N tokens that all sample
-(decodes and verifications: the steps a draft-length choice changes). It is a
-piecewise-linear curve through knots measured at start-up (one timed forward pass
-per knot: one row of N tokens up to the longest verification, then rows of 1 + k
-tokens), so it follows whatever shape the kernels give it: on the native CPU path
-one row runs as a GEMV and two or more as GEMM tiles (a jump of ~60% from N = 1
-to N = 2), and attention and sampling grow with the rows. Beyond the last knot the
-curve goes on with the last segment's slope. Knot times are kept non-decreasing in N.
+`LatencyTable` is the target step's cost T(N, R) for a step of N tokens in R rows that
+all sample (decodes and verifications: the steps a draft-length choice changes). Its
+knots, measured at start-up (one timed forward pass per knot), lie on lines, one per
+probed row count R: one row of 1 .. 1 + max_k tokens, then R = 2, 4, 8, ... up to the
+batch, each at 1, 2 and 1 + max_k tokens a row (its plain decode, one draft a row, every
+draft). Each line is a piecewise-linear curve in N, so it follows whatever shape the
+kernels give it (on the native CPU path one row runs as a GEMV and two or more as GEMM
+tiles, a jump of ~60% from N = 1 to N = 2); beyond its last knot the curve goes on with
+the last segment's slope, and knot times are kept non-decreasing in N. A step of R rows
+is priced at N / R tokens a row on the two lines around R, linearly in R between them.
+
+Why lines: at equal N, more and shorter rows cost more (probes on this CPU's fp32 path:
+72 x 2 tokens in 306 ms against 16 x 9 in 255; 64 x 1 in 201 against 32 x 2 in 165). A
+table of N alone, probed as rows of 2 past batch 1, priced a B = 16 verification of 8
+drafts each (N = 144 in 16 rows) as 72 rows, 25% high, and B = 16's plain decode as 8
+rows, low: adaptive drafted k ~6 where fixed k = 8 ran 1.14x of no drafts. A row cost at
+equal N fitted on top of that table (probes of 2-16 rows x 9 against the rows of 2) fixed
+B = 16 but priced B = 64's plain decode 15% high (its knot at N = 64 was 32 rows of 2,
+and the cost of a row is not one constant), and B = 64 drafted at 0.85x of no drafts. On
+lines, the plain decode step and a full verification of the engine's batch are probed as
+they run. A table built without rows is one curve of N alone (the unit tests' tables).
 
 Online, every step whose tokens all sampled is learnt from in two parts: a scale shared
 by all knots moves towards the step's measured / predicted time (SCALE_EMA), then the
-two knots around its N take a slower share of what the scaled curve still misses
-(TABLE_EMA, split by the interpolation weights). Steps with prefill tokens are not of
+knots around it (the two around its tokens a row on each of the two lines around its
+rows) take a slower share of what the scaled table still misses (TABLE_EMA, split by
+the interpolation weights). Steps with prefill tokens are not of
 the table's shape and are skipped. A workload visits a few N (its plain decode step
 most), and with the knots learnt alone the visited ones moved with the VM while the
 rest kept their probe times: a draft model's grounded B = 4 run learnt its plain step
@@ -38,9 +52,9 @@ the table, which priced a server's B = 16 decode steps at 54-58 ms where they ra
 89-93 ms. The controller charges it per row and per draft; the table learns from
 each step's time less it.
 
-Both answer `predict(num_tokens, num_sampled, num_stochastic)` and
-`observe(num_tokens, seconds, num_sampled, num_stochastic)`; `num_sampled` only
-tells the table which steps to learn from. The table's knots are greedy steps
+Both answer `predict(num_tokens, num_sampled, num_stochastic, rows)` and
+`observe(num_tokens, seconds, num_sampled, num_stochastic, rows)`; `num_sampled` only
+tells the table which steps to learn from; `LatencyModel` ignores `rows`. The table's knots are greedy steps
 (argmax rows); a row sampled at a temperature (softmax, top-k/top-p, a float64
 cumsum over the vocabulary) costs `sample_cost` more: 0.25 ms per row on this
 CPU's fp32 path, 38 ms of a 186 ms step of 16 verifications of 8 drafts, which
@@ -83,14 +97,16 @@ class LatencyModel:
         model._solve()
         return model
 
-    def predict(self, num_tokens: int, num_sampled: int = 0, num_stochastic: int = 0) -> float:
+    def predict(self, num_tokens: int, num_sampled: int = 0, num_stochastic: int = 0,
+                rows: int | None = None) -> float:
         return max(self.fixed + self.per_token * num_tokens, 1e-6)
 
-    def predict_many(self, num_tokens: np.ndarray, num_stochastic: np.ndarray) -> np.ndarray:
+    def predict_many(self, num_tokens: np.ndarray, num_stochastic: np.ndarray, rows: int | None = None) -> np.ndarray:
         """`predict` of each step size in `num_tokens`."""
         return np.maximum(self.fixed + self.per_token * num_tokens, 1e-6)
 
-    def observe(self, num_tokens: int, seconds: float, num_sampled: int = 0, num_stochastic: int = 0) -> None:
+    def observe(self, num_tokens: int, seconds: float, num_sampled: int = 0, num_stochastic: int = 0,
+                rows: int | None = None) -> None:
         self._sums = [s * self.decay for s in self._sums]
         _add(self._sums, num_tokens, seconds)
         self._solve()
@@ -136,56 +152,17 @@ class ContextCost:
         return cls(max(one - per_query, 0.0), per_query)
 
 
-class LatencyTable:
-    """T(N) of all-sampled steps, piecewise linear through (knots[i], times[i])."""
+class _Curve:
+    """One piecewise-linear T(N) through (knots[i], times[i]): below the first knot its time,
+    past the last the last segment's slope goes on; times kept non-decreasing in N."""
 
-    def __init__(self, samples: Sequence[tuple[int, float]], ema: float = TABLE_EMA, sample_cost: float = 0.0,
-                 scale_ema: float = SCALE_EMA):
-        points = sorted(dict(samples).items())  # one time per N (the last given wins)
-        if not points:
-            raise ValueError("a latency table needs at least one measured step")
+    def __init__(self, points: Sequence[tuple[int, float]]):
+        points = sorted(dict(points).items())  # one time per N (the last given wins)
         self.knots = [n for n, _ in points]
-        self.times = [t for _, t in points]  # the curve's shape: T(N) = scale x interpolated times
-        self.scale = 1.0
-        self.ema, self.scale_ema = ema, scale_ema
-        self.sample_cost = sample_cost  # seconds per row sampled at a temperature (not argmax)
-        self._monotone(0)
+        self.times = [t for _, t in points]
+        self.monotone(0)
 
-    def predict(self, num_tokens: int, num_sampled: int | None = None, num_stochastic: int = 0) -> float:
-        return max(self.scale * self._shape(num_tokens), 1e-6) + self.sample_cost * num_stochastic
-
-    def predict_many(self, num_tokens: np.ndarray, num_stochastic: np.ndarray) -> np.ndarray:
-        """`predict` of each (step size, rows sampled at a temperature) pair, at once."""
-        knots, times = np.array(self.knots, dtype=float), np.array(self.times)
-        shape = np.interp(num_tokens, knots, times)  # below the first knot: its time
-        if len(knots) > 1:  # past the last knot: the last segment's slope goes on
-            slope = (times[-1] - times[-2]) / (knots[-1] - knots[-2])
-            shape = np.where(num_tokens > knots[-1], times[-1] + slope * (num_tokens - knots[-1]), shape)
-        return np.maximum(self.scale * shape, 1e-6) + self.sample_cost * num_stochastic
-
-    def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None,
-                num_stochastic: int = 0) -> None:
-        if num_sampled is not None and num_sampled != num_tokens:
-            return  # prefill tokens in the step: not the table's shape
-        seconds -= self.sample_cost * num_stochastic  # the knots are greedy steps
-        shape = max(self._shape(num_tokens), 1e-9)
-        # One interrupted step (a VM pause) counts as at most SCALE_CLAMP times its prediction.
-        ratio = min(max(seconds / (self.scale * shape), 1.0 / SCALE_CLAMP), SCALE_CLAMP)
-        seconds = ratio * self.scale * shape
-        self.scale *= 1.0 + self.scale_ema * (ratio - 1.0)
-        if num_tokens > self.knots[-1]:
-            return  # extrapolated: the last segment's slope is the probes'; the scale learnt it
-        (i, wi), (j, wj) = self._weights(num_tokens)
-        error = seconds / self.scale - shape  # in the knots' units
-        self.times[i] += self.ema * wi * error
-        self.times[j] += self.ema * wj * error
-        self._monotone(min(i, j))
-
-    def _shape(self, num_tokens: int) -> float:
-        (i, wi), (j, wj) = self._weights(num_tokens)
-        return wi * self.times[i] + wj * self.times[j]
-
-    def _weights(self, n: int) -> tuple[tuple[int, float], tuple[int, float]]:
+    def weights(self, n: float) -> tuple[tuple[int, float], tuple[int, float]]:
         """Interpolation (or, past either end, extrapolation) weights of the two knots
         around n: T(n) = wi * times[i] + wj * times[j]."""
         knots = self.knots
@@ -198,15 +175,125 @@ class LatencyTable:
             f = 0.0  # below the first knot: its time (a step costs at least that)
         return (i, 1.0 - f), (j, f)
 
-    def _monotone(self, start: int) -> None:
+    def at(self, n: float) -> float:
+        (i, wi), (j, wj) = self.weights(n)
+        return wi * self.times[i] + wj * self.times[j]
+
+    def at_many(self, n: np.ndarray) -> np.ndarray:
+        knots, times = np.array(self.knots, dtype=float), np.array(self.times)
+        out = np.interp(n, knots, times)
+        if len(knots) > 1:
+            slope = (times[-1] - times[-2]) / (knots[-1] - knots[-2])
+            out = np.where(n > knots[-1], times[-1] + slope * (n - knots[-1]), out)
+        return out
+
+    def learn(self, n: float, error: float, rate: float) -> None:
+        """Move the two knots around n by rate x error, split by their weights (not past the
+        last knot: there the curve is extrapolated)."""
+        if n > self.knots[-1]:
+            return
+        (i, wi), (j, wj) = self.weights(n)
+        self.times[i] += rate * wi * error
+        self.times[j] += rate * wj * error
+        self.monotone(min(i, j))
+
+    def monotone(self, start: int) -> None:
         for k in range(max(start, 1), len(self.times)):
             self.times[k] = max(self.times[k], self.times[k - 1])
 
 
+class LatencyTable:
+    """T(N, rows) of all-sampled steps: one `_Curve` in N per probed row count (a line). A
+    step of R rows and N tokens (N / R a row) is priced on the two lines around R at the
+    same tokens per row, linearly in R between them (past the last line, the last two
+    lines' slope in R goes on). Without `rows` the table is one curve of N alone, whatever
+    rows a step has."""
+
+    def __init__(self, samples: Sequence[tuple[int, float]], ema: float = TABLE_EMA, sample_cost: float = 0.0,
+                 scale_ema: float = SCALE_EMA, rows: Sequence[int] | None = None):
+        """samples: (N, seconds) of each probe; rows: each probe's rows (None: one curve)."""
+        if not samples:
+            raise ValueError("a latency table needs at least one measured step")
+        by_rows: dict[int, list[tuple[int, float]]] = {}
+        for (n, t), r in zip(samples, [0] * len(samples) if rows is None else rows):
+            by_rows.setdefault(r, []).append((n, t))
+        self.lines = sorted(by_rows)  # probed row counts; [0]: the table of N alone
+        self.curves = [_Curve(by_rows[r]) for r in self.lines]
+        self.scale = 1.0  # shared by every knot: T = scale x the curves
+        self.ema, self.scale_ema = ema, scale_ema
+        self.sample_cost = sample_cost  # seconds per row sampled at a temperature (not argmax)
+
+    @property
+    def knots(self) -> list[int]:
+        """Every knot's N, over all lines."""
+        return sorted({n for c in self.curves for n in c.knots})
+
+    @property
+    def times(self) -> list[float]:
+        """The knots' times of a table of N alone."""
+        return self.curves[0].times
+
+    def _around(self, rows: int | None) -> list[tuple[int, float]]:
+        """(line index, weight) of the lines a step of `rows` rows is priced on."""
+        lines = self.lines
+        if len(lines) == 1:
+            return [(0, 1.0)]
+        r = 1 if rows is None else rows
+        j = min(max(bisect.bisect_left(lines, r), 1), len(lines) - 1)
+        f = max((r - lines[j - 1]) / (lines[j] - lines[j - 1]), 0.0)  # below the first line: it alone
+        return [(j - 1, 1.0 - f), (j, f)]
+
+    def _shape(self, num_tokens: int, rows: int | None) -> float:
+        """Unscaled T of `num_tokens` in `rows` rows (None: one row)."""
+        if self.lines == [0]:
+            return self.curves[0].at(num_tokens)
+        per_row = num_tokens / (rows or 1)
+        return sum(w * self.curves[i].at(per_row * max(self.lines[i], 1)) for i, w in self._around(rows) if w)
+
+    def predict(self, num_tokens: int, num_sampled: int | None = None, num_stochastic: int = 0,
+                rows: int | None = None) -> float:
+        return max(self.scale * self._shape(num_tokens, rows), 1e-6) + self.sample_cost * num_stochastic
+
+    def predict_many(self, num_tokens: np.ndarray, num_stochastic: np.ndarray, rows: int | None = None) -> np.ndarray:
+        """`predict` of each (step size, rows sampled at a temperature) pair, at once, all of `rows` rows."""
+        if self.lines == [0]:
+            shape = self.curves[0].at_many(num_tokens)
+        else:
+            per_row = np.asarray(num_tokens, dtype=float) / (rows or 1)
+            shape = sum(w * self.curves[i].at_many(per_row * max(self.lines[i], 1))
+                        for i, w in self._around(rows) if w)
+        return np.maximum(self.scale * shape, 1e-6) + self.sample_cost * num_stochastic
+
+    def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None,
+                num_stochastic: int = 0, rows: int | None = None) -> None:
+        if num_sampled is not None and num_sampled != num_tokens:
+            return  # prefill tokens in the step: not the table's shape
+        seconds -= self.sample_cost * num_stochastic  # the knots are greedy steps
+        shape = max(self._shape(num_tokens, rows), 1e-9)
+        # One interrupted step (a VM pause) counts as at most SCALE_CLAMP times its prediction.
+        ratio = min(max(seconds / (self.scale * shape), 1.0 / SCALE_CLAMP), SCALE_CLAMP)
+        seconds = ratio * self.scale * shape
+        self.scale *= 1.0 + self.scale_ema * (ratio - 1.0)
+        error = seconds / self.scale - shape  # in the knots' units
+        if self.lines == [0]:
+            self.curves[0].learn(num_tokens, error, self.ema)
+            return
+        around = self._around(rows)
+        if any(w < 0 for _, w in around):
+            return  # more rows than the last line: extrapolated in R; the scale learnt it
+        per_row = num_tokens / (rows or 1)
+        for i, w in around:
+            if w:
+                self.curves[i].learn(per_row * max(self.lines[i], 1), error, self.ema * w)
+
+
 def describe(model: LatencyModel | LatencyTable) -> str:
     if isinstance(model, LatencyTable):
-        shown = ", ".join(f"{n}: {model.scale * t * 1e3:.1f}" for n, t in zip(model.knots, model.times))
-        return (f"latency table: T(N greedy tokens) in ms = {{{shown}}}, "
+        lines = []
+        for rows, curve in zip(model.lines, model.curves):
+            shown = ", ".join(f"{n}: {model.scale * t * 1e3:.1f}" for n, t in zip(curve.knots, curve.times))
+            lines.append(f"{{{shown}}}" if rows == 0 else f"{rows} rows: {{{shown}}}")
+        return (f"latency table: T(N greedy tokens) in ms = {'; '.join(lines)}, "
                 f"+{model.sample_cost * 1e3:.3f} ms per row sampled at a temperature (scale {model.scale:.3f})")
     return f"latency model: T(N) = {model.fixed * 1e3:.2f} ms + {model.per_token * 1e3:.3f} ms x N tokens"
 

@@ -469,8 +469,8 @@ def test_step_latency_probes_every_draft_length_at_batch_1_and_prices_the_gemv_j
 
     import engine.spec.decoder as decoder
     monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])  # probes take model time
-    shapes = probe_shapes(8, 200)
-    assert shapes[:9] == [(1, n) for n in range(1, 10)] and shapes[-1][0] * shapes[-1][1] == 200
+    shapes = probe_shapes(8, 200, 22)
+    assert [s for s in shapes if s[0] == 1] == [(1, n) for n in range(1, 10)] and shapes[-1] == (22, 9)
     table = measure_step_latency(probe, shapes)
     assert all(rows * per_row <= 64 for rows, per_row in ran) and max(table.knots) <= 64 < table.knots[-1] + 32
     for n in (1, 2, 5, 9):
@@ -813,7 +813,7 @@ def test_step_latency_probes_run_in_rounds_so_a_slow_spell_does_not_bend_the_tab
     outside the spell too, so every knot is its true cost."""
     from engine.spec.decoder import measure_step_latency, probe_shapes
     import engine.spec.decoder as decoder
-    shapes = probe_shapes(8, 144)
+    shapes = probe_shapes(8, 144, 16)
     clock, calls = [0.0], [0]
 
     def cost(n):
@@ -827,7 +827,7 @@ def test_step_latency_probes_run_in_rounds_so_a_slow_spell_does_not_bend_the_tab
     monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])
     table = measure_step_latency(probe, shapes)
     for rows, per_row in shapes:
-        assert table.predict(rows * per_row) == pytest.approx(cost(rows * per_row), rel=1e-9), (rows, per_row)
+        assert table.predict(rows * per_row, rows=rows) == pytest.approx(cost(rows * per_row), rel=1e-9), (rows, per_row)
 
 
 def test_a_shape_without_kv_room_in_a_later_round_is_left_out_with_the_larger_ones(monkeypatch):

@@ -73,7 +73,7 @@ def test_probes_leave_no_zero_page_mappings_and_the_free_order_as_it_was(tiny, m
     # step's rows, or a draft pass's) or the context-cost probes' rows of their own longer
     # context (within max_model_len) and k + 1 tokens, in every layer.
     block_bytes = memory.layers[0][0].numel() * memory.layers[0].element_size()
-    most_rows = max(*DRAFT_PASS_ROWS, *(rows for rows, _ in probe_shapes(k, max_seqs * (k + 1))))
+    most_rows = max(*DRAFT_PASS_ROWS, *(rows for rows, _ in probe_shapes(k, max_seqs * (k + 1), max_seqs)))
     bs = kv.block_size
     long = min(LONG_CONTEXT * CONTEXT_TOKENS, (core.scheduler.config.max_model_len - k - 1) // bs * bs)
     blocks = CONTEXT_TOKENS // bs + max(most_rows, CONTEXT_ROWS * cdiv(long + k + 1, bs))

@@ -1,0 +1,120 @@
+"""The step-latency table prices a step by its rows as well as its tokens (engine/spec/latency.py).
+
+At equal N, more and shorter rows cost more on this CPU, so the table keeps one line of
+knots per probed row count. Probe costs here follow T = 57 ms + 1.67 ms x N + 1.77 ms x
+rows (a fit to a grid of probes on this CPU's fp32 path) and a draft pass costs 12 ms +
+1.8 ms a row.
+"""
+from __future__ import annotations
+
+import pytest
+
+import engine.spec.decoder as decoder
+from engine.spec import DraftController, LatencyModel
+from engine.spec.decoder import measure_step_latency, probe_shapes
+from engine.spec.latency import LatencyTable, describe
+
+FIXED, PER_TOKEN, PER_ROW = 0.057, 0.00167, 0.00177
+PASS = LatencyModel(0.012, 0.0018)
+
+
+def cost(rows: int, tokens: int) -> float:
+    return FIXED + PER_TOKEN * tokens + PER_ROW * rows
+
+
+def probed_table(monkeypatch, max_rows: int, shapes=None) -> LatencyTable:
+    """The start-up table of an engine of `max_rows` rows whose steps cost `cost`."""
+    clock = [0.0]
+
+    def probe(rows, per_row, temperature):
+        clock[0] += cost(rows, rows * per_row)
+        return True
+    monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])
+    return measure_step_latency(probe, shapes or probe_shapes(8, max_rows * 9, max_rows))
+
+
+def rows_of_two(max_tokens: int) -> list[tuple[int, int]]:
+    """The probes before row lines: one row up to 9 tokens, then rows of 2 at ~1.5x steps."""
+    shapes, target = [(1, n) for n in range(1, 10)], 9.0
+    while target < max_tokens:
+        target = min(target * 1.5, max_tokens)
+        if int(target) // 2 * 2 > shapes[-1][0] * shapes[-1][1]:
+            shapes.append((int(target) // 2, 2))
+    return shapes
+
+
+def test_probes_cover_each_row_count_at_1_2_and_all_drafts_a_row():
+    shapes = probe_shapes(8, 144, 16)
+    assert [s for s in shapes if s[0] == 1] == [(1, n) for n in range(1, 10)]
+    assert {s for s in shapes if s[0] > 1} == {(r, q) for r in (2, 4, 8, 16) for q in (1, 2, 9)}
+    assert [s[0] * s[1] for s in shapes] == sorted(s[0] * s[1] for s in shapes)  # by tokens
+    assert (48, 1) in probe_shapes(8, 96, 48) and (48, 9) not in probe_shapes(8, 96, 48)  # within max tokens
+    assert {q for _, q in probe_shapes(1, 128, 64)} == {1, 2}
+
+
+def test_the_table_prices_each_step_at_its_rows_between_the_probed_lines(monkeypatch):
+    """B = 16's plain decode and full verification are probed as they run; 12 rows lie
+    between the 8- and 16-row lines (exact here: the cost is linear in rows); a
+    one-dimensional table of the same engine (rows of 2 past batch 1) prices B = 16 at
+    k = 8 as 72 rows of 2 (+25%) and its plain decode as 8 rows of 2."""
+    table = probed_table(monkeypatch, 16)
+    assert table.lines == [1, 2, 4, 8, 16]
+    for rows, tokens in ((16, 144), (16, 16), (1, 9), (12, 12), (12, 60), (16, 80), (3, 27), (1, 1)):
+        assert table.predict(tokens, tokens, 0, rows) == pytest.approx(cost(rows, tokens), rel=1e-9), (rows, tokens)
+    assert "16 rows: {16: " in describe(table)
+    flat = probed_table(monkeypatch, 16, rows_of_two(144))
+    legacy = LatencyTable([(n, flat.predict(n, rows=r)) for r, n in ((r, r * q) for r, q in rows_of_two(144))])
+    assert legacy.predict(144, 144, 0, 16) == pytest.approx(cost(72, 144)) and cost(72, 144) > 1.24 * cost(16, 144)
+    assert legacy.predict(16, 16, 0, 16) == pytest.approx(cost(8, 16))
+
+
+def test_the_table_learns_a_step_on_the_lines_around_its_rows():
+    """A step that ran as its rows predict moves nothing; one slower than predicted moves
+    the scale and the knots of the two lines around its rows at its tokens a row, not a
+    line beyond them."""
+    shapes = [(r, q) for r in (1, 4, 8, 16) for q in (1, 2, 9)]
+    table = LatencyTable([(r * q, cost(r, r * q)) for r, q in shapes], rows=[r for r, _ in shapes])
+    table.observe(24, cost(12, 24), 24, 0, 12)
+    assert table.scale == 1.0 and table.predict(24, rows=12) == pytest.approx(cost(12, 24))
+    one_row = list(table.curves[0].times)
+    table.observe(24, 1.5 * cost(12, 24), 24, 0, 12)
+    assert table.scale > 1.0 and table.curves[0].times == one_row
+    assert table.curves[2].times[1] > cost(8, 16) and table.curves[3].times[1] > cost(16, 32)  # 2 tokens a row
+    table.observe(96, 1.5 * cost(32, 96), 96, 0, 32)  # past the last line: the scale only
+    assert table.curves[3].times[1] < 1.1 * cost(16, 32)
+
+
+def test_a_table_of_n_alone_ignores_rows():
+    table = LatencyTable([(1, 0.05), (9, 0.07), (144, 0.3)])
+    assert table.predict(144, rows=16) == table.predict(144, rows=72) == pytest.approx(0.3)
+
+
+def true_goodput(batch: int, k: int, gains: list[float]) -> float:
+    """Committed tokens a second of every row drafting k, at the true costs."""
+    committed = batch * (1.0 + sum(gains[:k]))
+    return committed / (cost(batch, batch * (1 + k)) + k * PASS.predict(batch))
+
+
+def test_the_controller_drafts_as_deep_as_pays_at_the_true_costs_at_batch_16(monkeypatch):
+    """16 requests whose drafts 1-7 are always accepted and the 8th never: the plan from the
+    table with row lines is the uniform k with the best goodput at the true costs; from a
+    table of N alone probed as rows of 2 the plan stops short (the verification looks 25%
+    dearer)."""
+    plans = {}
+    for lines in (True, False):
+        table = probed_table(monkeypatch, 16, None if lines else rows_of_two(144))
+        if not lines:
+            table = LatencyTable([(n, t) for c in table.curves for n, t in zip(c.knots, c.times)])
+        ctl = DraftController(8, table, draft_latency=LatencyModel(0.012, 0.0018))
+        ids = [f"r{i}" for i in range(16)]
+        for _ in range(20):
+            for rid in ids:
+                ctl.observe(rid, 8, 7)
+        for _ in range(3):  # hysteresis settles
+            plan = ctl.choose(dict.fromkeys(ids, 8), 0)
+        assert len(set(plan.values())) == 1
+        plans[lines] = plan["r0"]
+        gains = ctl.accept.gains("r0", 8, 0.0, None, ctl.accept.continuations())
+    best = max(range(9), key=lambda k: true_goodput(16, k, gains))
+    assert plans[True] == best == 7
+    assert plans[False] < best and true_goodput(16, plans[False], gains) < 0.99 * true_goodput(16, best, gains)
