@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,6 +87,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     max_positions: int
+    source: Path | None = None  # the checkpoint it was loaded from (resolved)
 
 
 def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
@@ -109,7 +111,7 @@ def load_model(args: EngineArgs, progress: bool = False) -> LoadedModel:
         model.tie_lm_head()
         n = pack_linears(model, batch_hint=min(args.max_num_seqs, 64))
         log.info("packed %d linear layers for oneDNN", n)
-    return LoadedModel(cfg, load_tokenizer(src), model, dtype, device, max_positions)
+    return LoadedModel(cfg, load_tokenizer(src), model, dtype, device, max_positions, src.path.resolve())
 
 
 def _extension_built() -> bool:
@@ -180,21 +182,27 @@ def _draft_model(args: EngineArgs, target: LoadedModel, draft: LoadedModel | Non
     method, _ = args.resolved_speculative()
     if method != "draft":
         return None, False
-    same = draft is target
     if draft is None:
-        name = args.resolved_speculative_model()
-        if not name:
-            raise UnsupportedModelError('speculative method "draft" needs --speculative-model')
-        quant = args.speculative_draft_activation_quant
-        own = {} if quant is None else {"cpu_activation_quant": quant, "cpu_native_kernels": True}
-        draft = load_model(args.replace(model=name, max_model_len=max(target.max_positions, 1), **own))
-        same = resolve_model(name).path.resolve() == resolve_model(args.model).path.resolve()
+        draft = load_draft_model(args, target)
+    # The same checkpoint: the target's object, or loaded (here or by the caller) from its file.
+    same = draft is target or draft.source == (target.source or resolve_model(args.model).path.resolve())
     if draft.config.vocab_size != target.config.vocab_size or draft.device != target.device:
         raise UnsupportedModelError(f"draft model vocabulary {draft.config.vocab_size} / device {draft.device} "
                                     f"differ from the target's ({target.config.vocab_size} / {target.device})")
     if draft.max_positions < target.max_positions:
         raise UnsupportedModelError("the draft model supports fewer positions than the target")
     return draft, same
+
+
+def load_draft_model(args: EngineArgs, target: LoadedModel) -> LoadedModel:
+    """The draft model `args` names (method "draft"), loaded as an engine of `args` loads it;
+    a caller that builds many such engines loads it once and passes it (`draft_loaded`)."""
+    name = args.resolved_speculative_model()
+    if not name:
+        raise UnsupportedModelError('speculative method "draft" needs --speculative-model')
+    quant = args.speculative_draft_activation_quant
+    own = {} if quant is None else {"cpu_activation_quant": quant, "cpu_native_kernels": True}
+    return load_model(args.replace(model=name, max_model_len=max(target.max_positions, 1), **own))
 
 
 def _draft_shares_kv(mode: str, target: ModelConfig, draft: ModelConfig, same_checkpoint: bool) -> bool:

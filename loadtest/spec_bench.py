@@ -88,21 +88,31 @@ def prompts_for(batch: int) -> int:
     return {1: 4, 4: 16}.get(batch, 2 * batch if batch < 64 else batch)
 
 
-def _build(loaded, cfg: Config, batch: int, args, warmup: list[str]):
+def _build(loaded, cfg: Config, batch: int, args, warmup: list[str], drafts: dict | None = None):
+    """A fresh engine of `cfg`, warmed up. `drafts` (batch size -> the draft model an engine
+    of that batch loads, filled here): the draft loads once per batch size, not once per
+    engine (~8 s a load; 4 draft engines a round)."""
     from engine import LLM, SamplingParams
-    llm = LLM(loaded=loaded, max_num_seqs=batch, kv_cache_memory=args.kv_cache_mib << 20,
-              **cfg.engine_args())
+    from engine.config import EngineArgs
+    from engine.setup import load_draft_model
+    kwargs = dict(max_num_seqs=batch, kv_cache_memory=args.kv_cache_mib << 20, **cfg.engine_args())
+    draft = None
+    if cfg.draft_model and drafts is not None:
+        if batch not in drafts:
+            drafts[batch] = load_draft_model(EngineArgs(**kwargs), loaded)
+        draft = drafts[batch]
+    llm = LLM(loaded=loaded, draft_loaded=draft, **kwargs)
     llm.generate(["Warm up: say hi."] + list(warmup), SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
     return llm
 
 
 def run_offline_round(loaded, cfgs: list[Config], prompts: list[str], batch: int, args,
-                      warmup: list[str]) -> dict[str, dict]:
+                      warmup: list[str], drafts: dict | None = None) -> dict[str, dict]:
     """One round: a fresh engine per configuration, all stepped in token lockstep
     (loadtest/lockstep.py), so each configuration's rate is measured over the same minutes."""
     from engine import SamplingParams
     from lockstep import run_lockstep
-    engines = {cfg.label: _build(loaded, cfg, batch, args, warmup) for cfg in cfgs}
+    engines = {cfg.label: _build(loaded, cfg, batch, args, warmup, drafts) for cfg in cfgs}
     before = {label: _spec_totals(llm) for label, llm in engines.items()}
     lanes = run_lockstep(engines, prompts, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
     out = {}
@@ -121,12 +131,12 @@ def run_offline_round(loaded, cfgs: list[Config], prompts: list[str], batch: int
 
 
 def run_offline_group(loaded, cfgs: list[Config], prompts: list[str], batch: int, args,
-                      warmup: list[str], name: str, t_start: float) -> list[dict]:
+                      warmup: list[str], name: str, t_start: float, drafts: dict | None = None) -> list[dict]:
     """`--repeats` lockstep rounds; each row keeps every round's rate (the summary compares
     configurations round by round) and reports their geometric mean."""
     runs: dict[str, list[dict]] = {cfg.label: [] for cfg in cfgs}
     for rnd in range(args.repeats):
-        for label, r in run_offline_round(loaded, cfgs, prompts, batch, args, warmup).items():
+        for label, r in run_offline_round(loaded, cfgs, prompts, batch, args, warmup, drafts).items():
             runs[label].append(r)
             acc = "" if r["acceptance"] is None else f"  accept {r['acceptance']:.2f}  mean k {r['mean_k']:.2f}"
             print(f"offline {name:9s} B={batch:2d} {label:15s} {r['tokens_per_s']:7.1f} tok/s"
@@ -341,6 +351,7 @@ def main() -> None:
     cfgs = configs(args.method, [int(k) for k in args.fixed_k.split(",")], args.max_k,
                    (args.draft_model, args.draft_activation_quant, args.draft_kv))
     rows: list[dict] = []
+    drafts: dict = {}  # batch size -> the draft model (method draft)
     t_start = time.perf_counter()
     if args.server:  # first: a server that fails to start fails the run in minutes, not at its end
         server_batches = [int(b) for b in args.server_batches.split(",")]
@@ -354,7 +365,7 @@ def main() -> None:
             # (fewer where the workload has no prompts left over, e.g. open chat at B = 64).
             warmup = texts[max(len(texts) - args.warmup_prompts, len(prompts)):] if args.warmup_prompts else []
             assert not set(warmup) & set(prompts), "warm-up prompts must not be measured"
-            rows += run_offline_group(loaded, cfgs, prompts, batch, args, warmup, name, t_start)
+            rows += run_offline_group(loaded, cfgs, prompts, batch, args, warmup, name, t_start, drafts)
             write_result(args, rows, t_start)  # every group: a run cut short keeps what it measured
     summary = write_result(args, rows, t_start)
     print("\nadaptive vs no spec and vs the best other configuration:")

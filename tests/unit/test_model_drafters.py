@@ -171,7 +171,7 @@ def test_draft_method_needs_a_model(smol_loaded):
         LLM(loaded=smol_loaded, speculative_method="draft")
 
 
-def test_q8_self_draft_loads_in_q8_and_is_lossless(make_llm, hf_smol, plain_greedy):
+def test_q8_self_draft_loads_in_q8_and_is_lossless(make_llm, smol_loaded, hf_smol, plain_greedy):
     """speculative_draft_activation_quant="q8": the draft is the target's own GGUF on the q8
     kernels while the target stays fp32 activations; greedy output is the plain path's and
     the close draft is accepted most of the time."""
@@ -189,11 +189,20 @@ def test_q8_self_draft_loads_in_q8_and_is_lossless(make_llm, hf_smol, plain_gree
     def q8_flags(model):
         return {m.q8 for m in model.modules() if hasattr(m, "q8_capable") and m.q8_capable}
     assert q8_flags(draft_model) == {True} and q8_flags(llm.core.runner.model) == {False}
+    # Loaded once by the caller from the target's file (as loadtest/spec_bench.py does for its
+    # engines), the draft is still the target's own checkpoint: "auto" shares its KV.
+    from engine.config import EngineArgs
+    from engine.setup import load_draft_model
+    q8_args = dict(speculative_method="draft", speculative_model="smollm2-135m",
+                   speculative_draft_activation_quant="q8")
+    draft = load_draft_model(EngineArgs(**q8_args), smol_loaded)
+    assert draft.model is not draft_model and q8_flags(draft.model) == {True}
+
     # The q8 draft runs the native attention under "auto" even where the target runs
     # torch's (the fp32 path, cpu_native_kernels=False); a backend named by the user holds.
     def backends(**kwargs):
-        engine = make_llm(num_kv_blocks=16, speculative_method="draft", speculative_model="smollm2-135m",
-                          speculative_draft_activation_quant="q8", **kwargs).core.runner
+        engine = make_llm(num_kv_blocks=16, draft_loaded=draft, **q8_args, **kwargs).core.runner
+        assert engine.model_drafter.shared_kv and engine.model_drafter.model is draft.model
         return engine.attn.name, engine.model_drafter.attn.name
     assert backends(cpu_native_kernels=False) == ("torch", "cpu")
     assert backends(attention_backend="torch") == ("torch", "torch")
