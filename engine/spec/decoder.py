@@ -268,8 +268,7 @@ def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: 
                                repeats) if knots else 0.0
     for i in reversed(range(len(knots))):  # lowered to the next knot of its line
         r, n, t = knots[i]
-        later = [u for rr, nn, u in knots[i + 1:] if rr == r]
-        knots[i] = (r, n, min([t] + later[:1]))
+        knots[i] = (r, n, min(t, next((later for r2, _, later in knots[i + 1:] if r2 == r), t)))
     table = LatencyTable([(n, t) for _, n, t in knots] or [(1, 0.05)], sample_cost=sample_cost,
                          rows=[r for r, _, _ in knots] if knots else None)
     log.info("step %s (%d probes)", describe(table), len(knots))

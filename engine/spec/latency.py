@@ -248,7 +248,7 @@ class LatencyTable:
         if self.lines == [0]:
             return self.curves[0].at(num_tokens)
         per_row = num_tokens / (rows or 1)
-        return sum(w * self.curves[i].at(per_row * max(self.lines[i], 1)) for i, w in self._around(rows) if w)
+        return sum(w * self.curves[i].at(per_row * self.lines[i]) for i, w in self._around(rows) if w)
 
     def predict(self, num_tokens: int, num_sampled: int | None = None, num_stochastic: int = 0,
                 rows: int | None = None) -> float:
@@ -260,8 +260,7 @@ class LatencyTable:
             shape = self.curves[0].at_many(num_tokens)
         else:
             per_row = np.asarray(num_tokens, dtype=float) / (rows or 1)
-            shape = sum(w * self.curves[i].at_many(per_row * max(self.lines[i], 1))
-                        for i, w in self._around(rows) if w)
+            shape = sum(w * self.curves[i].at_many(per_row * self.lines[i]) for i, w in self._around(rows) if w)
         return np.maximum(self.scale * shape, 1e-6) + self.sample_cost * num_stochastic
 
     def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None,
@@ -284,7 +283,7 @@ class LatencyTable:
         per_row = num_tokens / (rows or 1)
         for i, w in around:
             if w:
-                self.curves[i].learn(per_row * max(self.lines[i], 1), error, self.ema * w)
+                self.curves[i].learn(per_row * self.lines[i], error, self.ema * w)
 
 
 def describe(model: LatencyModel | LatencyTable) -> str:
