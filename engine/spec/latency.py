@@ -206,8 +206,8 @@ class LatencyTable:
     """T(N, rows) of all-sampled steps: one `_Curve` in N per probed row count (a line). A
     step of R rows and N tokens (N / R a row) is priced on the two lines around R at the
     same tokens per row, linearly in R between them (past the last line, the last two
-    lines' slope in R goes on). Without `rows` the table is one curve of N alone, whatever
-    rows a step has."""
+    lines' slope in R goes on). Without `rows` (or with one line: probes without KV room for
+    two row counts) the table is one curve of N alone, whatever rows a step has."""
 
     def __init__(self, samples: Sequence[tuple[int, float]], ema: float = TABLE_EMA, sample_cost: float = 0.0,
                  scale_ema: float = SCALE_EMA, rows: Sequence[int] | None = None):
@@ -234,10 +234,9 @@ class LatencyTable:
         return self.curves[0].times
 
     def _around(self, rows: int | None) -> list[tuple[int, float]]:
-        """(line index, weight) of the lines a step of `rows` rows is priced on."""
+        """(line index, weight) of the two lines a step of `rows` rows is priced on (a table
+        of one line prices every step on it at its N: no second line gives a slope in R)."""
         lines = self.lines
-        if len(lines) == 1:
-            return [(0, 1.0)]
         r = 1 if rows is None else rows
         j = min(max(bisect.bisect_left(lines, r), 1), len(lines) - 1)
         f = max((r - lines[j - 1]) / (lines[j] - lines[j - 1]), 0.0)  # below the first line: it alone
@@ -245,7 +244,7 @@ class LatencyTable:
 
     def _shape(self, num_tokens: int, rows: int | None) -> float:
         """Unscaled T of `num_tokens` in `rows` rows (None: one row)."""
-        if self.lines == [0]:
+        if len(self.lines) == 1:
             return self.curves[0].at(num_tokens)
         per_row = num_tokens / (rows or 1)
         return sum(w * self.curves[i].at(per_row * self.lines[i]) for i, w in self._around(rows) if w)
@@ -256,7 +255,7 @@ class LatencyTable:
 
     def predict_many(self, num_tokens: np.ndarray, num_stochastic: np.ndarray, rows: int | None = None) -> np.ndarray:
         """`predict` of each (step size, rows sampled at a temperature) pair, at once, all of `rows` rows."""
-        if self.lines == [0]:
+        if len(self.lines) == 1:
             shape = self.curves[0].at_many(num_tokens)
         else:
             per_row = np.asarray(num_tokens, dtype=float) / (rows or 1)
@@ -274,7 +273,7 @@ class LatencyTable:
         seconds = ratio * self.scale * shape
         self.scale *= 1.0 + self.scale_ema * (ratio - 1.0)
         error = seconds / self.scale - shape  # in the knots' units
-        if self.lines == [0]:
+        if len(self.lines) == 1:
             self.curves[0].learn(num_tokens, error, self.ema)
             return
         around = self._around(rows)

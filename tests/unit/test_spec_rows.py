@@ -85,8 +85,12 @@ def test_the_table_learns_a_step_on_the_lines_around_its_rows():
 
 
 def test_a_table_of_n_alone_ignores_rows():
+    """So does a table of one line (no KV room to probe a second row count): 9 tokens in 9
+    rows are priced as 9 tokens, not as the one-row step of 1 token each would be."""
     table = LatencyTable([(1, 0.05), (9, 0.07), (144, 0.3)])
     assert table.predict(144, rows=16) == table.predict(144, rows=72) == pytest.approx(0.3)
+    one_line = LatencyTable([(1, 0.05), (2, 0.06), (9, 0.07)], rows=[1, 1, 1])
+    assert one_line.predict(9, rows=9) == pytest.approx(0.07)
 
 
 def true_goodput(batch: int, k: int, gains: list[float]) -> float:
