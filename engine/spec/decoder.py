@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # prompt) is charged over at most this many of the request's future tokens: a budget of
 # thousands rarely runs to its end, so amortizing over all of it would call the catch-up free.
 CATCHUP_HORIZON = 256
+# The sampling-cost probe's shape: the largest knot of at most this many tokens. It times
+# what a temperature adds per sampled row, which does not depend on the step's size; on
+# the largest knot (576 tokens at B = 64) its 8 runs took ~9 s of a 25 s start-up.
+SAMPLE_PROBE_TOKENS = 144
 
 
 @dataclass
@@ -239,9 +243,9 @@ def measure_latency(run_tokens, token_counts: Sequence[int] = (1, 4, 16, 48), re
 def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: int = 4) -> LatencyTable:
     """The table of T(N, rows): `run_probe(rows, per_row, temperature)` runs one all-sampled
     step of that shape and returns False when it could not (no KV room): that probe and
-    those of as many tokens or more are left out. Knots are greedy steps; the largest probed
-    shape is timed `repeats` times more at temperature 1, alternating with as many greedy
-    runs, and the difference of the bests per row is the table's `sample_cost`.
+    those of as many tokens or more are left out. Knots are greedy steps; one probed shape
+    (`_sample_shape`) is timed `repeats` times more at temperature 1, alternating with as many
+    greedy runs, and the difference of the bests per sampled token is the table's `sample_cost`.
 
     Each knot is the best of `repeats` runs taken in rounds over all shapes (not each shape's
     repeats in a row: the VM's speed drifts over the seconds the probes take, and timing
@@ -264,8 +268,7 @@ def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: 
                 continue
             best[i] = min(best[i], seconds)
     knots = [(r, r * q, t) for (r, q), t, u in zip(shapes, best, usable) if u]
-    sample_cost = _sample_cost(run_probe, max(((r, n // r) for r, n, _ in knots), key=lambda s: s[0] * s[1]),
-                               repeats) if knots else 0.0
+    sample_cost = _sample_cost(run_probe, _sample_shape(knots), repeats) if knots else 0.0
     for i in reversed(range(len(knots))):  # lowered to the next knot of its line
         r, n, t = knots[i]
         knots[i] = (r, n, min(t, next((later for r2, _, later in knots[i + 1:] if r2 == r), t)))
@@ -273,6 +276,14 @@ def measure_step_latency(run_probe, shapes: Sequence[tuple[int, int]], repeats: 
                          rows=[r for r, _, _ in knots] if knots else None)
     log.info("step %s (%d probes)", describe(table), len(knots))
     return table
+
+
+def _sample_shape(knots: Sequence[tuple[int, int, float]]) -> tuple[int, int]:
+    """(rows, tokens per row) of the sampling-cost probe: the knot of the most tokens within
+    SAMPLE_PROBE_TOKENS (the fewest when none is), the most rows at a tie."""
+    within = [(n, r) for r, n, _ in knots if n <= SAMPLE_PROBE_TOKENS]
+    n, r = max(within) if within else min((n, r) for r, n, _ in knots)
+    return r, n // r
 
 
 def _sample_cost(run_probe, shape: tuple[int, int], repeats: int) -> float:

@@ -122,3 +122,26 @@ def test_the_controller_drafts_as_deep_as_pays_at_the_true_costs_at_batch_16(mon
     best = max(range(9), key=lambda k: true_goodput(16, k, gains))
     assert plans[True] == best == 7
     assert plans[False] < best and true_goodput(16, plans[False], gains) < 0.99 * true_goodput(16, best, gains)
+
+
+def test_the_sampling_cost_is_probed_on_a_step_of_at_most_144_tokens(monkeypatch):
+    """At B = 64 the largest knot is 64 rows x 9 (576 tokens, ~1 s a run on this CPU's fp32
+    path): the 8 runs of the sampling-cost probe go to the largest knot within 144 tokens
+    instead (16 x 9 here), and still read the cost per sampled token."""
+    clock, sampled = [0.0], []
+
+    def probe(rows, per_row, temperature):
+        n = rows * per_row
+        clock[0] += cost(rows, n) + (0.0003 * n if temperature > 0 else 0.0)
+        if temperature > 0:
+            sampled.append((rows, per_row))
+        return True
+    monkeypatch.setattr(decoder.time, "perf_counter", lambda: clock[0])
+    table = measure_step_latency(probe, probe_shapes(8, 576, 64))
+    assert max(table.knots) == 576
+    assert set(sampled) == {(16, 9)} and len(sampled) == 4
+    assert table.sample_cost == pytest.approx(0.0003, rel=1e-6)
+    # With no knot within 144 tokens, the smallest one.
+    sampled.clear()
+    table = measure_step_latency(probe, [(64, 4), (64, 9)])
+    assert set(sampled) == {(64, 4)} and table.sample_cost == pytest.approx(0.0003, rel=1e-6)
