@@ -232,7 +232,8 @@ def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -
     and 0.99x in the next). Each round's requests carry their own `cache_salt`: a round after
     the first otherwise found every prompt in the server's prefix cache and skipped its
     prefill, so it measured decode alone (grounded B = 16 without speculation: 84 tok/s in
-    round 1, 200 in round 2), unlike the first round and the offline phase. Rows keep every round's rate and what the servers drafted (/metrics)."""
+    round 1, 200 in round 2), unlike the first round and the offline phase. Rows keep every
+    round's rate and what the servers drafted (/metrics)."""
     from local_server import Server
     # The fp32 path runs our attention over the dequantized linears, as the offline phase
     # does (an LLM built on a loaded model keeps `attention_backend` auto: ours on the CPU).
