@@ -233,21 +233,22 @@ class LatencyTable:
         """The knots' times of a table of N alone."""
         return self.curves[0].times
 
-    def _around(self, rows: int | None) -> list[tuple[int, float]]:
-        """(line index, weight) of the two lines a step of `rows` rows is priced on (a table
-        of one line prices every step on it at its N: no second line gives a slope in R)."""
+    def _around(self, rows: int | None) -> list[tuple[int, float, float]]:
+        """(line index, weight, factor) of the lines a step of N tokens in `rows` rows is
+        priced on, each at N x factor tokens on its line: the two lines around `rows` at the
+        step's tokens a row (factor = line / rows). A table of one line prices every step on
+        it at its N (factor 1): no second line gives a slope in R."""
         lines = self.lines
+        if len(lines) == 1:
+            return [(0, 1.0, 1.0)]
         r = 1 if rows is None else rows
         j = min(max(bisect.bisect_left(lines, r), 1), len(lines) - 1)
         f = max((r - lines[j - 1]) / (lines[j] - lines[j - 1]), 0.0)  # below the first line: it alone
-        return [(j - 1, 1.0 - f), (j, f)]
+        return [(j - 1, 1.0 - f, lines[j - 1] / (rows or 1)), (j, f, lines[j] / (rows or 1))]
 
     def _shape(self, num_tokens: int, rows: int | None) -> float:
         """Unscaled T of `num_tokens` in `rows` rows (None: one row)."""
-        if len(self.lines) == 1:
-            return self.curves[0].at(num_tokens)
-        per_row = num_tokens / (rows or 1)
-        return sum(w * self.curves[i].at(per_row * self.lines[i]) for i, w in self._around(rows) if w)
+        return sum(w * self.curves[i].at(num_tokens * x) for i, w, x in self._around(rows) if w)
 
     def predict(self, num_tokens: int, num_sampled: int | None = None, num_stochastic: int = 0,
                 rows: int | None = None) -> float:
@@ -255,11 +256,8 @@ class LatencyTable:
 
     def predict_many(self, num_tokens: np.ndarray, num_stochastic: np.ndarray, rows: int | None = None) -> np.ndarray:
         """`predict` of each (step size, rows sampled at a temperature) pair, at once, all of `rows` rows."""
-        if len(self.lines) == 1:
-            shape = self.curves[0].at_many(num_tokens)
-        else:
-            per_row = np.asarray(num_tokens, dtype=float) / (rows or 1)
-            shape = sum(w * self.curves[i].at_many(per_row * self.lines[i]) for i, w in self._around(rows) if w)
+        tokens = np.asarray(num_tokens, dtype=float)
+        shape = sum(w * self.curves[i].at_many(tokens * x) for i, w, x in self._around(rows) if w)
         return np.maximum(self.scale * shape, 1e-6) + self.sample_cost * num_stochastic
 
     def observe(self, num_tokens: int, seconds: float, num_sampled: int | None = None,
@@ -273,16 +271,12 @@ class LatencyTable:
         seconds = ratio * self.scale * shape
         self.scale *= 1.0 + self.scale_ema * (ratio - 1.0)
         error = seconds / self.scale - shape  # in the knots' units
-        if len(self.lines) == 1:
-            self.curves[0].learn(num_tokens, error, self.ema)
-            return
         around = self._around(rows)
-        if any(w < 0 for _, w in around):
+        if any(w < 0 for _, w, _ in around):
             return  # more rows than the last line: extrapolated in R; the scale learnt it
-        per_row = num_tokens / (rows or 1)
-        for i, w in around:
+        for i, w, x in around:
             if w:
-                self.curves[i].learn(per_row * self.lines[i], error, self.ema * w)
+                self.curves[i].learn(num_tokens * x, error, self.ema * w)
 
 
 def describe(model: LatencyModel | LatencyTable) -> str:
