@@ -11,7 +11,7 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.sched.output import ScheduledRequest
 from engine.spec import DraftController, LatencyModel, create_drafter
-from engine.spec.controller import EXPLORE_AFTER, EXPLORE_BACKLOG, EXPLORE_SOON, StepRows
+from engine.spec.controller import EXPLORE_AFTER, EXPLORE_BACKLOG, EXPLORE_GUESS_DEPTH, EXPLORE_SOON, StepRows
 from engine.spec.decoder import SpeculativeDecoder
 from engine.spec.latency import ContextCost, LatencyTable
 
@@ -139,7 +139,8 @@ def test_a_hopeless_drafter_is_explored_once_its_misses_have_faded_then_ever_mor
     """40 verifications that accepted nothing: drafting is not planned, and while those
     misses are fresh even their upper estimates say exploring cannot pay (with every draft
     taken as accepted, this explored 4 rows x 8 drafts 32, 96 and 224 steps in). Untested
-    rates fade, so explorations come once they rest on few tries, ever further apart."""
+    rates fade, so explorations come once they rest on few tries, ever further apart, and
+    then the first-draft rate is a guess again: 4 rows draft EXPLORE_GUESS_DEPTH each."""
     ctl = q8_self_draft()
     for _ in range(40):
         ctl.observe("warm-up", 8, 0)
@@ -148,7 +149,7 @@ def test_a_hopeless_drafter_is_explored_once_its_misses_have_faded_then_ever_mor
     assert explored and explored[0] > 8 * EXPLORE_AFTER
     gaps = [b - a for a, b in zip(explored, explored[1:])]
     assert len(gaps) >= 2 and gaps == sorted(gaps) and gaps[0] >= EXPLORE_AFTER
-    assert max(planned) == 4 * 8
+    assert max(planned) == 4 * EXPLORE_GUESS_DEPTH
 
 
 def test_well_tried_rates_that_do_not_pay_are_not_explored():
@@ -271,3 +272,24 @@ def test_deferred_catch_ups_neither_reset_nor_join_an_exploration():
                                                          contexts=dict.fromkeys(ids, 1000), upcoming=joining))
     assert sum(plan.values()) == 0
     assert (ctl._idle, ctl._explore_after) == (20, 4 * EXPLORE_AFTER)
+
+
+def layerskip_at_batch_1() -> DraftController:
+    """A fresh `layerskip` controller as its start-up probes measured it (fp32, B = 1):
+    a half-model draft pass costs 19 ms beside a 33 ms step, so at the 0.6 prior no k pays,
+    but with every draft taken as accepted all 8 would."""
+    ms = {1: 33.1, 2: 34.6, 6: 34.6, 7: 35.9, 9: 37.7}
+    return DraftController(8, LatencyTable([(n, t / 1e3) for n, t in ms.items()]),
+                           draft_latency=LatencyModel(0.01875, 0.00078))
+
+
+def test_a_model_drafter_with_an_untested_first_draft_explores_shallow():
+    """An exploration of a drafter whose first draft has never been tried drafts
+    EXPLORE_GUESS_DEPTH, not all 8: each draft costs a pass, and the drafts past a first
+    miss are never tried (`layerskip` accepted none, and explorations of 8 cost it 5% of a
+    B = 1 run). Once first drafts hit, the plan drafts every step and explores all 8."""
+    hopeless = simulate(layerskip_at_batch_1(), 0.0, 1, 300, context=0)
+    assert any(hopeless) and max(hopeless) == EXPLORE_GUESS_DEPTH
+    good = simulate(layerskip_at_batch_1(), 0.97, 1, 300, context=0)
+    assert max(good[:EXPLORE_SOON + 1]) == EXPLORE_GUESS_DEPTH
+    assert max(good) == 8 and sum(1 for n in good if n) > 280
