@@ -5,7 +5,8 @@
     python loadtest/plot.py loadtest/results/soak_cpu.json -o loadtest/results/soak_cpu.png
     python loadtest/plot.py loadtest/results/spec_cpu.json -o loadtest/results/spec_cpu.png
     python loadtest/plot.py loadtest/results/spec_cpu.json loadtest/results/spec_cpu_draft.json \
-        loadtest/results/spec_cpu_recycling.json -o loadtest/results/spec_cpu_drafters.png
+        loadtest/results/spec_cpu_recycling.json loadtest/results/spec_cpu_layerskip.json \
+        -o loadtest/results/spec_cpu_drafters.png
     python loadtest/plot.py loadtest/results/shared_prefix_cpu.json -o loadtest/results/shared_prefix_cpu.png
     python loadtest/plot.py loadtest/results/http_compare_cpu.json -o loadtest/results/http_compare_cpu.png
     python loadtest/plot.py loadtest/results/http_compare_cpu.json loadtest/results/http_compare_cpu_q8.json \
