@@ -218,8 +218,8 @@ class DraftController:
 
     def _explore(self, p: Pricing, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
         """`plan`, unless it left drafts untested (no request drafts as deep as some could)
-        for a while: then up to EXPLORE_ROWS requests draft all they can (`_explore_depth`), and the wait
-        doubles. A draft position no plan reaches is never tested, so estimates a warm-up
+        for a while: then up to EXPLORE_ROWS requests draft all they can (`_explore_depth`),
+        and the wait doubles. A draft position no plan reaches is never tested, so estimates a warm-up
         left low would stand for good: with the q8 self-draft at open chat B = 16, one run
         kept its continuation rates at 0.725 (0.94-0.99 once drafting) and drafted nothing,
         at 0.87x of k = 8; others drafted k = 1 (which tests no continuation rate) at 0.90x.
@@ -263,7 +263,7 @@ class DraftController:
         self._explore_after *= 2
         # The least behind, then the likeliest to accept a first draft (stable: ties keep candidate order).
         least = sorted(pool, key=lambda rid: (behind[rid], -p.gains[rid][0]))[:EXPLORE_ROWS]
-        deep = {rid: min(candidates[rid], self._explore_depth()) for rid in least}
+        deep = {rid: min(candidates[rid], depth) for rid in least}
         self._explored = {rid: sum(p.gains[rid][:k]) for rid, k in deep.items()}
         self._surprise = [0.0, 0.0]
         return {rid: max(k, deep.get(rid, 0)) for rid, k in plan.items()}
@@ -274,7 +274,7 @@ class DraftController:
         costs a pass, and a chain's drafts past a first miss are never tried: `layerskip`
         (half the layers, 19 ms a pass beside a 33 ms step at B = 1) accepted none of its
         drafts, and its explorations of 8 cost 5% of a run at B = 1 (0.95x of no
-        speculation). A first draft that hits lets the plan draft, or the exploration
+        speculation; 0.985x at 2, grounded, offline). A first draft that hits lets the plan draft, or the exploration
         surprise, and the next one goes deeper."""
         if self.draft_latency is not None and self.accept.evidence(1) < EXPLORE_EVIDENCE:
             return min(EXPLORE_GUESS_DEPTH, self.max_k)
