@@ -224,57 +224,79 @@ async def client_once(http, model: str) -> None:
 
 
 def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -> list[dict]:
-    """One server per configuration, all up at once; `--server-repeats` rounds. A round runs
-    each (workload, B) wave by wave (B prompts at a time, B clients), every wave on every
-    server back to back, the order alternating by wave and round: each server's rate for
-    the round is its tokens over its waves' time, and runs a few seconds apart share the
-    VM's drift (with whole runs back to back, one cell's paired ratio read 0.80x in one round
-    and 0.99x in the next). Each round's requests carry their own `cache_salt`: a round after
-    the first otherwise found every prompt in the server's prefix cache and skipped its
-    prefill, so it measured decode alone (grounded B = 16 without speculation: 84 tok/s in
-    round 1, 200 in round 2), unlike the first round and the offline phase. Rows keep every
-    round's rate and what the servers drafted (/metrics)."""
-    from local_server import Server
-    # The fp32 path runs our attention over the dequantized linears, as the offline phase
-    # does (an LLM built on a loaded model keeps `attention_backend` auto: ours on the CPU).
-    native = ["--cpu-native-kernels"] if args.native else ["--no-cpu-native-kernels", "--attention-backend", "cpu"]
-    servers: dict[str, Server] = {}
+    """One server per configuration, all up at once; `--server-repeats` rounds, each on
+    servers started afresh (in the configurations' order in even rounds, reversed in odd
+    ones): one server process can run a few percent off an identical one for its whole
+    life, so rounds on the same servers repeat it. `layerskip` adaptive, drafting nothing,
+    against no speculation at open chat B = 16, 4 rounds: 0.90x, 0.93x, 0.94x, 0.97x on one
+    pair of servers; 0.98x, 1.08x, 1.10x, 1.01x on a fresh pair each round (two identical
+    servers without speculation on one pair: 0.90x, 1.05x, 1.06x, 1.02x). A round runs each (workload, B) wave by wave (B prompts at
+    a time, B clients), every wave on every server back to back, the order alternating by
+    wave and round: each server's rate for the round is its tokens over its waves' time,
+    and runs a few seconds apart share the VM's drift (with whole runs back to back, one
+    cell's paired ratio read 0.80x in one round and 0.99x in the next). Each round's
+    requests carry their own `cache_salt` (a round on servers that served the same prompts
+    before would skip their prefill). Rows keep every round's rate and what the servers
+    drafted (/metrics)."""
     rates: dict[tuple[str, int, str], list[float]] = {}
     drafted: dict[tuple[str, int, str], list[list[float]]] = {}
-    try:
-        for cfg in cfgs:
-            servers[cfg.label] = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", *native,
-                                                         "--max-num-seqs", str(max(batches)), *cfg.server_args()],
-                                        600)
-        for rnd in range(args.server_repeats):
-            for name, chats in workloads.items():
-                for batch in batches:
-                    prompts = chats[:prompts_for(batch)]
-                    totals = {cfg.label: [0, 0.0] for cfg in cfgs}
-                    before = {label: _server_spec(s.url) for label, s in servers.items()}
-                    for w, start in enumerate(range(0, len(prompts), batch)):
-                        for cfg in (cfgs if (rnd + w) % 2 == 0 else cfgs[::-1]):
-                            # One untimed 4-token warm-up per server and cell (its drafts count in /metrics).
-                            n, secs = asyncio.run(_http_batch(servers[cfg.label].url, "smollm2-135m",
-                                                              prompts[start:start + batch], batch, args.max_tokens,
-                                                              warm=w == 0, salt=f"round-{rnd}"))
-                            totals[cfg.label][0] += n
-                            totals[cfg.label][1] += secs
-                    for label, (n, secs) in totals.items():
-                        key = (name, batch, label)
-                        rates.setdefault(key, []).append(n / secs)
-                        spec = [a - b for a, b in zip(_server_spec(servers[label].url), before[label])]
-                        drafted.setdefault(key, []).append(spec)
-                        print(f"  server {name:9s} B={batch:2d} {label:15s} {n / secs:7.1f} tok/s"
-                              f"  drafted {spec[0]:.0f} accepted {spec[1]:.0f}  [round {rnd + 1}]", flush=True)
-    finally:
-        for server in servers.values():
-            server.stop()
+    for rnd in range(args.server_repeats):
+        servers = _start_servers(cfgs if rnd % 2 == 0 else cfgs[::-1], batches, args)
+        try:
+            _server_round(servers, cfgs, workloads, batches, args, rnd, rates, drafted)
+        finally:
+            for server in servers.values():
+                server.stop()
     return [{"mode": "server", "workload": name, "batch": batch, "config": label,
              "rounds_tok_s": r, "tokens_per_s": _gmean(r),
              "rounds_draft_tokens": [d[0] for d in drafted[(name, batch, label)]],
              "rounds_accepted_tokens": [d[1] for d in drafted[(name, batch, label)]]}
             for (name, batch, label), r in rates.items()]
+
+
+def _start_servers(cfgs: list[Config], batches: list[int], args) -> dict:
+    """A server per configuration, started in `cfgs` order (label -> Server). The fp32 path
+    runs our attention over the dequantized linears, as the offline phase does (an LLM built
+    on a loaded model keeps `attention_backend` auto: ours on the CPU)."""
+    from local_server import Server
+    native = ["--cpu-native-kernels"] if args.native else ["--no-cpu-native-kernels", "--attention-backend", "cpu"]
+    servers: dict = {}
+    try:
+        for cfg in cfgs:
+            servers[cfg.label] = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", *native,
+                                                         "--max-num-seqs", str(max(batches)), *cfg.server_args()],
+                                        600)
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
+def _server_round(servers: dict, cfgs: list[Config], workloads: dict, batches: list[int], args, rnd: int,
+                  rates: dict, drafted: dict) -> None:
+    """Round `rnd` on `servers`: every (workload, B) wave by wave; appends each cell's rate and
+    drafted / accepted tokens to `rates` and `drafted`."""
+    for name, chats in workloads.items():
+        for batch in batches:
+            prompts = chats[:prompts_for(batch)]
+            totals = {cfg.label: [0, 0.0] for cfg in cfgs}
+            before = {label: _server_spec(s.url) for label, s in servers.items()}
+            for w, start in enumerate(range(0, len(prompts), batch)):
+                for cfg in (cfgs if (rnd + w) % 2 == 0 else cfgs[::-1]):
+                    # One untimed 4-token warm-up per server and cell (its drafts count in /metrics).
+                    n, secs = asyncio.run(_http_batch(servers[cfg.label].url, "smollm2-135m",
+                                                      prompts[start:start + batch], batch, args.max_tokens,
+                                                      warm=w == 0, salt=f"round-{rnd}"))
+                    totals[cfg.label][0] += n
+                    totals[cfg.label][1] += secs
+            for label, (n, secs) in totals.items():
+                key = (name, batch, label)
+                rates.setdefault(key, []).append(n / secs)
+                spec = [a - b for a, b in zip(_server_spec(servers[label].url), before[label])]
+                drafted.setdefault(key, []).append(spec)
+                print(f"  server {name:9s} B={batch:2d} {label:15s} {n / secs:7.1f} tok/s"
+                      f"  drafted {spec[0]:.0f} accepted {spec[1]:.0f}  [round {rnd + 1}]", flush=True)
 
 
 def _server_spec(url: str) -> list[float]:
