@@ -230,20 +230,23 @@ def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -
     life, so rounds on the same servers repeat it. `layerskip` adaptive, drafting nothing,
     against no speculation at open chat B = 16, 4 rounds: 0.90x, 0.93x, 0.94x, 0.97x on one
     pair of servers; 0.98x, 1.08x, 1.10x, 1.01x on a fresh pair each round (two identical
-    servers without speculation on one pair: 0.90x, 1.05x, 1.06x, 1.02x). A round runs each (workload, B) wave by wave (B prompts at
-    a time, B clients), every wave on every server back to back, the order alternating by
-    wave and round: each server's rate for the round is its tokens over its waves' time,
-    and runs a few seconds apart share the VM's drift (with whole runs back to back, one
-    cell's paired ratio read 0.80x in one round and 0.99x in the next). Each round's
-    requests carry their own `cache_salt` (a round on servers that served the same prompts
-    before would skip their prefill). Rows keep every round's rate and what the servers
-    drafted (/metrics)."""
+    servers without speculation on one pair: 0.90x, 1.05x, 1.06x, 1.02x). A round runs each
+    (workload, B) wave by wave (B prompts at a time, B clients), every wave on every server
+    back to back, the order alternating by wave and round: each server's rate for the round
+    is its tokens over its waves' time, and runs a few seconds apart share the VM's drift
+    (with whole runs back to back, one cell's paired ratio read 0.80x in one round and 0.99x
+    in the next). Each round's requests carry their own `cache_salt` (a round on servers
+    that served the same prompts before would skip their prefill). Rows keep every round's
+    rate and what the servers drafted (/metrics)."""
     rates: dict[tuple[str, int, str], list[float]] = {}
     drafted: dict[tuple[str, int, str], list[list[float]]] = {}
     for rnd in range(args.server_repeats):
-        servers = _start_servers(cfgs if rnd % 2 == 0 else cfgs[::-1], batches, args)
+        servers: dict = {}
         try:
-            _server_round(servers, cfgs, workloads, batches, args, rnd, rates, drafted)
+            _start_servers(servers, cfgs if rnd % 2 == 0 else cfgs[::-1], batches, args)
+            for key, rate, spec in _server_round(servers, cfgs, workloads, batches, args, rnd):
+                rates.setdefault(key, []).append(rate)
+                drafted.setdefault(key, []).append(spec)
         finally:
             for server in servers.values():
                 server.stop()
@@ -254,29 +257,24 @@ def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -
             for (name, batch, label), r in rates.items()]
 
 
-def _start_servers(cfgs: list[Config], batches: list[int], args) -> dict:
-    """A server per configuration, started in `cfgs` order (label -> Server). The fp32 path
-    runs our attention over the dequantized linears, as the offline phase does (an LLM built
-    on a loaded model keeps `attention_backend` auto: ours on the CPU)."""
+def _start_servers(servers: dict, cfgs: list[Config], batches: list[int], args) -> None:
+    """Start a server per configuration in `cfgs` order into `servers` (label -> Server; the
+    caller stops them, those started before a failure too). The fp32 path runs our attention
+    over the dequantized linears, as the offline phase does (an LLM built on a loaded model
+    keeps `attention_backend` auto: ours on the CPU)."""
     from local_server import Server
     native = ["--cpu-native-kernels"] if args.native else ["--no-cpu-native-kernels", "--attention-backend", "cpu"]
-    servers: dict = {}
-    try:
-        for cfg in cfgs:
-            servers[cfg.label] = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", *native,
-                                                         "--max-num-seqs", str(max(batches)), *cfg.server_args()],
-                                        600)
-    except BaseException:
-        for server in servers.values():
-            server.stop()
-        raise
-    return servers
+    for cfg in cfgs:
+        servers[cfg.label] = Server("smollm2-135m", ["--kv-cache-memory", f"{args.kv_cache_mib}MiB", *native,
+                                                     "--max-num-seqs", str(max(batches)), *cfg.server_args()],
+                                    600)
 
 
-def _server_round(servers: dict, cfgs: list[Config], workloads: dict, batches: list[int], args, rnd: int,
-                  rates: dict, drafted: dict) -> None:
-    """Round `rnd` on `servers`: every (workload, B) wave by wave; appends each cell's rate and
-    drafted / accepted tokens to `rates` and `drafted`."""
+def _server_round(servers: dict, cfgs: list[Config], workloads: dict, batches: list[int], args,
+                  rnd: int) -> list[tuple[tuple[str, int, str], float, list[float]]]:
+    """Round `rnd` on `servers`, every (workload, B) wave by wave: ((workload, B, label),
+    tokens/s, [drafted, accepted tokens]) of each cell and server."""
+    out = []
     for name, chats in workloads.items():
         for batch in batches:
             prompts = chats[:prompts_for(batch)]
@@ -291,12 +289,11 @@ def _server_round(servers: dict, cfgs: list[Config], workloads: dict, batches: l
                     totals[cfg.label][0] += n
                     totals[cfg.label][1] += secs
             for label, (n, secs) in totals.items():
-                key = (name, batch, label)
-                rates.setdefault(key, []).append(n / secs)
                 spec = [a - b for a, b in zip(_server_spec(servers[label].url), before[label])]
-                drafted.setdefault(key, []).append(spec)
+                out.append(((name, batch, label), n / secs, spec))
                 print(f"  server {name:9s} B={batch:2d} {label:15s} {n / secs:7.1f} tok/s"
                       f"  drafted {spec[0]:.0f} accepted {spec[1]:.0f}  [round {rnd + 1}]", flush=True)
+    return out
 
 
 def _server_spec(url: str) -> list[float]:

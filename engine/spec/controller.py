@@ -30,8 +30,8 @@ costs: near the best k goodput is flat (a q8 self-draft at B = 1: k = 8 is 3.7%
 over k = 6), and at 5% adaptive sat at k = 7 for most of a run, 3-4% below k = 8.
 Exploration: a draft position no plan reaches gets no evidence, so after
 EXPLORE_AFTER steps in a row in which no request drafted as deep as it could, up to
-EXPLORE_ROWS requests draft all they can for one step (`_explore`; a model
-drafter whose first draft is untested, EXPLORE_GUESS_DEPTH: `_explore_depth`); the wait doubles
+EXPLORE_ROWS requests draft all they can for one step (`_explore`; a model drafter
+whose first draft is untested, EXPLORE_GUESS_DEPTH: `_explore_depth`); the wait doubles
 each time, but an exploration that accepted far more drafts than the estimates
 expected is followed by another after EXPLORE_SOON steps.
 
@@ -219,8 +219,8 @@ class DraftController:
     def _explore(self, p: Pricing, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
         """`plan`, unless it left drafts untested (no request drafts as deep as some could)
         for a while: then up to EXPLORE_ROWS requests draft all they can (`_explore_depth`),
-        and the wait doubles. A draft position no plan reaches is never tested, so estimates a warm-up
-        left low would stand for good: with the q8 self-draft at open chat B = 16, one run
+        and the wait doubles. A draft position no plan reaches is never tested, so estimates
+        a warm-up left low would stand for good: with the q8 self-draft at open chat B = 16, one run
         kept its continuation rates at 0.725 (0.94-0.99 once drafting) and drafted nothing,
         at 0.87x of k = 8; others drafted k = 1 (which tests no continuation rate) at 0.90x.
         The wait is `_explore_after`, or EXPLORE_SOON when the last exploration surprised or
@@ -274,8 +274,8 @@ class DraftController:
         costs a pass, and a chain's drafts past a first miss are never tried: `layerskip`
         (half the layers, 19 ms a pass beside a 33 ms step at B = 1) accepted none of its
         drafts, and its explorations of 8 cost 5% of a run at B = 1 (0.95x of no
-        speculation; 0.985x at 2, grounded, offline). A first draft that hits lets the plan draft, or the exploration
-        surprise, and the next one goes deeper."""
+        speculation; 0.985x at 2, grounded, offline). A first draft that hits lets the plan
+        draft, or the exploration surprise, and the next one goes deeper."""
         if self.draft_latency is not None and self.accept.evidence(1) < EXPLORE_EVIDENCE:
             return min(EXPLORE_GUESS_DEPTH, self.max_k)
         return self.max_k
