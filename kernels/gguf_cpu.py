@@ -14,6 +14,7 @@ dequantization: the kernels must match them up to fp32 summation order.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import shutil
@@ -68,8 +69,15 @@ def _load() -> bool:
 
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        load(name="strix_gguf", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-             build_directory=str(directory), is_python_module=False, verbose=False)
+        with open(directory / "build.flock", "w") as guard:
+            # torch's build baton is a plain file (`lock`) that a build killed midway leaves
+            # behind, and every later load waits on it forever (a bench killed while it
+            # rebuilt hung the next one). Our flock dies with its holder: while we hold it no
+            # process of ours is building, so a `lock` still there is stale.
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (directory / "lock").unlink(missing_ok=True)
+            load(name="strix_gguf", sources=[str(p) for p in SOURCES], extra_cflags=FLAGS,
+                 extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as exc:  # a failed build must not stop the model from loading
         log.warning("native GGUF kernels off: build failed (%s); weights are dequantized to fp32", exc)
         return False

@@ -4,6 +4,10 @@ counts that matter (decode, small-M GEMM, the large-M path); the embedding looku
 per-module swap on the real model, and the fp32 fallback when the extension is missing."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +134,17 @@ def test_fallback_without_the_extension(monkeypatch):
     assert not any(isinstance(m, GGUFLinear) for m in loaded.model.modules())
 
 
+def test_a_build_killed_midway_does_not_hang_the_next_load():
+    """A process killed while it built leaves torch's `lock` file in the build directory;
+    the next process must still load (before: it waited on that file forever)."""
+    (gguf_cpu.build_dir() / "lock").touch()
+    code = "from kernels import gguf_cpu; print(gguf_cpu.available())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(gguf_cpu.__file__).resolve().parents[1]))
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+    assert not (gguf_cpu.build_dir() / "lock").exists()
+
+
 @pytest.mark.parametrize("k", [1536, 96 + 32 * 4])  # even and odd block counts (the VNNI pairs' tail)
 @pytest.mark.parametrize("qtype", gguf_cpu.Q8_ACTIVATION_TYPES)
 def test_q8_activation_kernel_is_the_integer_math_and_near_fp32(qtype, k, isa):
@@ -216,8 +231,6 @@ def test_q8_mode_on_the_real_model_tracks_fp32(smol_loaded):
     greedy tokens agree with fp32's at >= 90% of positions and its perplexity stays within
     5% (loadtest/q8_quality.py measures a longer text: 96.9%, 11.33 -> 11.38)."""
     import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[2] / "loadtest" / "q8_quality.py"
     spec = importlib.util.spec_from_file_location("q8_quality", path)
     q8_quality = importlib.util.module_from_spec(spec)
