@@ -35,6 +35,16 @@ so the two plans were priced from different minutes of the machine. The shared s
 carries a drift of the whole machine to every knot; the knots' own learning is left
 with what differs by shape.
 
+That holds for plain steps (a token a row). A step with drafts teaches its drafts' knots
+first (not the plain knots at a token a row), as a least-squares running mean of the
+steps each has seen, its probe counted as PROBE_WEIGHT of them (at least DRAFT_EMA a
+step after), and the scale only what they leave, weighted by the plain step's share of
+the step. A probe's error is the knot's own, and the plain step is the price every plan
+is weighed against: learnt in the scale, a drafting shape's excess raised the plain
+step's price with it and kept the drafts looking cheap (the q8 self-draft, open chat
+B = 16: 24 drafting steps in a row ran 10-15% over their price while the plain step's
+rose from 62 to 77 ms against ~58 measured; adaptive ran at 0.966x of no drafts).
+
 `LatencyModel` is a straight line T(N) = fixed + per_token * N fitted by
 (exponentially weighted) least squares, its fitted samples kept as anchors: a model
 drafter's pass over B rows, and
@@ -72,6 +82,8 @@ import numpy as np
 SCALE_EMA = 0.1  # weight of one observed step in the table's shared scale
 SCALE_CLAMP = 2.0  # one step is learnt as if it ran at most this many times its prediction (or 1/x)
 TABLE_EMA = 0.03  # weight of one observed step in the knots around its N (after the scale's share)
+DRAFT_EMA = 0.1  # the least weight of one step with drafts in the knots around its shape
+PROBE_WEIGHT = 2.0  # a knot's probe counts as this many steps of its shape (a running mean after it)
 ANCHOR_WEIGHT = 0.25  # a fitted sample's weight in LatencyModel (one online sample: 1, decaying)
 
 
@@ -160,6 +172,7 @@ class _Curve:
         points = sorted(dict(points).items())  # one time per N (the last given wins)
         self.knots = [n for n, _ in points]
         self.times = [t for _, t in points]
+        self.visits = [0.0] * len(points)  # steps learnt at each knot (by their weights)
         self.monotone(0)
 
     def weights(self, n: float) -> tuple[tuple[int, float], tuple[int, float]]:
@@ -187,15 +200,25 @@ class _Curve:
             out = np.where(n > knots[-1], times[-1] + slope * (n - knots[-1]), out)
         return out
 
-    def learn(self, n: float, error: float, rate: float) -> None:
-        """Move the two knots around n by rate x error, split by their weights (not past the
-        last knot: there the curve is extrapolated)."""
+    def learn(self, n: float, error: float, weight: float, rate: float, drafts: bool = False) -> None:
+        """Move the two knots around n by their weights x `weight` (the line's) x rate x error
+        (not past the last knot: there the curve is extrapolated). `drafts` (a step with
+        drafts): the first knot (the plain step, a token a row) stays, and the others learn as
+        a least-squares running mean, at 1 / (PROBE_WEIGHT + their squared weights so far)
+        while that exceeds `rate`."""
         if n > self.knots[-1]:
             return
-        (i, wi), (j, wj) = self.weights(n)
-        self.times[i] += rate * wi * error
-        self.times[j] += rate * wj * error
-        self.monotone(min(i, j))
+        around = self.weights(n)
+        for i, w in around:
+            share = weight * w
+            if not share or (drafts and i == 0):
+                continue
+            r = rate
+            if drafts:
+                self.visits[i] += share * share
+                r = max(rate, 1.0 / (PROBE_WEIGHT + self.visits[i]))
+            self.times[i] += r * share * error
+        self.monotone(around[0][0])
 
     def monotone(self, start: int) -> None:
         for k in range(max(start, 1), len(self.times)):
@@ -269,14 +292,31 @@ class LatencyTable:
         # One interrupted step (a VM pause) counts as at most SCALE_CLAMP times its prediction.
         ratio = min(max(seconds / (self.scale * shape), 1.0 / SCALE_CLAMP), SCALE_CLAMP)
         seconds = ratio * self.scale * shape
-        self.scale *= 1.0 + self.scale_ema * (ratio - 1.0)
-        error = seconds / self.scale - shape  # in the knots' units
         around = self._around(rows)
-        if any(w < 0 for _, w, _ in around):
-            return  # more rows than the last line: extrapolated in R; the scale learnt it
+        beyond = any(w < 0 for _, w, _ in around)  # more rows than the last line: extrapolated in R
+        if rows is not None and num_tokens > rows and not beyond:
+            self._learn_drafts(num_tokens, seconds, rows, around)
+            return
+        self.scale *= 1.0 + self.scale_ema * (ratio - 1.0)
+        if beyond:
+            return  # the scale learnt it
+        error = seconds / self.scale - shape  # in the knots' units
         for i, w, x in around:
             if w:
-                self.curves[i].learn(num_tokens * x, error, self.ema * w)
+                self.curves[i].learn(num_tokens * x, error, w, self.ema)
+
+    def _learn_drafts(self, num_tokens: int, seconds: float, rows: int,
+                      around: list[tuple[int, float, float]]) -> None:
+        """A step in which some rows verified drafts: the knots of its drafts' shape learn
+        first (`_Curve.learn` with drafts: not the plain knots, a running mean at first), then
+        the scale learns what they leave, weighted by the plain step's share of the step."""
+        error = seconds / self.scale - self._shape(num_tokens, rows)
+        for i, w, x in around:
+            if w:
+                self.curves[i].learn(num_tokens * x, error, w, DRAFT_EMA, drafts=True)
+        shape = max(self._shape(num_tokens, rows), 1e-9)
+        plain = min(self._shape(rows, rows) / shape, 1.0)
+        self.scale *= 1.0 + self.scale_ema * plain * (seconds / (self.scale * shape) - 1.0)
 
 
 def describe(model: LatencyModel | LatencyTable) -> str:
