@@ -80,6 +80,8 @@ EXPLORE_GUESS_DEPTH = 2  # a model drafter's exploration depth while its first-d
 EXPLORE_BACKLOG = 1.0  # a draft model's backlog per token a request may commit, at most, to explore it
 EXPLORE_OPTIMISM = 2.0  # pseudo-hits on every rate in the test whether exploring may pay
 CATCHUP_MARGIN = 0.10  # a plan starting catch-ups beats the same plan without them by this much
+PLAIN_CHECK_AFTER = 8  # steps in a row with drafts before one plain step (while drafts pay little)
+PLAIN_CHECK_GAIN = 1.15  # "little": the plan's goodput under this many times the plain step's
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class DraftController:
         self._explored: dict[str, float] = {}  # the last exploration's requests -> accepted drafts expected
         self._surprise = [0.0, 0.0]  # the last exploration's accepted drafts, and those expected
         self._soon = False  # the next exploration after EXPLORE_SOON steps (the last one surprised)
+        self._drafting = 0  # steps in a row whose plan drafted (`_plain_check`)
 
     def acceptance(self, request_id: str, source: int | None = None) -> float:
         """The estimated acceptance of the request's first draft from `source`."""
@@ -170,7 +173,10 @@ class DraftController:
         if new != old and self._goodput(p, new, base) < margin * self._goodput(p, old, base):
             new = old
         self._k.update(new)  # hysteresis holds the plan, not an exploration's one-off depths
-        new = self._explore(p, candidates, base, new)
+        explored = self._explore(p, candidates, base, new)
+        if explored == new and self._plain_check(p, new, base):
+            return dict.fromkeys(new, 0)  # not a choice against drafts: no rate fades (`idle`)
+        new = explored
         self.accept.idle([rid for rid, k in new.items() if not k], max(new.values(), default=0))
         return new
 
@@ -215,6 +221,26 @@ class DraftController:
         if self._goodput(p, plan, base) >= (1.0 + CATCHUP_MARGIN) * self._goodput(p, rest, base):
             return plan
         return rest
+
+    def _plain_check(self, p: Pricing, plan: dict[str, int], base: int) -> bool:
+        """Whether this step runs plain instead of `plan` (which stays the plan): after
+        PLAIN_CHECK_AFTER steps in a row with drafts, while the plan's goodput is under
+        PLAIN_CHECK_GAIN times the plain step's. The plain step is the price drafts are
+        weighed against, and steps with drafts do not teach it: one server's probe priced
+        16 plain rows at 68.7 ms (the next server's: 50.6), it drafted at B = 16 on that
+        price and ran 0.89x of no drafts. A plain step beside drafting ones teaches the table
+        its own price (`LatencyTable`: CONTRAST_STEPS). Where drafts pay more, a misprice
+        of the plain step cannot turn the choice, and the plain step would cost more."""
+        if not any(plan.values()):
+            self._drafting = 0
+            return False
+        self._drafting += 1
+        if self._drafting <= PLAIN_CHECK_AFTER:
+            return False
+        if self._goodput(p, plan, base) >= PLAIN_CHECK_GAIN * self._goodput(p, dict.fromkeys(plan, 0), base):
+            return False
+        self._drafting = 0
+        return True
 
     def _explore(self, p: Pricing, candidates: dict[str, int], base: int, plan: dict[str, int]) -> dict[str, int]:
         """`plan`, unless it left drafts untested (no request drafts as deep as some could)

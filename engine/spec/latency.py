@@ -35,15 +35,21 @@ so the two plans were priced from different minutes of the machine. The shared s
 carries a drift of the whole machine to every knot; the knots' own learning is left
 with what differs by shape.
 
-That holds for plain steps (a token a row). A step with drafts teaches its drafts' knots
-first (not the plain knots at a token a row), as a least-squares running mean of the
-steps each has seen, its probe counted as PROBE_WEIGHT of them (at least DRAFT_EMA a
-step after), and the scale only what they leave, weighted by the plain step's share of
-the step. A probe's error is the knot's own, and the plain step is the price every plan
-is weighed against: learnt in the scale, a drafting shape's excess raised the plain
-step's price with it and kept the drafts looking cheap (the q8 self-draft, open chat
-B = 16: 24 drafting steps in a row ran 10-15% over their price while the plain step's
-rose from 62 to 77 ms against ~58 measured; adaptive ran at 0.966x of no drafts).
+That holds for plain steps (a token a row) of a stream without drafts. A step with drafts
+teaches its drafts' knots first (not the plain knots at a token a row), as a
+least-squares running mean of the steps each has seen, its probe counted as
+PROBE_WEIGHT of them (at least DRAFT_EMA a step after), and the scale only what they
+leave, weighted by the plain step's share of the step. A probe's error is the knot's
+own, and the plain step is the price every plan is weighed against: learnt in the scale,
+a drafting shape's excess raised the plain step's price with it and kept the drafts
+looking cheap (the q8 self-draft, open chat B = 16: 24 drafting steps in a row ran
+10-15% over their price while the plain step's rose from 62 to 77 ms against ~58
+measured; adaptive ran at 0.966x of no drafts). A plain step within CONTRAST_STEPS learnt
+steps of one with drafts teaches its plain knots the same way: beside drafting steps
+its error is its shape's, not the machine's (one server's probe priced 16 plain rows at
+68.7 ms beside 50.6 in the next server; it drafted at B = 16 and ran 0.89x of no drafts).
+The controller takes such a plain step now and then while its drafts pay little
+(`PLAIN_CHECK_AFTER`).
 
 `LatencyModel` is a straight line T(N) = fixed + per_token * N fitted by
 (exponentially weighted) least squares, its fitted samples kept as anchors: a model
@@ -83,7 +89,8 @@ SCALE_EMA = 0.1  # weight of one observed step in the table's shared scale
 SCALE_CLAMP = 2.0  # one step is learnt as if it ran at most this many times its prediction (or 1/x)
 TABLE_EMA = 0.03  # weight of one observed step in the knots around its N (after the scale's share)
 DRAFT_EMA = 0.1  # the least weight of one step with drafts in the knots around its shape
-PROBE_WEIGHT = 2.0  # a knot's probe counts as this many steps of its shape (a running mean after it)
+PROBE_WEIGHT = 1.0  # a knot's probe counts as this many steps of its shape (a running mean after it)
+CONTRAST_STEPS = 2  # a plain step within this many learnt steps of one with drafts is learnt as its own shape
 ANCHOR_WEIGHT = 0.25  # a fitted sample's weight in LatencyModel (one online sample: 1, decaying)
 
 
@@ -200,21 +207,21 @@ class _Curve:
             out = np.where(n > knots[-1], times[-1] + slope * (n - knots[-1]), out)
         return out
 
-    def learn(self, n: float, error: float, weight: float, rate: float, drafts: bool = False) -> None:
+    def learn(self, n: float, error: float, weight: float, rate: float, mean: bool = False,
+              keep_first: bool = False) -> None:
         """Move the two knots around n by their weights x `weight` (the line's) x rate x error
-        (not past the last knot: there the curve is extrapolated). `drafts` (a step with
-        drafts): the first knot (the plain step, a token a row) stays, and the others learn as
-        a least-squares running mean, at 1 / (PROBE_WEIGHT + their squared weights so far)
-        while that exceeds `rate`."""
+        (not past the last knot: there the curve is extrapolated). `mean`: as a least-squares
+        running mean, at 1 / (PROBE_WEIGHT + their squared weights so far) while that exceeds
+        `rate`; `keep_first`: the first knot (the plain step, a token a row) stays."""
         if n > self.knots[-1]:
             return
         around = self.weights(n)
         for i, w in around:
             share = weight * w
-            if not share or (drafts and i == 0):
+            if not share or (keep_first and i == 0):
                 continue
             r = rate
-            if drafts:
+            if mean:
                 self.visits[i] += share * share
                 r = max(rate, 1.0 / (PROBE_WEIGHT + self.visits[i]))
             self.times[i] += r * share * error
@@ -243,6 +250,7 @@ class LatencyTable:
         self.lines = sorted(by_rows)  # probed row counts; [0]: the table of N alone
         self.curves = [_Curve(by_rows[r]) for r in self.lines]
         self.scale = 1.0  # shared by every knot: T = scale x the curves
+        self._since_drafts = CONTRAST_STEPS  # learnt steps since the last with drafts (at most this)
         self.ema, self.scale_ema = ema, scale_ema
         self.sample_cost = sample_cost  # seconds per row sampled at a temperature (not argmax)
 
@@ -294,8 +302,11 @@ class LatencyTable:
         seconds = ratio * self.scale * shape
         around = self._around(rows)
         beyond = any(w < 0 for _, w, _ in around)  # more rows than the last line: extrapolated in R
-        if rows is not None and num_tokens > rows and not beyond:
-            self._learn_drafts(num_tokens, seconds, rows, around)
+        drafts = rows is not None and num_tokens > rows and self.lines != [0]
+        contrast = drafts or (rows is not None and self._since_drafts < CONTRAST_STEPS)
+        self._since_drafts = 0 if drafts else min(self._since_drafts + 1, CONTRAST_STEPS)
+        if contrast and not beyond:
+            self._learn_own(num_tokens, seconds, rows, around, drafts)
             return
         self.scale *= 1.0 + self.scale_ema * (ratio - 1.0)
         if beyond:
@@ -305,15 +316,16 @@ class LatencyTable:
             if w:
                 self.curves[i].learn(num_tokens * x, error, w, self.ema)
 
-    def _learn_drafts(self, num_tokens: int, seconds: float, rows: int,
-                      around: list[tuple[int, float, float]]) -> None:
-        """A step in which some rows verified drafts: the knots of its drafts' shape learn
-        first (`_Curve.learn` with drafts: not the plain knots, a running mean at first), then
-        the scale learns what they leave, weighted by the plain step's share of the step."""
+    def _learn_own(self, num_tokens: int, seconds: float, rows: int,
+                   around: list[tuple[int, float, float]], drafts: bool) -> None:
+        """A step of its shape's own: one with drafts (its drafts' knots, not the plain ones)
+        or a plain one beside it (its plain knots). They learn first, as a running mean from
+        their probe; then the scale learns what they leave, weighted by the plain step's
+        share of the step."""
         error = seconds / self.scale - self._shape(num_tokens, rows)
         for i, w, x in around:
             if w:
-                self.curves[i].learn(num_tokens * x, error, w, DRAFT_EMA, drafts=True)
+                self.curves[i].learn(num_tokens * x, error, w, DRAFT_EMA, mean=True, keep_first=drafts)
         shape = max(self._shape(num_tokens, rows), 1e-9)
         plain = min(self._shape(rows, rows) / shape, 1.0)
         self.scale *= 1.0 + self.scale_ema * plain * (seconds / (self.scale * shape) - 1.0)

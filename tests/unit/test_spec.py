@@ -257,10 +257,11 @@ def _drafted_by_source(seed: int, keyed: bool) -> dict[int, list[int]]:
 def test_controller_prices_first_drafts_by_their_source():
     # At 16 rows of cpu_like a first draft pays above ~0.49. Pooled, the first drafts are
     # accepted ~27% of the time and none pays; by source, the 4-token matches (70%) do,
-    # but for a request whose own rate for them a recent miss halved (one pseudo-try).
+    # but for a request whose own rate for them a recent miss halved (one pseudo-try), and
+    # in the plain step every PLAIN_CHECK_AFTER + 1 steps while drafts pay little (1 in 9).
     for seed in range(3):
         keyed = _drafted_by_source(seed, keyed=True)
-        assert sum(k > 0 for k in keyed[4]) >= 0.7 * len(keyed[4]), seed
+        assert sum(k > 0 for k in keyed[4]) >= 0.6 * len(keyed[4]), seed
         assert sum(k > 0 for k in keyed[1]) <= 0.05 * len(keyed[1]), seed
         pooled = _drafted_by_source(seed, keyed=False)
         assert sum(k > 0 for k in pooled[4]) <= 0.1 * len(pooled[4]), seed  # what keying fixes
