@@ -85,16 +85,23 @@ def test_the_table_and_the_pass_line_learn_without_the_contexts_share():
 
 
 def simulate(ctl: DraftController, acceptance, batch: int, steps: int, backlog: float | None = None,
-             context: int = 300) -> list[int]:
+             context: int = 300, step_seconds=None, pass_seconds=None) -> list[int]:
     """Drafts planned per step when draft j is accepted with acceptance[j - 1] after drafts
     1..j-1 were (a float: the same at every position); `backlog`: a draft model's
-    catch-up per future token of every request; `context`: every row's own context tokens."""
+    catch-up per future token of every request; `context`: every row's own context tokens;
+    `step_seconds(tokens)` (with `pass_seconds(rows)` of each draft pass): each step's true
+    time, which the controller's models learn as the decoder would report it (none: not timed)."""
     rates = [acceptance] * 8 if isinstance(acceptance, float) else acceptance
     rnd, ids, planned = random.Random(0), [f"r{i}" for i in range(batch)], []
     catchup = {} if backlog is None else dict.fromkeys(ids, backlog)
     for _ in range(steps):
         plan = ctl.choose(dict.fromkeys(ids, 8), 0, StepRows(catchup=catchup, contexts=dict.fromkeys(ids, context)))
         planned.append(sum(plan.values()))
+        if step_seconds is not None:
+            for j in range(max(plan.values())):
+                rows = sum(1 for k in plan.values() if k > j)
+                ctl.observe_draft_pass(rows, rows, pass_seconds(rows))
+            ctl.latency.observe(batch + planned[-1], step_seconds(batch + planned[-1]), batch + planned[-1], 0, batch)
         for rid, k in plan.items():
             accepted = 0
             while accepted < k and rnd.random() < rates[accepted]:

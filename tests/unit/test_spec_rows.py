@@ -16,6 +16,7 @@ import engine.spec.decoder as decoder
 from engine.spec import DraftController, LatencyModel
 from engine.spec.decoder import measure_step_latency, probe_shapes
 from engine.spec.latency import LatencyTable, describe
+from tests.unit.test_spec_context import simulate
 
 FIXED, PER_TOKEN, PER_ROW = 0.057, 0.00167, 0.00177
 PASS = LatencyModel(0.012, 0.0018)
@@ -139,6 +140,13 @@ def test_the_controller_drafts_as_deep_as_pays_at_the_true_costs_at_batch_16(mon
     assert plans[False] < best and true_goodput(16, plans[False], gains) < 0.99 * true_goodput(16, best, gains)
 
 
+def warm_up(ctl: DraftController, rate: float) -> None:
+    """30 verifications of 8 drafts, each accepted with `rate` after the drafts before it."""
+    rnd = random.Random(1)
+    for _ in range(30):
+        ctl.observe("warm-up", 8, next(a for a in range(9) if a == 8 or rnd.random() >= rate))
+
+
 def test_steps_with_drafts_dearer_than_probed_teach_their_knots_not_the_plain_steps_price(monkeypatch):
     """16 rows whose drafts are accepted at 0.96, where the drafts' share of a step costs 3x
     what the probes said (beyond the plain step, which costs what they said): drafting does
@@ -150,23 +158,9 @@ def test_steps_with_drafts_dearer_than_probed_teach_their_knots_not_the_plain_st
     price rose from 62 to 77 ms against ~58 measured, and adaptive ran at 0.966x of no drafts.)"""
     table = probed_table(monkeypatch, 16)
     ctl = DraftController(8, table, draft_latency=LatencyModel(PASS.fixed, PASS.per_token))
-    rnd, ids, plans = random.Random(0), [f"r{i}" for i in range(16)], []
-    for _ in range(30):
-        ctl.observe("warm-up", 8, 8 if rnd.random() < 0.96 ** 8 else 4)
-    for _ in range(100):
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0)
-        tokens = 16 + sum(plan.values())
-        plans.append(sum(plan.values()))
-        for j in range(max(plan.values())):
-            rows = sum(1 for k in plan.values() if k > j)
-            ctl.observe_draft_pass(rows, rows, PASS.predict(rows))
-        table.observe(tokens, cost(16, 16) + 3 * (cost(16, tokens) - cost(16, 16)), tokens, 0, 16)
-        for rid, k in plan.items():
-            accepted = 0
-            while accepted < k and rnd.random() < 0.96:
-                accepted += 1
-            if k:
-                ctl.observe(rid, k, accepted)
+    warm_up(ctl, 0.96)
+    plans = simulate(ctl, 0.96, 16, 100, context=0, pass_seconds=PASS.predict,
+                     step_seconds=lambda n: cost(16, 16) + 3 * (cost(16, n) - cost(16, 16)))
     assert plans[0] > 0 and sum(1 for k in plans if k) <= 10
     assert table.predict(16, rows=16) == pytest.approx(cost(16, 16), rel=0.05)
 
@@ -184,20 +178,9 @@ def test_a_plain_step_priced_high_by_its_probe_is_checked_while_drafts_pay_littl
     table = LatencyTable([(r * q, cost(r, r * q) * (1.4 if (r, q) == (16, 1) else 1.0)) for r, q in shapes],
                          rows=[r for r, _ in shapes])
     ctl = DraftController(8, table, draft_latency=LatencyModel(PASS.fixed, PASS.per_token))
-    rnd, ids, drafting = random.Random(0), [f"r{i}" for i in range(16)], 0
-    for _ in range(30):
-        ctl.observe("warm-up", 8, next(a for a in range(9) if a == 8 or rnd.random() >= 0.5))
-    for _ in range(100):
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0)
-        tokens = 16 + sum(plan.values())
-        drafting += tokens > 16
-        for j in range(max(plan.values())):
-            rows = sum(1 for k in plan.values() if k > j)
-            ctl.observe_draft_pass(rows, rows, PASS.predict(rows))
-        table.observe(tokens, cost(16, tokens), tokens, 0, 16)
-        for rid, k in plan.items():
-            if k:
-                ctl.observe(rid, k, next(a for a in range(k + 1) if a == k or rnd.random() >= 0.5))
+    warm_up(ctl, 0.5)
+    plans = simulate(ctl, 0.5, 16, 100, context=0, step_seconds=lambda n: cost(16, n), pass_seconds=PASS.predict)
+    drafting = sum(1 for k in plans if k)
     if checks:
         assert 0 < drafting <= 2 * controller.PLAIN_CHECK_AFTER
         assert table.predict(16, rows=16) == pytest.approx(cost(16, 16), rel=0.05)
