@@ -211,6 +211,26 @@ def test_controller_k_is_stable_on_a_stationary_input():
         assert all(k > 0 for k in last.values())
 
 
+def test_a_held_plan_priced_under_no_drafts_gives_way_to_no_drafts():
+    """Hysteresis holds last step's plan against a new one of as many drafts unless the new
+    one beats it by the margin, but not an old plan priced under the plain step: here a's
+    draft (its rate fell to ~0.47) prices under no drafts and b's (~0.61) just over them,
+    within the margin, so the step runs plain. Holding a's plan kept drafts that cost more
+    than they commit (`ngram`, open chat B = 16)."""
+    ctl = DraftController(8, cpu_like())
+    for _ in range(20):
+        ctl.observe("a", 1, 1)
+    assert ctl.choose({"a": 1}, 15) == {"a": 1}
+    for i in range(11):
+        ctl.observe("a", 1, 0)
+        ctl.observe("b", 1, int(i % 5 < 3))
+    t16, t17 = ctl.latency.predict(16), ctl.latency.predict(17)
+    plain, with_a, with_b = (16 / t16, (16 + ctl.acceptance("a")) / t17, (16 + ctl.acceptance("b")) / t17)
+    assert with_a < plain < with_b < (1 + ctl.switch_margin) * plain
+    ctl._k = {"a": 1}  # last step's plan
+    assert ctl.choose({"a": 1, "b": 1}, 14) == {"a": 0, "b": 0}
+
+
 def test_a_request_that_keeps_missing_stops_being_drafted_after_a_workload_change():
     # A server served grounded requests (70% first drafts, then 85% a draft), then open
     # chat whose drafts all miss: the drafter-wide rate stays high for ~50 verifications,

@@ -11,7 +11,8 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from engine.sched.output import ScheduledRequest
 from engine.spec import DraftController, LatencyModel, create_drafter
-from engine.spec.controller import EXPLORE_AFTER, EXPLORE_BACKLOG, EXPLORE_GUESS_DEPTH, EXPLORE_SOON, StepRows
+from engine.spec.controller import (EXPLORE_AFTER, EXPLORE_BACKLOG, EXPLORE_FIRST, EXPLORE_GUESS_DEPTH, EXPLORE_OPTIMISM,
+                                    EXPLORE_SOON, StepRows)
 from engine.spec.decoder import SpeculativeDecoder
 from engine.spec.latency import ContextCost, LatencyTable
 
@@ -206,6 +207,33 @@ def test_exploration_leaves_requests_a_draft_model_is_far_behind_on():
         return [i for i, n in enumerate(simulate(shallow_drafter(), FIRST_ONLY, 4, 300, backlog)) if n > 4]
     assert explored(0.0) == explored(EXPLORE_BACKLOG) != []
     assert explored(1.5 * EXPLORE_BACKLOG) == []
+
+
+def test_requests_whose_first_draft_would_likely_miss_are_not_explored():
+    """`ngram` at B = 16 after 1-token matches (first drafts accepted ~30% of the time)
+    while 4-token matches put the continuation rates near 1: deep drafts after a first
+    draft at the upper estimate (~0.4) look as if they might pay, but each explored row
+    would add 8 verify tokens for ~0.3 positions tested past the first. No row at least
+    EXPLORE_FIRST likely to hit: once its misses priced the first draft out, no step
+    drafts (explorations of 4 x 8 came 32 steps later, as on open chat, where they cost
+    1.5% of the run)."""
+    ctl = DraftController(8, LatencyModel(0.0336, 0.0014))  # a draft pays at ~0.4 (16 rows)
+    for i in range(30):
+        ctl.observe(f"long{i}", 8, 8, source=4)
+    for i in range(8):
+        ctl.observe(f"short{i}", 1, int(i < 3), source=1)
+    ids = [f"r{i}" for i in range(16)]
+    rows, rnd, planned = StepRows(sources=dict.fromkeys(ids, 1)), random.Random(0), []
+    for _ in range(3 * EXPLORE_AFTER):
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, rows)
+        planned.append(sum(plan.values()))
+        for rid, k in plan.items():
+            accepted = 0
+            while accepted < k and rnd.random() < (0.3 if accepted == 0 else 0.9):
+                accepted += 1
+            ctl.observe(rid, k, accepted, source=1)
+    assert planned[0] > 0 and ctl.accept.gains("r0", 1, EXPLORE_OPTIMISM, 1)[0] < EXPLORE_FIRST
+    assert not any(planned[EXPLORE_AFTER // 2:])
 
 
 def test_exploration_takes_the_requests_least_behind():
