@@ -86,17 +86,20 @@ def test_the_table_and_the_pass_line_learn_without_the_contexts_share():
 
 
 def simulate(ctl: DraftController, acceptance, batch: int, steps: int, backlog: float | None = None,
-             context: int = 300, step_seconds=None, pass_seconds=None) -> list[int]:
+             context: int = 300, step_seconds=None, pass_seconds=None, source: int | None = None) -> list[int]:
     """Drafts planned per step when draft j is accepted with acceptance[j - 1] after drafts
     1..j-1 were (a float: the same at every position); `backlog`: a draft model's
     catch-up per future token of every request; `context`: every row's own context tokens;
     `step_seconds(tokens)` (with `pass_seconds(rows)` of each draft pass): each step's true
-    time, which the controller's models learn as the decoder would report it (none: not timed)."""
+    time, which the controller's models learn as the decoder would report it (none: not timed);
+    `source`: every proposal's source (`Proposal.source`; none: unnamed)."""
     rates = [acceptance] * 8 if isinstance(acceptance, float) else acceptance
     rnd, ids, planned = random.Random(0), [f"r{i}" for i in range(batch)], []
     catchup = {} if backlog is None else dict.fromkeys(ids, backlog)
+    sources = {} if source is None else dict.fromkeys(ids, source)
     for _ in range(steps):
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0, StepRows(catchup=catchup, contexts=dict.fromkeys(ids, context)))
+        plan = ctl.choose(dict.fromkeys(ids, 8), 0, StepRows(catchup=catchup, contexts=dict.fromkeys(ids, context),
+                                                             sources=sources))
         planned.append(sum(plan.values()))
         if step_seconds is not None:
             for j in range(max(plan.values())):
@@ -107,7 +110,7 @@ def simulate(ctl: DraftController, acceptance, batch: int, steps: int, backlog: 
             accepted = 0
             while accepted < k and rnd.random() < rates[accepted]:
                 accepted += 1
-            ctl.observe(rid, k, accepted)
+            ctl.observe(rid, k, accepted, source)
     return planned
 
 
@@ -222,16 +225,7 @@ def test_requests_whose_first_draft_would_likely_miss_are_not_explored():
         ctl.observe(f"long{i}", 8, 8, source=4)
     for i in range(8):
         ctl.observe(f"short{i}", 1, int(i < 3), source=1)
-    ids = [f"r{i}" for i in range(16)]
-    rows, rnd, planned = StepRows(sources=dict.fromkeys(ids, 1)), random.Random(0), []
-    for _ in range(3 * EXPLORE_AFTER):
-        plan = ctl.choose(dict.fromkeys(ids, 8), 0, rows)
-        planned.append(sum(plan.values()))
-        for rid, k in plan.items():
-            accepted = 0
-            while accepted < k and rnd.random() < (0.3 if accepted == 0 else 0.9):
-                accepted += 1
-            ctl.observe(rid, k, accepted, source=1)
+    planned = simulate(ctl, [0.3] + [0.9] * 7, 16, 3 * EXPLORE_AFTER, context=0, source=1)
     assert planned[0] > 0 and ctl.accept.gains("r0", 1, EXPLORE_OPTIMISM, 1)[0] < EXPLORE_FIRST
     assert not any(planned[EXPLORE_AFTER // 2:])
 
