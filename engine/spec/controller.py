@@ -168,7 +168,23 @@ class DraftController:
                     # that did owes at most its last accepted draft: `_draft_costs`).
                     frozenset(rid for rid in candidates if catchup.get(rid) and not self._k.get(rid)),
                     sources)
-        candidates = self._defer_catchups(p, candidates, base, rows.upcoming)
+        if self._plain_is_best(p, candidates, base):
+            new = dict.fromkeys(candidates, 0)  # what `_plan` would return, at a fraction of its cost
+        else:
+            candidates, new = self._plan(p, candidates, base, rows.upcoming)
+        self._k.update(new)  # hysteresis holds the plan, not an exploration's one-off depths
+        explored = self._explore(p, candidates, base, new)
+        if explored == new and self._plain_check(p, new, base):
+            return dict.fromkeys(new, 0)  # not a choice against drafts: no rate fades (`idle`)
+        new = explored
+        self.accept.idle([rid for rid, k in new.items() if not k], max(new.values(), default=0))
+        return new
+
+    def _plan(self, p: Pricing, candidates: dict[str, int], base: int,
+              upcoming: Mapping[str, tuple[int, float, int]]) -> tuple[dict[str, int], dict[str, int]]:
+        """(the candidates left after `_defer_catchups`, the step's plan): the best plan
+        (`_greedy`, `_hold_catchups`) unless hysteresis keeps last step's."""
+        candidates = self._defer_catchups(p, candidates, base, upcoming)
         new = self._hold_catchups(p, candidates, base, self._greedy(p, candidates, base))
         old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
         plain = dict.fromkeys(candidates, 0)
@@ -178,13 +194,33 @@ class DraftController:
         margin = 1.0 if sum(new.values()) < sum(old.values()) else 1.0 + self.switch_margin
         if new != old and self._goodput(p, new, base) < margin * self._goodput(p, old, base):
             new = old
-        self._k.update(new)  # hysteresis holds the plan, not an exploration's one-off depths
-        explored = self._explore(p, candidates, base, new)
-        if explored == new and self._plain_check(p, new, base):
-            return dict.fromkeys(new, 0)  # not a choice against drafts: no rate fades (`idle`)
-        new = explored
-        self.accept.idle([rid for rid, k in new.items() if not k], max(new.values(), default=0))
-        return new
+        return candidates, new
+
+    def _plain_is_best(self, p: Pricing, candidates: dict[str, int], base: int) -> bool:
+        """Whether no plan beats the plain step, by a bound that prices no plan (free drafts
+        only; then `_plan` returns the plain step). A plan of n drafts commits at most base +
+        the n largest gains on offer, and its step takes at least T(base + n) with the plain
+        step's context reads and n times the least a draft's context adds (rows sampled at a
+        temperature only add): when even that is no faster than the plain step (by `switch_margin` when
+        last step's plan for these was plain: hysteresis keeps it), no plan is. On open chat
+        at B = 16 (`ngram`: mostly 1-token guesses at 0.1-0.3, where a draft needs ~0.5)
+        `_plan` took most of `choose`'s 0.45-0.57 ms a step; with the drafter's
+        proposals that cost 1.5% of the step's time."""
+        if self.draft_latency is not None:
+            return False  # a model drafter's catch-up terms may lower a draft's cost
+        offered = [rid for rid, n in candidates.items() if n]
+        if not offered:
+            return True
+        gains = np.sort(np.concatenate([p.gains[rid][:min(candidates[rid], self.max_k)] for rid in offered]))[::-1]
+        n = np.arange(1, len(gains) + 1)
+        reads = min(self._context_increment(p, rid) for rid in offered)  # what a draft's context adds, at least
+        sto = sum(rid in p.stochastic for rid in candidates)
+        plain = self._step(base, sto, base) + p.context_base
+        steps = self._steps(base + n, np.full(len(gains), sto), base) + p.context_base + reads * n
+        # Last step's plan drafted none of these: a plan with drafts must beat it by the margin.
+        held = not any(min(self._k.get(rid, 0), n) for rid, n in candidates.items())
+        margin = (1.0 + self.switch_margin if held else 1.0) * (1.0 - 1e-9)
+        return bool(np.all((base + np.cumsum(gains)) * plain < margin * base * steps))
 
     def _defer_catchups(self, p: Pricing, candidates: dict[str, int], base: int,
                         upcoming: Mapping[str, tuple[int, float, int]]) -> dict[str, int]:
