@@ -201,8 +201,9 @@ class DraftController:
         only; then `_plan` returns the plain step). A plan of n drafts commits at most base +
         the n largest gains on offer, and its step takes at least T(base + n) with the plain
         step's context reads and n times the least a draft's context adds (rows sampled at a
-        temperature only add): when even that is no faster than the plain step (by `switch_margin` when
-        last step's plan for these was plain: hysteresis keeps it), no plan is. On open chat
+        temperature only add): when even that is no faster than the plain step (by
+        `switch_margin` when last step's plan for these was plain: hysteresis keeps it), no
+        plan is. On open chat
         at B = 16 (`ngram`: mostly 1-token guesses at 0.1-0.3, where a draft needs ~0.5)
         `_plan` took most of `choose`'s 0.45-0.57 ms a step; with the drafter's
         proposals that cost 1.5% of the step's time."""
@@ -212,11 +213,11 @@ class DraftController:
         if not offered:
             return True
         gains = np.sort(np.concatenate([p.gains[rid][:min(candidates[rid], self.max_k)] for rid in offered]))[::-1]
-        n = np.arange(1, len(gains) + 1)
+        drafts = np.arange(1, len(gains) + 1)  # the n of each prefix
         reads = min(self._context_increment(p, rid) for rid in offered)  # what a draft's context adds, at least
         sto = sum(rid in p.stochastic for rid in candidates)
         plain = self._step(base, sto, base) + p.context_base
-        steps = self._steps(base + n, np.full(len(gains), sto), base) + p.context_base + reads * n
+        steps = self._steps(base + drafts, np.full(len(gains), sto), base) + p.context_base + reads * drafts
         # Last step's plan drafted none of these: a plan with drafts must beat it by the margin.
         held = not any(min(self._k.get(rid, 0), n) for rid, n in candidates.items())
         margin = (1.0 + self.switch_margin if held else 1.0) * (1.0 - 1e-9)

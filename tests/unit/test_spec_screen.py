@@ -21,7 +21,7 @@ def _bumpy_table() -> LatencyTable:
 
 
 def _run(ctl: DraftController, seed: int, steps: int, tree: bool, counts: dict[str, int]) -> list[dict[str, int]]:
-    """`steps` choices on one random workload: 1-16 rows, each a candidate for 1-8 drafts
+    """`steps` choices on one random workload: 1-64 rows, each a candidate for 1-8 drafts
     from a source whose drafts hit at 0.05-0.95 or 0.05-0.4 (chains) or with its own node gains
     (trees), some rows sampled at a temperature, random contexts; verifications drawn
     from the same per-step stream whatever was planned, so two controllers that choose
@@ -105,11 +105,17 @@ def test_no_plan_is_priced_at_a_large_batch_of_poor_guesses():
 
 def test_a_model_drafter_is_never_screened():
     """A draft model's catch-up terms can make a draft cost less than its verify token, so
-    the bound does not hold for it: its plans are always priced."""
-    ctl = DraftController(8, fp32_table(), draft_latency=LatencyModel(0.0081, 0.00064), context=MEASURED)
-    calls = []
-    plan = ctl._plan
-    ctl._plan = lambda *args: calls.append(1) or plan(*args)
-    for _ in range(5):
-        ctl.choose(dict.fromkeys(["a", "b"], 8), 14, StepRows(contexts={"a": 100, "b": 100}))
-    assert len(calls) == 5
+    the bound does not hold for it: its plans are always priced, where the same rows with
+    free drafts are decided by the screen."""
+    priced = {}
+    for label, drafter in (("free", None), ("model", LatencyModel(0.0081, 0.00064))):
+        ctl = DraftController(8, fp32_table(), draft_latency=drafter, context=MEASURED)
+        for _ in range(30):
+            ctl.observe("warm-up", 8, 0)  # first drafts that miss: nothing pays
+        calls = []
+        plan = ctl._plan
+        ctl._plan = lambda *args, plan=plan, calls=calls: calls.append(1) or plan(*args)
+        for _ in range(5):
+            assert not any(ctl.choose(dict.fromkeys(["a", "b"], 8), 14, StepRows(contexts={"a": 100, "b": 100})).values())
+        priced[label] = len(calls)
+    assert priced == {"free": 0, "model": 5}
