@@ -186,7 +186,7 @@ class DraftController:
         (`_greedy`, `_hold_catchups`) unless hysteresis keeps last step's."""
         candidates = self._defer_catchups(p, candidates, base, upcoming)
         new = self._hold_catchups(p, candidates, base, self._greedy(p, candidates, base))
-        old = {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
+        old = self._held(candidates)
         plain = dict.fromkeys(candidates, 0)
         if any(old.values()) and self._goodput(p, old, base) < self._goodput(p, plain, base):
             old = plain  # drafts that stopped paying are not held against a new plan's
@@ -196,6 +196,11 @@ class DraftController:
             new = old
         return candidates, new
 
+    def _held(self, candidates: dict[str, int]) -> dict[str, int]:
+        """Last step's plan for `candidates` (the plan hysteresis holds to), within the
+        drafts each has now."""
+        return {rid: min(self._k.get(rid, 0), n) for rid, n in candidates.items()}
+
     def _plain_is_best(self, p: Pricing, candidates: dict[str, int], base: int) -> bool:
         """Whether no plan beats the plain step, by a bound that prices no plan (free drafts
         only; then `_plan` returns the plain step). A plan of n drafts commits at most base +
@@ -203,10 +208,9 @@ class DraftController:
         step's context reads and n times the least a draft's context adds (rows sampled at a
         temperature only add): when even that is no faster than the plain step (by
         `switch_margin` when last step's plan for these was plain: hysteresis keeps it), no
-        plan is. On open chat
-        at B = 16 (`ngram`: mostly 1-token guesses at 0.1-0.3, where a draft needs ~0.5)
-        `_plan` took most of `choose`'s 0.45-0.57 ms a step; with the drafter's
-        proposals that cost 1.5% of the step's time."""
+        plan is. On open chat at B = 16 (`ngram`: mostly 1-token guesses at 0.1-0.3, where a
+        draft needs ~0.5) `_plan` took most of `choose`'s 0.45-0.57 ms a step; with the
+        drafter's proposals that cost 1.5% of the step's time."""
         if self.draft_latency is not None:
             return False  # a model drafter's catch-up terms may lower a draft's cost
         offered = [rid for rid, n in candidates.items() if n]
@@ -219,8 +223,7 @@ class DraftController:
         plain = self._step(base, sto, base) + p.context_base
         steps = self._steps(base + drafts, np.full(len(gains), sto), base) + p.context_base + reads * drafts
         # Last step's plan drafted none of these: a plan with drafts must beat it by the margin.
-        held = not any(min(self._k.get(rid, 0), n) for rid, n in candidates.items())
-        margin = (1.0 + self.switch_margin if held else 1.0) * (1.0 - 1e-9)
+        margin = (1.0 if any(self._held(candidates).values()) else 1.0 + self.switch_margin) * (1.0 - 1e-9)
         return bool(np.all((base + np.cumsum(gains)) * plain < margin * base * steps))
 
     def _defer_catchups(self, p: Pricing, candidates: dict[str, int], base: int,

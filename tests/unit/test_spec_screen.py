@@ -9,7 +9,7 @@ import pytest
 
 from engine.spec import DraftController, LatencyModel
 from engine.spec.controller import StepRows
-from engine.spec.latency import ContextCost, LatencyTable
+from engine.spec.latency import LatencyTable
 from tests.unit.test_spec_context import MEASURED, fp32_table
 
 
@@ -60,8 +60,7 @@ def _run(ctl: DraftController, seed: int, steps: int, tree: bool, counts: dict[s
                 accepted += 1
             ctl.observe(rid, k, accepted, None if tree else sources[rid])
         if draw.random() < 0.1:  # a request finishes
-            for rid in ids[:1]:
-                ctl.forget(rid)
+            ctl.forget(ids[0])
     ctl._plain_is_best = screen
     return out
 
@@ -115,7 +114,8 @@ def test_a_model_drafter_is_never_screened():
         calls = []
         plan = ctl._plan
         ctl._plan = lambda *args, plan=plan, calls=calls: calls.append(1) or plan(*args)
+        rows = StepRows(contexts={"a": 100, "b": 100})
         for _ in range(5):
-            assert not any(ctl.choose(dict.fromkeys(["a", "b"], 8), 14, StepRows(contexts={"a": 100, "b": 100})).values())
+            assert not any(ctl.choose(dict.fromkeys(["a", "b"], 8), 14, rows).values())
         priced[label] = len(calls)
     assert priced == {"free": 0, "model": 5}
