@@ -84,8 +84,18 @@ def load_workload(name: str) -> list[list[dict]]:
 
 def prompts_for(batch: int) -> int:
     # B = 4 runs 4 waves: 2 waves of 4 requests (512 tokens) left one round's noise (~10%)
-    # larger than the differences between configurations.
-    return {1: 4, 4: 16}.get(batch, 2 * batch if batch < 64 else batch)
+    # larger than the differences between configurations. B = 1 runs 8 prompts: with 4, open
+    # chat held 8 acceptable `ngram` drafts in 256 tokens, and one fixed k's few lucky steps
+    # decided the cell.
+    return {1: 8, 4: 16}.get(batch, 2 * batch if batch < 64 else batch)
+
+
+def server_prompts_for(batch: int) -> int:
+    # Through the server a wave's rate moves by ~5% (one sd) between waves seconds apart,
+    # whatever the server (4 identical servers, 8 alternating waves each at open chat B = 16:
+    # waves 0.90-1.10x of their mean, the processes' means within 2%), so B >= 16 runs 4 waves
+    # a round. B = 1 runs 4 prompts (its effects are large).
+    return 4 if batch == 1 else 4 * batch
 
 
 def _build(loaded, cfg: Config, batch: int, args, warmup: list[str], drafts: dict | None = None):
@@ -277,7 +287,7 @@ def _server_round(servers: dict, cfgs: list[Config], workloads: dict, batches: l
     out = []
     for name, chats in workloads.items():
         for batch in batches:
-            prompts = chats[:prompts_for(batch)]
+            prompts = chats[:server_prompts_for(batch)]
             totals = {cfg.label: [0, 0.0] for cfg in cfgs}
             before = {label: _server_spec(s.url) for label, s in servers.items()}
             for w, start in enumerate(range(0, len(prompts), batch)):
@@ -354,9 +364,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="offline lockstep rounds (ratios paired within a round)")
     ap.add_argument("--server", action="store_true", help="also measure through HTTP")
     ap.add_argument("--server-batches", default="1,16")
-    # 4: one configuration's rounds spread ~10% on fresh servers (layerskip drafting nothing:
-    # 0.90x and 1.02x of no speculation), so a mean of 2 missed 0.97x by chance.
-    ap.add_argument("--server-repeats", type=int, default=4,
+    # 3 rounds of 4 waves at B >= 16 (12 a server; was 4 rounds of 2): the noise is the
+    # waves' (server_prompts_for), so more waves, not more fresh servers, narrow it.
+    ap.add_argument("--server-repeats", type=int, default=3,
                     help="server rounds (every server up at once; ratios paired within a round)")
     ap.add_argument("--draft-model", help="method draft: the draft model (e.g. smollm2-135m, the target's own GGUF)")
     ap.add_argument("--draft-kv", choices=("auto", "own", "shared"),
