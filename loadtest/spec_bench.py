@@ -202,29 +202,32 @@ def mismatches(ref: list[list[int]], got: list[list[int]]) -> int:
 
 
 async def _http_batch(url: str, model: str, chats: list[list[dict]], batch: int, max_tokens: int,
-                      warm: bool = True, salt: str | None = None) -> tuple[int, float]:
-    """B clients run `chats`; (completion tokens, seconds). `salt`: every request's
-    `cache_salt`, so a round shares no prefix cache with the rounds before it."""
+                      warm: bool = True, salt: str | None = None) -> tuple[int, float, list[float]]:
+    """B clients run `chats`; (completion tokens, seconds, each request's seconds). `salt`:
+    every request's `cache_salt`, so a round shares no prefix cache with the rounds before it."""
     import httpx
     queue = list(chats)
     total = 0
+    latencies: list[float] = []
 
     async def client(http):
         nonlocal total
         while queue:
             messages = queue.pop(0)
+            sent = time.perf_counter()
             r = await http.post("/v1/chat/completions", json={
                 "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                 **({"cache_salt": salt} if salt else {})})
             r.raise_for_status()
             total += r.json()["usage"]["completion_tokens"]
+            latencies.append(time.perf_counter() - sent)
 
     async with httpx.AsyncClient(base_url=url, timeout=1800) as http:
         if warm:
             await client_once(http, model)
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(batch)))
-        return total, time.perf_counter() - t0
+        return total, time.perf_counter() - t0, latencies
 
 
 async def client_once(http, model: str) -> None:
@@ -247,21 +250,24 @@ def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -
     (with whole runs back to back, one cell's paired ratio read 0.80x in one round and 0.99x
     in the next). Each round's requests carry their own `cache_salt` (a round on servers
     that served the same prompts before would skip their prefill). Rows keep every round's
-    rate and what the servers drafted (/metrics)."""
+    rate, its requests' mean latency (send to response) and what the servers drafted
+    (/metrics)."""
     rates: dict[tuple[str, int, str], list[float]] = {}
+    latency: dict[tuple[str, int, str], list[float]] = {}
     drafted: dict[tuple[str, int, str], list[list[float]]] = {}
     for rnd in range(args.server_repeats):
         servers: dict = {}
         try:
             _start_servers(servers, cfgs if rnd % 2 == 0 else cfgs[::-1], batches, args)
-            for key, rate, spec in _server_round(servers, cfgs, workloads, batches, args, rnd):
+            for key, rate, spec, mean_latency in _server_round(servers, cfgs, workloads, batches, args, rnd):
                 rates.setdefault(key, []).append(rate)
+                latency.setdefault(key, []).append(mean_latency)
                 drafted.setdefault(key, []).append(spec)
         finally:
             for server in servers.values():
                 server.stop()
     return [{"mode": "server", "workload": name, "batch": batch, "config": label,
-             "rounds_tok_s": r, "tokens_per_s": _gmean(r),
+             "rounds_tok_s": r, "tokens_per_s": _gmean(r), "rounds_latency_s": latency[(name, batch, label)],
              "rounds_draft_tokens": [d[0] for d in drafted[(name, batch, label)]],
              "rounds_accepted_tokens": [d[1] for d in drafted[(name, batch, label)]]}
             for (name, batch, label), r in rates.items()]
@@ -281,28 +287,31 @@ def _start_servers(servers: dict, cfgs: list[Config], batches: list[int], args) 
 
 
 def _server_round(servers: dict, cfgs: list[Config], workloads: dict, batches: list[int], args,
-                  rnd: int) -> list[tuple[tuple[str, int, str], float, list[float]]]:
+                  rnd: int) -> list[tuple[tuple[str, int, str], float, list[float], float]]:
     """Round `rnd` on `servers`, every (workload, B) wave by wave: ((workload, B, label),
-    tokens/s, [drafted, accepted tokens]) of each cell and server."""
+    tokens/s, [drafted, accepted tokens], mean request seconds) of each cell and server."""
     out = []
     for name, chats in workloads.items():
         for batch in batches:
             prompts = chats[:server_prompts_for(batch)]
-            totals = {cfg.label: [0, 0.0] for cfg in cfgs}
+            totals = {cfg.label: [0, 0.0, []] for cfg in cfgs}  # tokens, seconds, request seconds
             before = {label: _server_spec(s.url) for label, s in servers.items()}
             for w, start in enumerate(range(0, len(prompts), batch)):
                 for cfg in (cfgs if (rnd + w) % 2 == 0 else cfgs[::-1]):
                     # One untimed 4-token warm-up per server and cell (its drafts count in /metrics).
-                    n, secs = asyncio.run(_http_batch(servers[cfg.label].url, "smollm2-135m",
+                    n, secs, each = asyncio.run(_http_batch(servers[cfg.label].url, "smollm2-135m",
                                                       prompts[start:start + batch], batch, args.max_tokens,
                                                       warm=w == 0, salt=f"round-{rnd}"))
                     totals[cfg.label][0] += n
                     totals[cfg.label][1] += secs
-            for label, (n, secs) in totals.items():
+                    totals[cfg.label][2] += each
+            for label, (n, secs, each) in totals.items():
                 spec = [a - b for a, b in zip(_server_spec(servers[label].url), before[label])]
-                out.append(((name, batch, label), n / secs, spec))
+                mean_latency = sum(each) / len(each)
+                out.append(((name, batch, label), n / secs, spec, mean_latency))
                 print(f"  server {name:9s} B={batch:2d} {label:15s} {n / secs:7.1f} tok/s"
-                      f"  drafted {spec[0]:.0f} accepted {spec[1]:.0f}  [round {rnd + 1}]", flush=True)
+                      f"  mean latency {mean_latency:6.2f} s  drafted {spec[0]:.0f} accepted {spec[1]:.0f}"
+                      f"  [round {rnd + 1}]", flush=True)
     return out
 
 
@@ -341,6 +350,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             entry.update({f"{prefix}speedup_vs_no_spec": _paired(rounds[ad_label], rounds["no spec"]),
                           f"{prefix}best_other": best,
                           f"{prefix}ratio_vs_best_other": _paired(rounds[ad_label], rounds[best])})
+        if all(r.get("rounds_latency_s") for r in members.values()):  # server rows: < 1 is faster
+            entry["latency_vs_no_spec"] = _paired(members[ad_label]["rounds_latency_s"],
+                                                  members["no spec"]["rounds_latency_s"])
         out.append(entry)
     return out
 
@@ -411,6 +423,8 @@ def main() -> None:
         decode = (f"; decode phase {s['decode_speedup_vs_no_spec']:.2f}x no spec, "
                   f"{s['decode_ratio_vs_best_other']:.2f}x {s['decode_best_other']}"
                   if "decode_speedup_vs_no_spec" in s else "")
+        decode += (f"; mean request latency {s['latency_vs_no_spec']:.2f}x no spec's"
+                   if "latency_vs_no_spec" in s else "")
         print(f"  {s['mode']:7s} {s['workload']:9s} B={s['batch']:2d}: {s['adaptive_tok_s']:7.1f} tok/s = "
               f"{s['speedup_vs_no_spec']:.2f}x no spec, {s['ratio_vs_best_other']:.2f}x {s['best_other']}{decode}")
     if args.plot:

@@ -99,3 +99,18 @@ def test_the_summary_pairs_rounds_rather_than_best_rounds():
     assert s["best_other"] == "k=2"  # 1.04x and 1.05x
     assert s["ratio_vs_best_other"] == pytest.approx((95 / 104 * 66 / 63) ** 0.5)
     assert s["decode_ratio_vs_best_other"] == pytest.approx(s["ratio_vs_best_other"])
+
+
+def test_server_rows_pair_their_mean_request_latency_too():
+    """Server rows carry each round's mean request latency; the summary pairs it by round
+    as it pairs the rates (adaptive 1.2 s vs 1.0 s, then 0.9 s vs 1.0 s). Offline rows have
+    no latency and get no such figure."""
+    rows = [{"mode": "server", "workload": "w", "batch": 16, "config": c, "tokens_per_s": 0.0,
+             "rounds_tok_s": r, "rounds_latency_s": lat}
+            for c, r, lat in (("no spec", [100.0, 90.0], [1.0, 1.0]), ("adaptive", [95.0, 99.0], [1.2, 0.9]))]
+    rows += [{"mode": "offline", "workload": "w", "batch": 16, "config": c, "tokens_per_s": 1.0, "rounds_tok_s": [1.0]}
+             for c in ("no spec", "adaptive")]
+    offline, server = summarise(rows)
+    assert server["latency_vs_no_spec"] == pytest.approx((1.2 * 0.9) ** 0.5)
+    assert server["speedup_vs_no_spec"] == pytest.approx((0.95 * 1.1) ** 0.5)
+    assert "latency_vs_no_spec" not in offline
