@@ -242,8 +242,8 @@ def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -
     ones): one server process can run a few percent off an identical one for its whole
     life, so rounds on the same servers repeat it (4 identical servers' means over 8 waves
     each sat within 2% at e55c85a, their waves within 10%: `server_prompts_for`).
-    `layerskip` adaptive, drafting nothing, against no speculation at open chat B = 16, 4 rounds: 0.90x, 0.93x, 0.94x, 0.97x on one
-    pair of servers; 0.98x, 1.08x, 1.10x, 1.01x on a fresh pair each round (two identical
+    `layerskip` adaptive, drafting nothing, against no speculation at open chat B = 16, 4
+    rounds: 0.90x, 0.93x, 0.94x, 0.97x on one pair of servers; 0.98x, 1.08x, 1.10x, 1.01x on a fresh pair each round (two identical
     servers without speculation on one pair: 0.90x, 1.05x, 1.06x, 1.02x). A round runs each
     (workload, B) wave by wave (B prompts at a time, B clients), every wave on every server
     back to back, the order alternating by wave and round: each server's rate for the round
