@@ -237,22 +237,21 @@ async def client_once(http, model: str) -> None:
 
 
 def run_servers(cfgs: list[Config], workloads: dict, batches: list[int], args) -> list[dict]:
-    """One server per configuration, all up at once; `--server-repeats` rounds, each on
-    servers started afresh (in the configurations' order in even rounds, reversed in odd
-    ones): one server process can run a few percent off an identical one for its whole
-    life, so rounds on the same servers repeat it (4 identical servers' means over 8 waves
-    each sat within 2% at e55c85a, their waves within 10%: `server_prompts_for`).
-    `layerskip` adaptive, drafting nothing, against no speculation at open chat B = 16, 4
-    rounds: 0.90x, 0.93x, 0.94x, 0.97x on one pair of servers; 0.98x, 1.08x, 1.10x, 1.01x on a fresh pair each round (two identical
-    servers without speculation on one pair: 0.90x, 1.05x, 1.06x, 1.02x). A round runs each
-    (workload, B) wave by wave (B prompts at a time, B clients), every wave on every server
-    back to back, the order alternating by wave and round: each server's rate for the round
-    is its tokens over its waves' time, and runs a few seconds apart share the VM's drift
-    (with whole runs back to back, one cell's paired ratio read 0.80x in one round and 0.99x
-    in the next). Each round's requests carry their own `cache_salt` (a round on servers
-    that served the same prompts before would skip their prefill). Rows keep every round's
-    rate, its requests' mean latency (send to response) and what the servers drafted
-    (/metrics)."""
+    """One server per configuration, all up at once; `--server-repeats` rounds, each on servers
+    started afresh (in the configurations' order in even rounds, reversed in odd ones): one
+    server process can run a few percent off an identical one for its whole life, so rounds on
+    the same servers repeat it (4 identical servers' means over 8 waves each sat within 2% at
+    e55c85a, their waves within 10%: `server_prompts_for`). `layerskip` adaptive, drafting
+    nothing, against no speculation at open chat B = 16, 4 rounds: 0.90x, 0.93x, 0.94x, 0.97x
+    on one pair of servers; 0.98x, 1.08x, 1.10x, 1.01x on a fresh pair each round (two
+    identical servers without speculation on one pair: 0.90x, 1.05x, 1.06x, 1.02x). A round
+    runs each (workload, B) wave by wave (B prompts at a time, B clients), every wave on every
+    server back to back, the order alternating by wave and round: each server's rate for the
+    round is its tokens over its waves' time, and runs a few seconds apart share the VM's drift
+    (with whole runs back to back, one cell's paired ratio read 0.80x in one round and 0.99x in
+    the next). Each round's requests carry their own `cache_salt` (a round on servers that
+    served the same prompts before would skip their prefill). Rows keep every round's rate, its
+    requests' mean latency (send to response) and what the servers drafted (/metrics)."""
     rates: dict[tuple[str, int, str], list[float]] = {}
     latency: dict[tuple[str, int, str], list[float]] = {}
     drafted: dict[tuple[str, int, str], list[list[float]]] = {}
