@@ -93,8 +93,8 @@ def prompts_for(batch: int) -> int:
 def server_prompts_for(batch: int) -> int:
     # Through the server a wave's rate moves by ~5% (one sd) between waves seconds apart,
     # whatever the server (4 identical servers, 8 alternating waves each at open chat B = 16:
-    # waves 0.90-1.10x of their mean, the processes' means within 2%), so B >= 16 runs 4 waves
-    # a round. B = 1 runs 4 prompts (its effects are large).
+    # waves 0.90-1.10x of their mean, the processes' means within 2%), so every B > 1 runs 4
+    # waves a round (B = 16 by default). B = 1 runs 4 prompts (its effects are large).
     return 4 if batch == 1 else 4 * batch
 
 
@@ -376,7 +376,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="offline lockstep rounds (ratios paired within a round)")
     ap.add_argument("--server", action="store_true", help="also measure through HTTP")
     ap.add_argument("--server-batches", default="1,16")
-    # 3 rounds of 4 waves at B >= 16 (12 a server; was 4 rounds of 2): the noise is the
+    # 3 rounds of 4 waves at B > 1 (12 a server; was 4 rounds of 2): the noise is the
     # waves' (server_prompts_for), so more waves, not more fresh servers, narrow it.
     ap.add_argument("--server-repeats", type=int, default=3,
                     help="server rounds (every server up at once; ratios paired within a round)")
