@@ -30,6 +30,12 @@ no drafts at all is not held (a plan that swaps one row's draft for another's wa
 held at 0.7% under the plain step against a new one 0.7% over it). The margin bounds what it
 costs: near the best k goodput is flat (a q8 self-draft at B = 1: k = 8 is 3.7%
 over k = 6), and at 5% adaptive sat at k = 7 for most of a run, 3-4% below k = 8.
+Draft margin: drafts are taken at all only where the best plan beats the plain step by
+DRAFT_MARGIN (5%, `_greedy`; `_plain_is_best` screens by the same). Near break-even the
+choice rests on start-up probes and rates that move by a few percent between runs: the
+q8 self-draft at B = 16 (32 prompts, paired lockstep rounds) read 0.969-1.056x of no
+speculation without it and 0.984-1.081x with it, +1.7% a round over 6 rounds (5 of 6 ahead).
+Explorations ask whether drafts may pay at all, so `_deeper_may_pay` prices with no margin.
 Exploration: a draft position no plan reaches gets no evidence, so after
 EXPLORE_AFTER steps in a row in which no request drafted as deep as it could, up to
 EXPLORE_ROWS requests draft all they can for one step (`_explore`; a model drafter
@@ -85,6 +91,7 @@ EXPLORE_FIRST = 0.5  # the least first-draft rate (upper estimate) of a request 
 CATCHUP_MARGIN = 0.10  # a plan starting catch-ups beats the same plan without them by this much
 PLAIN_CHECK_AFTER = 8  # steps in a row with drafts before one plain step (while drafts pay little)
 PLAIN_CHECK_GAIN = 1.15  # "little": the plan's goodput under this many times the plain step's
+DRAFT_MARGIN = 0.05  # a plan with drafts is taken over the plain step only if it beats it by this much
 
 
 @dataclass(frozen=True)
@@ -222,8 +229,9 @@ class DraftController:
         sto = sum(rid in p.stochastic for rid in candidates)
         plain = self._step(base, sto, base) + p.context_base
         steps = self._steps(base + drafts, np.full(len(gains), sto), base) + p.context_base + reads * drafts
-        # Last step's plan drafted none of these: a plan with drafts must beat it by the margin.
-        margin = (1.0 if any(self._held(candidates).values()) else 1.0 + self.switch_margin) * (1.0 - 1e-9)
+        # Last step's plan drafted none of these: a plan with drafts must beat it by the margins.
+        lead = max(self.switch_margin, DRAFT_MARGIN)
+        margin = (1.0 if any(self._held(candidates).values()) else 1.0 + lead) * (1.0 - 1e-9)
         return bool(np.all((base + np.cumsum(gains)) * plain < margin * base * steps))
 
     def _defer_catchups(self, p: Pricing, candidates: dict[str, int], base: int,
@@ -373,7 +381,7 @@ class DraftController:
         chain = self.accept.continuations(EXPLORE_OPTIMISM)
         hopeful = replace(p, gains={rid: self.accept.gains(rid, len(g), EXPLORE_OPTIMISM, p.sources.get(rid), chain)
                                     for rid, g in p.gains.items()})
-        flat = self._greedy(hopeful, candidates, base)
+        flat = self._greedy(hopeful, candidates, base, margin=0.0)
         return any(flat[rid] > plan[rid] for rid in candidates)
 
     def _explored_row(self, request_id: str, num_accepted: int) -> None:
@@ -387,12 +395,14 @@ class DraftController:
         if not self._explored and self._surprise[0] > EXPLORE_SURPRISE * self._surprise[1] + 1:
             self._soon = True
 
-    def _greedy(self, p: Pricing, candidates: dict[str, int], base: int) -> dict[str, int]:
+    def _greedy(self, p: Pricing, candidates: dict[str, int], base: int,
+                margin: float = DRAFT_MARGIN) -> dict[str, int]:
         """The best prefix of the candidates' drafts taken in decreasing order of gain (rid's
         j-th draft adds p.gains[rid][j - 1] committed tokens). Every prefix is priced, not only
         up to the first local maximum: a model drafter's pass has a fixed cost that only pays
         once several rows share it. Vectorized over the drafts (64 rows x 8 drafts: 512
-        prefixes a step, ~1 ms a call as a Python loop)."""
+        prefixes a step, ~1 ms a call as a Python loop). No drafts unless the best prefix's
+        goodput beats the plain step's by `margin` (DRAFT_MARGIN; see the module docstring)."""
         ids = list(candidates)
         # (gain, request, j): equal gains keep a request's drafts in j order (its gains do not rise).
         order = sorted(((g, r, -j) for r, rid in enumerate(ids)
@@ -409,7 +419,7 @@ class DraftController:
         sto = sto0 + np.cumsum([ids[r] in p.stochastic for r in row])
         values = (committed0 + np.cumsum(gain)) / (self._steps(tokens, sto, base) + p.context_base + np.cumsum(cost))
         top = int(np.argmax(values))
-        taken = row[:top + 1] if values[top] > best else row[:0]
+        taken = row[:top + 1] if values[top] > (1.0 + margin) * best else row[:0]
         counts = np.bincount(taken, minlength=len(ids)).tolist()
         return dict(zip(ids, counts))
 

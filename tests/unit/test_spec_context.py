@@ -132,9 +132,10 @@ def test_continuation_rates_a_warm_up_left_low_are_explored_from_shallow_drafts(
     """Runs that all stopped after the first draft leave the continuation rates low: at
     B = 16 only k = 1 pays, and k = 1 tests no continuation. After EXPLORE_AFTER such
     steps 4 requests draft 8 each; far more are accepted than expected, so another
-    exploration follows EXPLORE_SOON steps later, and the continuation rates come up."""
+    exploration follows EXPLORE_SOON steps later, and the continuation rates come up.
+    (12 such runs: after 6 the first draft's rate, ~0.84, leaves k = 1 under DRAFT_MARGIN.)"""
     ctl = fresh_q8_self_draft()
-    for _ in range(6):
+    for _ in range(12):
         ctl.observe("warm-up", 8, 1)
     low = ctl.accept.hazard(4)
     planned = simulate(ctl, 0.97, 16, 200)
